@@ -1,0 +1,117 @@
+"""python -m training.fit: a real run on real MNIST, exported and reloaded without Keras."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tests.conftest import run_fit
+from training.data import to_model_input
+
+
+@pytest.fixture(scope="module")
+def metadata(fit_run):
+    return json.loads((fit_run.version_dir / "metadata.json").read_text())
+
+
+def test_fit_exports_version_one_of_the_default_model(fit_run):
+    assert [p.name for p in (fit_run.models_dir / "mnist_cnn").iterdir()] == ["1"]
+    assert (fit_run.version_dir / "saved_model.pb").is_file()
+    assert f"exported {fit_run.version_dir}" in fit_run.stdout
+
+
+def test_saved_model_classifies_real_test_digits_well_above_chance(fit_run, mnist):
+    served = tf.saved_model.load(str(fit_run.version_dir))
+    probabilities = served.serve(tf.constant(to_model_input(mnist.x_test[:1000]))).numpy()
+    accuracy = (probabilities.argmax(axis=1) == mnist.y_test[:1000]).mean()
+    assert accuracy > 0.5  # chance is 0.1; one epoch on 1,800 images gets ~0.75
+
+
+def test_saved_model_serving_signature_takes_the_documented_input(fit_run, metadata):
+    loaded = tf.saved_model.load(str(fit_run.version_dir))
+    signature = loaded.signatures["serving_default"]
+    (spec,) = signature.structured_input_signature[1].values()
+    assert spec.shape.as_list() == [None, *metadata["input"]["shape"]]
+    assert spec.dtype == tf.float32
+
+
+def test_metadata_accuracy_is_the_exported_models_on_the_full_test_set(fit_run, metadata,
+                                                                         mnist):
+    served = tf.saved_model.load(str(fit_run.version_dir))
+    predictions = np.concatenate([
+        served.serve(tf.constant(to_model_input(mnist.x_test[i:i + 2500]))).numpy()
+        for i in range(0, 10_000, 2500)]).argmax(axis=1)
+    assert metadata["test"]["accuracy"] == pytest.approx((predictions == mnist.y_test).mean())
+    assert sum(row["total"] for row in metadata["test"]["per_class"]) == 10_000
+
+
+def test_metadata_describes_the_run(metadata):
+    assert metadata["name"] == "mnist_cnn" and metadata["version"] == 1
+    assert metadata["arch"] == "functional"
+    assert metadata["dataset"] == {"name": "MNIST", "source": metadata["dataset"]["source"],
+                                   "train": 1800, "validation": 200, "test": 10_000,
+                                   "limit": 2000}
+    assert metadata["recipe"]["preset"] == "default" and metadata["recipe"]["epochs"] == 1
+    assert metadata["recipe"]["seed"] == 42
+    assert set(metadata["history"]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert metadata["input"]["shape"] == [28, 28, 1] and metadata["input"]["range"] == [0, 1]
+    assert metadata["summary"]["totals"]["params"] == 1_199_882
+    assert {"tensorflow", "keras", "numpy", "python"} <= set(metadata["libraries"])
+    assert metadata["created"].endswith("+00:00")
+
+
+def test_plots_are_real_pngs(fit_run):
+    for name in ("history", "confusion", "samples"):
+        with Image.open(fit_run.version_dir / "plots" / f"{name}.png") as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+def test_keras_file_reloads_with_the_same_outputs(fit_run, mnist):
+    import keras
+
+    images = tf.constant(to_model_input(mnist.x_test[:16]))
+    reloaded = keras.saving.load_model(fit_run.version_dir / "model.keras")
+    served = tf.saved_model.load(str(fit_run.version_dir))
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0),
+                               served.serve(images).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_prints_test_figures_and_the_per_class_table(fit_run):
+    assert "Test accuracy:" in fit_run.stdout and "Test loss:" in fit_run.stdout
+    for digit in range(10):
+        assert f"Test Accuracy of {digit:>5}:" in fit_run.stdout
+    assert "Test Accuracy (Overall):" in fit_run.stdout
+    assert "1,199,882" in fit_run.stdout
+
+
+def test_the_same_seed_repeats_a_run_exactly(tmp_path):
+    runs = []
+    for folder in ("a", "b"):
+        result = run_fit("--arch", "tiny", "--limit", "600", "--epochs", "2", "--seed", "3",
+                         "--models-dir", str(tmp_path / folder))
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(json.loads(
+            (tmp_path / folder / "mnist_cnn" / "1" / "metadata.json").read_text()))
+    assert runs[0]["history"] == runs[1]["history"]
+    assert runs[0]["test"]["confusion_matrix"] == runs[1]["test"]["confusion_matrix"]
+
+
+def test_a_bad_data_path_fails_with_a_clear_message(tmp_path):
+    result = run_fit("--data", str(tmp_path / "missing.npz"),
+                     "--models-dir", str(tmp_path / "models"))
+    assert result.returncode == 2
+    assert "missing.npz" in result.stderr and "could not load MNIST" in result.stderr
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--name", "../escape"],
+                                  ["--arch", "resnet"], ["--limit", "5"]])
+def test_bad_options_are_refused_before_any_work(tmp_path, args):
+    result = run_fit(*args, "--models-dir", str(tmp_path / "models"))
+    assert result.returncode == 2
+    assert "error:" in result.stderr
+    assert not (tmp_path / "models").exists()
