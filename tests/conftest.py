@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from training.data import Mnist, load_mnist
 
@@ -54,6 +59,23 @@ def mnist(tmp_path_factory) -> Mnist:
     return load_mnist(keras_home=empty_keras_home, download=None)
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+        ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+@pytest.fixture(scope="session")
+def png_bomb() -> bytes:
+    """A valid 20000×20000 grayscale PNG of zeros: 400 MB of pixels in ~400 KB."""
+    side = 20_000
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat)
+            + png_chunk(b"IEND", b""))
+
+
 @pytest.fixture(scope="session")
 def small_mnist(mnist) -> Mnist:
     """The first 300 training and 100 test images: real digits, small files."""
@@ -87,3 +109,79 @@ def fit_run(tmp_path_factory) -> FitRun:
     result = run_fit("--limit", "2000", "--epochs", "1", "--models-dir", str(models_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     return FitRun(models_dir, models_dir / "mnist_cnn" / "1", result.stdout)
+
+
+@pytest.fixture(scope="session")
+def served_models(tmp_path_factory) -> Path:
+    """A MODELS_DIR as training leaves it: the CNN (one epoch on all 55,000 training
+    images, ~98% accurate) and the tiny net, each trained for real by the CLI."""
+    models_dir = tmp_path_factory.mktemp("served_models")
+    runs = [("--epochs", "1"),
+            ("--arch", "tiny", "--name", "mnist_tiny", "--limit", "10000", "--epochs", "2")]
+    for args in runs:
+        result = run_fit(*args, "--models-dir", str(models_dir))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return models_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A real gunicorn serving the app on a loopback port."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    log_handle: object
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(models_dir: Path, log_path: Path, **env: str) -> Server:
+    """Start gunicorn exactly as `make serve` does and wait until /ready answers 200."""
+    port = free_port()
+    environment = {**os.environ, "MODELS_DIR": str(models_dir), "PORT": str(port),
+                   "WORKERS": "2", **env}
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    handle = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],
+        cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, handle)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            handle.close()
+            raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
+        try:
+            if requests.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                return server
+        except requests.RequestException:  # not listening yet, or workers still loading
+            pass
+        time.sleep(0.3)
+    stop_server(server)
+    raise RuntimeError(f"gunicorn was not ready within 90 s:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+    server.log_handle.close()
+
+
+@pytest.fixture(scope="session")
+def server(served_models, tmp_path_factory):
+    """gunicorn with two workers serving the trained models, for the whole session."""
+    running = start_server(served_models, tmp_path_factory.mktemp("server") / "gunicorn.log")
+    yield running
+    stop_server(running)

@@ -1,0 +1,53 @@
+"""The digit-recognition service: a Flask app that serves exported SavedModels.
+
+Endpoints (all JSON unless said otherwise; errors are ``{"error": {"code", "message"}}``):
+
+- ``POST /predict``, ``POST /models/<name>/predict``: images → digits
+- ``GET /summary``, ``GET /models/<name>/summary``: layer table, parameters, memory
+  (``?batch_size=N``), test accuracy
+- ``GET /models``, ``GET /models/<name>``: what is loaded, which versions exist
+- ``GET /health`` (alive), ``GET /ready`` (default model loaded, else 503)
+- ``GET /metrics`` (Prometheus text format), ``GET /openapi.json`` (OpenAPI 3.1)
+
+Run it with ``make serve`` (gunicorn with app/gunicorn.conf.py).
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from app.config import Config
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build the app; settings come from the environment unless ``config`` is given.
+
+    Called in each gunicorn worker after the fork, so models (and TensorFlow) load there.
+    """
+    from app import errors, logs
+    from app.api import models, operations, predict
+    from app.api.common import ServiceRequest
+    from app.metrics import Metrics
+    from app.model_store import ModelStore
+
+    config = config or Config.from_env()
+    logs.configure(config.log_level)
+    app = Flask(__name__)
+    app.request_class = ServiceRequest
+    app.config["MAX_CONTENT_LENGTH"] = config.max_content_length
+    app.json.sort_keys = False
+    app.extensions["config"] = config
+
+    metrics = Metrics(config.prometheus_multiproc_dir)
+    app.extensions["metrics"] = metrics
+    store = ModelStore(config.models_dir, config.model_name, config.tf_threads)
+    store.init_app(app)
+    store.load()
+    for model in store.models.values():
+        metrics.load_seconds.labels(model.name, str(model.version)).set(model.load_seconds)
+
+    errors.register(app)
+    logs.init_app(app, metrics)
+    for blueprint in (predict.bp, models.bp, operations.bp):
+        app.register_blueprint(blueprint)
+    return app

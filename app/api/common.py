@@ -1,0 +1,54 @@
+"""What every view needs: the store, the settings and the metrics of the current app."""
+
+from __future__ import annotations
+
+from flask import Request, current_app
+from werkzeug.datastructures import ImmutableMultiDict
+
+from app.config import Config
+from app.errors import InvalidInput
+from app.metrics import Metrics
+from app.model_store import ModelStore
+
+
+def store() -> ModelStore:
+    return current_app.extensions["model_store"]
+
+
+def settings() -> Config:
+    return current_app.extensions["config"]
+
+
+def metrics() -> Metrics:
+    return current_app.extensions["metrics"]
+
+
+def int_arg(args, name: str, default: int, minimum: int = 1, maximum: int = 1_000_000) -> int:
+    """A whole-number query parameter; raises InvalidInput (400) naming it."""
+    raw = args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {name} must be an integer, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise InvalidInput(f"query parameter {name} must be between {minimum} and {maximum}")
+    return value
+
+
+class ArrivalOrderMultiDict(ImmutableMultiDict):
+    """A MultiDict that also remembers the order its items arrived in, across keys.
+
+    Werkzeug groups multipart files by field name, which loses the order of files sent
+    under different names; a batch's predictions must come back in the order sent.
+    """
+
+    def __init__(self, mapping=None):
+        super().__init__(mapping)
+        self.arrival = list(mapping) if isinstance(mapping, list) else \
+            list(self.items(multi=True))
+
+
+class ServiceRequest(Request):
+    parameter_storage_class = ArrivalOrderMultiDict

@@ -1,0 +1,59 @@
+"""GET /models, /models/<name>, /summary and /models/<name>/summary."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from app.api.common import int_arg, store
+from app.model_store import LoadedModel
+from training.summary import memory_estimate
+
+bp = Blueprint("models", __name__)
+
+
+def describe(model: LoadedModel) -> dict:
+    metadata = model.metadata
+    return {
+        "name": model.name,
+        "version": model.version,
+        "versions": model.available_versions,
+        "arch": metadata.get("arch"),
+        "created": metadata.get("created"),
+        "test_accuracy": metadata.get("test", {}).get("accuracy"),
+        "load_seconds": round(model.load_seconds, 3),
+        "input": metadata.get("input"),
+    }
+
+
+@bp.get("/models")
+def list_models():
+    models = store()
+    return jsonify({
+        "default": models.default_name,
+        "models": [describe(m) for _, m in sorted(models.models.items())],
+        "rejected": models.rejected,
+    })
+
+
+@bp.get("/models/<name>")
+def show_model(name: str):
+    return jsonify(describe(store().get(name)))
+
+
+@bp.get("/summary")
+@bp.get("/models/<name>/summary")
+def summary(name: str | None = None):
+    """The parameter table and memory estimates, scaled for ``?batch_size=N``."""
+    model = store().get(name)
+    batch_size = int_arg(request.args, "batch_size", default=1)
+    figures = model.metadata["summary"]
+    test = model.metadata.get("test", {})
+    return jsonify({
+        "model": {"name": model.name, "version": model.version},
+        "arch": model.metadata.get("arch"),
+        "layers": figures["layers"],
+        "totals": figures["totals"],
+        "memory": memory_estimate(figures["totals"], batch_size),
+        "test_accuracy": test.get("accuracy"),
+        "per_class_accuracy": test.get("per_class"),
+    })

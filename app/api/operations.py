@@ -1,0 +1,38 @@
+"""GET /health, /ready, /metrics and /openapi.json: what operators and tools poll."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from app.api.common import metrics, settings, store
+from app.errors import ModelNotReady
+from app.openapi import openapi_spec
+
+bp = Blueprint("operations", __name__)
+
+
+@bp.get("/health")
+def health():
+    """Liveness: the process answers. Says nothing about models."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/ready")
+def ready():
+    """Readiness: 200 only when the default model is loaded, else 503."""
+    models = store()
+    if not models.ready:
+        raise ModelNotReady(f"default model {models.default_name!r} is not loaded")
+    return jsonify({"status": "ready", "default": models.default_name,
+                    "models": {name: m.version for name, m in sorted(models.models.items())}})
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    body, content_type = metrics().exposition()
+    return Response(body, content_type=content_type)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_spec(settings()))

@@ -1,0 +1,72 @@
+"""The service's settings: read from environment variables once, validated, then passed on.
+
+Nothing else in ``app/`` reads ``os.environ``: the factory builds one ``Config`` and the
+rest of the code receives it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting is missing its right form; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, with the default a fresh clone runs with."""
+
+    models_dir: Path = Path("models")
+    model_name: str = "mnist_cnn"
+    port: int = 8000
+    max_content_length: int = 10 * 1024 * 1024  # bytes of request body
+    max_batch: int = 256  # images in one request
+    max_image_pixels: int = 40_000_000  # width × height, checked before decoding
+    max_request_pixels: int = 160_000_000  # all images of one request together
+    log_level: str = "INFO"
+    tf_threads: int = 1  # TensorFlow intra-op threads per worker (workers × this ≤ cores)
+    workers: int = 2  # gunicorn worker processes
+    threads: int = 4  # gunicorn threads per worker (gthread)
+    prometheus_multiproc_dir: str = ""  # set by app/gunicorn.conf.py for multi-worker metrics
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Build from variables named like the fields in upper case (MODELS_DIR, …)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = environ.get(field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.name.upper(), raw, type(getattr(cls, field.name)))
+        return cls(**values).validated()
+
+    def validated(self) -> Config:
+        """Raise ConfigError for values the service cannot run with."""
+        for name in ("port", "max_content_length", "max_batch", "max_image_pixels",
+                     "max_request_pixels",
+                     "tf_threads", "workers", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.upper()} must be a positive integer, "
+                                  f"got {getattr(self, name)}")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"PORT must be between 1 and 65535, got {self.port}")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
+                              f"got {self.log_level!r}")
+        return self
+
+
+def _parse(variable: str, raw: str, kind: type) -> object:
+    if kind is int:
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{variable} must be an integer, got {raw!r}") from None
+    if issubclass(kind, Path):
+        return Path(raw)
+    return raw

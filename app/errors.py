@@ -1,0 +1,90 @@
+"""Typed errors that say which HTTP status they mean, mapped to JSON in one place.
+
+Code below the views raises these and never builds a response; ``register`` turns them,
+and Werkzeug's own HTTP errors, into ``{"error": {"code", "message"}}``. Anything else is
+a bug: logged once with its traceback and answered 500 without internals.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """Base of every error the API answers on purpose."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ApiError):
+    """The request cannot be read: unreadable image, empty body, malformed JSON."""
+
+    status, code = 400, "invalid_input"
+
+
+class ModelNotFound(ApiError):
+    status, code = 404, "model_not_found"
+
+
+class PayloadTooLarge(ApiError):
+    """Body (after decompression) over MAX_CONTENT_LENGTH, or more images than MAX_BATCH."""
+
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class UnprocessableInput(ApiError):
+    """Readable, but not a valid digit image: wrong shape, NaN, out of range, too big."""
+
+    status, code = 422, "unprocessable_input"
+
+
+class ModelNotReady(ApiError):
+    status, code = 503, "model_not_ready"
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def register(app: Flask) -> None:
+    """Attach the handlers; called once by the app factory."""
+
+    @app.errorhandler(ApiError)
+    def handle_api_error(err: ApiError):
+        return jsonify(error_body(err.code, err.message)), err.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def handle_too_large(err: RequestEntityTooLarge):
+        limit = app.config.get("MAX_CONTENT_LENGTH")
+        return jsonify(error_body(
+            PayloadTooLarge.code, f"request body is larger than the limit of {limit} bytes"
+        )), 413
+
+    @app.errorhandler(HTTPException)
+    def handle_http_error(err: HTTPException):
+        code = (err.name or "error").lower().replace(" ", "_")
+        response = jsonify(error_body(code, err.description or err.name))
+        response.status_code = err.code or 500
+        allowed = getattr(err, "valid_methods", None)
+        if allowed:  # a 405 names the methods that would work, as HTTP requires
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(err: Exception):
+        log.exception("unhandled error")
+        return jsonify(error_body("internal_error", "internal server error")), 500

@@ -1,0 +1,49 @@
+"""gunicorn settings for the service: ``gunicorn -c app/gunicorn.conf.py 'app:create_app()'``.
+
+Settings come from the same environment variables as the app (app/config.py).
+"""
+
+import os
+import shutil
+import tempfile
+
+from app.config import Config
+
+_settings = Config.from_env()  # not "config": gunicorn reads that name as a setting
+
+bind = f"0.0.0.0:{_settings.port}"
+workers = _settings.workers
+worker_class = "gthread"
+threads = _settings.threads
+# Never preload: the app (and TensorFlow with it) must be created in each worker after
+# the fork. TensorFlow starts thread pools at import; a forked copy of them deadlocks.
+preload_app = False
+timeout = 60
+graceful_timeout = 20
+keepalive = 5
+accesslog = None  # the app writes its own JSON access lines (app/logs.py)
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+
+# Metrics from every worker are aggregated through files in one folder (app/metrics.py).
+if not _settings.prometheus_multiproc_dir:
+    _metrics_dir = tempfile.mkdtemp(prefix="mnist-serving-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+else:
+    _metrics_dir = _settings.prometheus_multiproc_dir
+    os.makedirs(_metrics_dir, exist_ok=True)
+    for _stale in os.listdir(_metrics_dir):  # a previous server's counts are not ours
+        if _stale.endswith(".db"):
+            os.remove(os.path.join(_metrics_dir, _stale))
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the aggregate."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, _metrics_dir)
+
+
+def on_exit(server):
+    if not _settings.prometheus_multiproc_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -1,0 +1,137 @@
+"""Read the images of a /predict request, whatever form they came in, as model input.
+
+Plain functions of the request's parts (body bytes, media type, uploaded files), so they
+are tested without HTTP. Accepted forms:
+
+- the raw image as the body, with an ``image/*`` media type;
+- ``multipart/form-data`` with one or more files under any field names, in order;
+- JSON ``{"instances": [...]}``, each a 28×28 (or 28×28×1) array of numbers in [0, 1]
+  (already MNIST form) or ``{"b64": "<base64 image>"}`` (TensorFlow Serving's convention).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.errors import InvalidInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
+from app.preprocess import SIDE, peek_size, prepare
+
+JSON_TYPES = {"application/json"}
+MULTIPART_TYPE = "multipart/form-data"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold."""
+
+    max_batch: int
+    max_image_pixels: int
+    max_request_pixels: int
+
+
+def _check_batch(count: int, limits: Limits) -> None:
+    if count == 0:
+        raise InvalidInput("the request holds no image")
+    if count > limits.max_batch:
+        raise PayloadTooLarge(f"{count} images in one request; the limit is "
+                              f"{limits.max_batch} (MAX_BATCH)")
+
+
+def _check_pixels(blobs: list[bytes], limits: Limits) -> None:
+    """All images of a request together, from their headers, before decoding any: a
+    batch of large images (each within MAX_IMAGE_PIXELS) must not stall a worker."""
+    total = sum(width * height for width, height in map(peek_size, blobs))
+    if total > limits.max_request_pixels:
+        raise PayloadTooLarge(f"the request's images hold {total:,} pixels in all; the "
+                              f"limit is {limits.max_request_pixels:,} (MAX_REQUEST_PIXELS)")
+
+
+def from_images(blobs: Iterable[bytes], limits: Limits, preprocess: bool) -> np.ndarray:
+    """Encoded images → (N, 28, 28, 1) float32. Errors name the image's position."""
+    blobs = list(blobs)
+    _check_batch(len(blobs), limits)
+    _check_pixels(blobs, limits)
+    digits = []
+    for index, blob in enumerate(blobs):
+        try:
+            digits.append(prepare(blob, limits.max_image_pixels, preprocess))
+        except (InvalidInput, UnprocessableInput) as err:
+            if len(blobs) > 1:
+                err.message = f"image {index}: {err.message}"
+            raise
+    return np.stack(digits)[..., np.newaxis]
+
+
+def from_array(instance: object, index: int) -> np.ndarray:
+    """One JSON array instance → (28, 28) float32, checked for shape, NaN and range."""
+    try:
+        array = np.asarray(instance, dtype=np.float64)
+    except (ValueError, TypeError, RecursionError):
+        raise UnprocessableInput(f"instance {index}: expected a 28×28 array of numbers") from None
+    if array.shape == (SIDE, SIDE, 1):
+        array = array[..., 0]
+    if array.shape != (SIDE, SIDE):
+        raise UnprocessableInput(f"instance {index}: expected shape 28×28, got "
+                                 f"{'×'.join(map(str, array.shape)) or 'a scalar'}")
+    if not np.isfinite(array).all():
+        raise UnprocessableInput(f"instance {index}: contains NaN or infinity")
+    if array.min() < 0.0 or array.max() > 1.0:
+        raise UnprocessableInput(f"instance {index}: values must lie in [0, 1], got "
+                                 f"{array.min():g}..{array.max():g}")
+    return array.astype(np.float32)
+
+
+def _b64(instance: dict, index: int) -> bytes:
+    try:
+        return base64.b64decode(instance["b64"], validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise InvalidInput(f"instance {index}: 'b64' is not valid base64") from None
+
+
+def from_json(body: bytes, limits: Limits, preprocess: bool) -> np.ndarray:
+    """``{"instances": [...]}`` → (N, 28, 28, 1) float32."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise InvalidInput(f"malformed JSON: {err}") from None
+    instances = document.get("instances") if isinstance(document, dict) else None
+    if not isinstance(instances, list):
+        raise InvalidInput('JSON body must be an object with an "instances" list')
+    _check_batch(len(instances), limits)
+    encoded = {index: _b64(instance, index) for index, instance in enumerate(instances)
+               if isinstance(instance, dict) and "b64" in instance}
+    _check_pixels(list(encoded.values()), limits)
+    digits = []
+    for index, instance in enumerate(instances):
+        if index in encoded:
+            try:
+                digits.append(prepare(encoded[index], limits.max_image_pixels, preprocess))
+            except (InvalidInput, UnprocessableInput) as err:
+                err.message = f"instance {index}: {err.message}"
+                raise
+        else:
+            digits.append(from_array(instance, index))
+    return np.stack(digits)[..., np.newaxis]
+
+
+def read_request(media_type: str, body: bytes, files: list[bytes], limits: Limits,
+                 preprocess: bool = True) -> np.ndarray:
+    """Dispatch on the media type; raises UnsupportedMediaType for anything else."""
+    if media_type in JSON_TYPES or media_type.endswith("+json"):
+        return from_json(body, limits, preprocess)
+    if media_type == MULTIPART_TYPE:
+        if not files:
+            raise InvalidInput("multipart request has no file parts")
+        return from_images(files, limits, preprocess)
+    if media_type.startswith("image/") or media_type == "application/octet-stream":
+        return from_images([body], limits, preprocess)
+    raise UnsupportedMediaType(
+        f"unsupported Content-Type {media_type or '(none)'!r}: send an image (image/png, "
+        "image/jpeg, image/gif, image/bmp, image/webp, image/tiff), multipart/form-data "
+        'with image files, or application/json with {"instances": [...]}')

@@ -1,0 +1,51 @@
+"""Prometheus metrics: requests by endpoint and status, latency, images, model load time.
+
+Each app gets its own registry (so tests can build many apps). Under gunicorn the
+workers are separate processes: ``app/gunicorn.conf.py`` sets PROMETHEUS_MULTIPROC_DIR
+before forking, prometheus-client then writes every worker's values there, and /metrics
+aggregates them, so a scrape sees the whole server and not one worker at random.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """The service's metrics, registered in one registry."""
+
+    def __init__(self, multiprocess_dir: str = ""):
+        self.multiprocess_dir = multiprocess_dir
+        self.registry = CollectorRegistry()
+        self.requests = Counter("http_requests_total", "HTTP requests by endpoint and status",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.latency = Histogram("http_request_duration_seconds", "Request latency",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.images = Counter("images_predicted_total", "Images classified",
+                              ["model", "version"], registry=self.registry)
+        self.load_seconds = Gauge("model_load_seconds", "Seconds to load and warm a model",
+                                  ["model", "version"], registry=self.registry,
+                                  multiprocess_mode="max")
+
+    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format, aggregated over all workers when running under gunicorn."""
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,184 @@
+"""Load every exported model under MODELS_DIR, TensorFlow Serving's ``<name>/<version>/``.
+
+Each model's highest *complete* version is served: a SavedModel and a readable
+``metadata.json`` whose parameter total matches the SavedModel's variables. A version
+that fails any check is skipped with a logged reason and the next lower one is tried, so
+a half-copied or corrupt folder is never half-loaded.
+
+TensorFlow is imported here, lazily, inside ``load``: gunicorn forks its workers from
+the master process, and TensorFlow's thread pools and runtime state do not survive a
+fork. Each worker therefore builds its own store after the fork (see app/gunicorn.conf.py,
+which keeps ``preload_app`` off), and the master never initialises TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.errors import ModelNotFound, ModelNotReady
+
+log = logging.getLogger(__name__)
+METADATA_FILE = "metadata.json"
+SIGNATURE = "serving_default"
+
+
+class VersionRejected(Exception):
+    """A version folder failed a check; the message says which."""
+
+
+@dataclass
+class LoadedModel:
+    """One servable version: its callable signature and its metadata."""
+
+    name: str
+    version: int
+    path: Path
+    metadata: dict[str, Any]
+    load_seconds: float
+    available_versions: list[int]
+    _signature: Any = field(repr=False)
+    _loaded: Any = field(repr=False)  # owns the variables the signature reads
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities."""
+        import tensorflow as tf
+
+        outputs = self._signature(tf.constant(images, dtype=tf.float32))
+        return next(iter(outputs.values())).numpy()
+
+
+def limit_threads(threads: int) -> None:
+    """Cap TensorFlow's pools so that workers × threads does not oversubscribe the cores.
+
+    Only possible before TensorFlow's runtime starts; later calls (a second app in the
+    same process, as in tests) keep the first setting.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.debug("TensorFlow already initialised; thread pools left as they are")
+
+
+def version_folders(model_dir: Path) -> list[int]:
+    """Version numbers present, highest first; names that are not numbers are ignored."""
+    return sorted((int(p.name) for p in model_dir.iterdir()
+                   if p.is_dir() and p.name.isdigit()), reverse=True)
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    """The version's metadata.json, or VersionRejected saying what is wrong."""
+    if not (folder / "saved_model.pb").is_file():
+        raise VersionRejected("no saved_model.pb (incomplete export?)")
+    try:
+        metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VersionRejected(f"no {METADATA_FILE}") from None
+    except (OSError, ValueError) as err:
+        raise VersionRejected(f"unreadable {METADATA_FILE}: {err}") from None
+    if not isinstance(metadata, dict) or "summary" not in metadata:
+        raise VersionRejected(f"{METADATA_FILE} has no parameter summary")
+    return metadata
+
+
+def load_version(name: str, version: int, folder: Path, versions: list[int]) -> LoadedModel:
+    """Load and check one version folder; raises VersionRejected."""
+    import tensorflow as tf
+
+    metadata = read_metadata(folder)
+    started = time.perf_counter()
+    try:
+        loaded = tf.saved_model.load(str(folder))
+        signature = loaded.signatures[SIGNATURE]
+    except Exception as err:  # noqa: BLE001 - TensorFlow raises many types for bad files
+        raise VersionRejected(f"SavedModel does not load: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}") from None
+    # Float variables are the weights; Keras also saves integer state (the dropout
+    # layers' seed generators), which count_params() rightly leaves out.
+    count = sum(math.prod(v.shape) for v in loaded.variables if v.dtype.is_floating)
+    expected = metadata["summary"]["totals"]["params"]
+    if count != expected:
+        raise VersionRejected(f"SavedModel has {count} parameters, metadata says {expected}")
+    model = LoadedModel(name, version, folder, metadata, 0.0, versions, signature, loaded)
+    model.predict(np.zeros((1, 28, 28, 1), np.float32))  # warm-up: trace and allocate now
+    model.load_seconds = time.perf_counter() - started
+    return model
+
+
+def load_best_version(model_dir: Path) -> LoadedModel | None:
+    """The highest version of one model that passes every check, or None."""
+    versions = version_folders(model_dir)
+    for version in versions:
+        folder = model_dir / str(version)
+        try:
+            model = load_version(model_dir.name, version, folder, sorted(versions))
+        except VersionRejected as reason:
+            log.warning("skipping %s: %s", folder, reason)
+            continue
+        log.info("loaded %s version %d in %.2f s", model_dir.name, version, model.load_seconds)
+        return model
+    return None
+
+
+class ModelStore:
+    """The models this worker serves, loaded once, looked up by name.
+
+    Flask-style extension: ``init_app`` attaches it to the app; ``load`` runs in each
+    worker after the fork.
+    """
+
+    def __init__(self, models_dir: Path, default_name: str, tf_threads: int = 1):
+        self.models_dir = Path(models_dir)
+        self.tf_threads = tf_threads
+        self.default_name = default_name
+        self.models: dict[str, LoadedModel] = {}
+        self.rejected: dict[str, str] = {}
+        self._loaded = threading.Event()
+
+    def init_app(self, app) -> None:
+        app.extensions["model_store"] = self
+
+    def load(self) -> None:
+        """Load the best version of every model folder under models_dir."""
+        limit_threads(self.tf_threads)
+        if not self.models_dir.is_dir():
+            log.warning("MODELS_DIR %s does not exist: nothing to serve", self.models_dir)
+        else:
+            for model_dir in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
+                if model_dir.name.startswith("."):
+                    continue
+                model = load_best_version(model_dir)
+                if model is None:
+                    self.rejected[model_dir.name] = "no complete version"
+                else:
+                    self.models[model_dir.name] = model
+        self._loaded.set()
+
+    @property
+    def ready(self) -> bool:
+        """True once loading finished and the default model is servable."""
+        return self._loaded.is_set() and self.default_name in self.models
+
+    def get(self, name: str | None = None) -> LoadedModel:
+        """The named (or default) model; raises ModelNotFound or ModelNotReady."""
+        name = name or self.default_name
+        if name in self.models:
+            return self.models[name]
+        if not self._loaded.is_set():
+            raise ModelNotReady("models are still loading")
+        if name == self.default_name:
+            raise ModelNotReady(f"the default model {name!r} has no servable version in "
+                                f"{self.models_dir}; train one with `make train`")
+        known = ", ".join(sorted(self.models)) or "none"
+        raise ModelNotFound(f"no model named {name!r} (served: {known})")

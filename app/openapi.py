@@ -1,0 +1,127 @@
+"""The OpenAPI 3.1 description of every endpoint, served at /openapi.json."""
+
+from __future__ import annotations
+
+from app.config import Config
+
+IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff"]
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict:
+    reasons = {400: "Unreadable input", 404: "Unknown model", 413: "Body or batch too large",
+               415: "Unsupported media type", 422: "Invalid image or array",
+               503: "Model not loaded"}
+    return {str(s): _json(_ref("Error"), reasons[s]) for s in statuses}
+
+
+NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+        "description": "Model name (a folder under MODELS_DIR)"}
+PREPROCESS = {"name": "preprocess", "in": "query", "required": False,
+              "schema": {"type": "string", "enum": ["auto", "none"], "default": "auto"},
+              "description": "'none' takes 28×28 images already in MNIST form as they are"}
+BATCH_SIZE = {"name": "batch_size", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "default": 1},
+              "description": "Batch size the memory estimates are scaled for"}
+
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+    "ModelRef": {"type": "object", "required": ["name", "version"],
+                 "properties": {"name": {"type": "string"}, "version": {"type": "integer"}}},
+    "Prediction": {"type": "object", "required": ["digit", "confidence", "probabilities"],
+                   "properties": {
+                       "digit": {"type": "integer", "minimum": 0, "maximum": 9},
+                       "confidence": {"type": "number"},
+                       "probabilities": {"type": "array", "items": {"type": "number"},
+                                         "minItems": 10, "maxItems": 10}}},
+    "PredictResponse": {"type": "object", "required": ["model", "predictions"], "properties": {
+        "model": _ref("ModelRef"),
+        "predictions": {"type": "array", "items": _ref("Prediction")}}},
+    "Instances": {"type": "object", "required": ["instances"], "properties": {"instances": {
+        "type": "array", "minItems": 1,
+        "items": {"oneOf": [
+            {"type": "array", "description": "28×28 numbers in [0, 1], white on black",
+             "items": {"type": "array"}},
+            {"type": "object", "required": ["b64"],
+             "properties": {"b64": {"type": "string", "contentEncoding": "base64"}}}]}}}},
+    "ModelInfo": {"type": "object", "properties": {
+        "name": {"type": "string"}, "version": {"type": "integer"},
+        "versions": {"type": "array", "items": {"type": "integer"}},
+        "arch": {"type": "string"}, "created": {"type": "string"},
+        "test_accuracy": {"type": "number"}, "load_seconds": {"type": "number"},
+        "input": {"type": "object"}}},
+    "ModelList": {"type": "object", "properties": {
+        "default": {"type": "string"},
+        "models": {"type": "array", "items": _ref("ModelInfo")},
+        "rejected": {"type": "object", "additionalProperties": {"type": "string"}}}},
+    "Summary": {"type": "object", "required": ["model", "layers", "totals", "memory"],
+                "properties": {
+                    "model": _ref("ModelRef"), "arch": {"type": "string"},
+                    "layers": {"type": "array", "items": {"type": "object"}},
+                    "totals": {"type": "object"}, "memory": {"type": "object"},
+                    "test_accuracy": {"type": "number"},
+                    "per_class_accuracy": {"type": "array", "items": {"type": "object"}}}},
+}
+
+
+def _predict_operation(summary: str, parameters: list) -> dict:
+    image_content = {t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES}
+    return {"post": {
+        "summary": summary,
+        "parameters": parameters,
+        "requestBody": {"required": True, "content": {
+            **image_content,
+            "multipart/form-data": {"schema": {"type": "object", "additionalProperties": {
+                "type": "string", "format": "binary"}}},
+            "application/json": {"schema": _ref("Instances")},
+        }},
+        "responses": {"200": _json(_ref("PredictResponse"), "One prediction per image, "
+                                   "in order"), **_errors(400, 404, 413, 415, 422, 503)},
+    }}
+
+
+def _get(summary: str, schema: dict, parameters: list | None = None, errors=(404, 503)) -> dict:
+    return {"get": {"summary": summary, "parameters": parameters or [],
+                    "responses": {"200": _json(schema, "OK"), **_errors(*errors)}}}
+
+
+def openapi_spec(config: Config) -> dict:
+    """The document; limits are filled in from the running configuration."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "MNIST digit recognition", "version": "1.0.0",
+                 "description": f"Limits: body {config.max_content_length} bytes, "
+                                f"{config.max_batch} images per request, "
+                                f"{config.max_image_pixels} pixels per image."},
+        "paths": {
+            "/predict": _predict_operation("Classify images with the default model",
+                                           [PREPROCESS]),
+            "/models/{name}/predict": _predict_operation("Classify images with a named model",
+                                                         [NAME, PREPROCESS]),
+            "/summary": _get("The default model's layer table and memory", _ref("Summary"),
+                             [BATCH_SIZE], errors=(400, 503)),
+            "/models/{name}/summary": _get("A model's layer table and memory",
+                                           _ref("Summary"), [NAME, BATCH_SIZE],
+                                           errors=(400, 404, 503)),
+            "/models": _get("Every loaded model and its versions", _ref("ModelList"),
+                            errors=()),
+            "/models/{name}": _get("One model", _ref("ModelInfo"), [NAME]),
+            "/health": _get("Liveness", {"type": "object"}, errors=()),
+            "/ready": _get("Readiness: 200 when the default model is loaded",
+                           {"type": "object"}, errors=(503,)),
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+                "description": "Prometheus text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": _get("This document", {"type": "object"}, errors=()),
+        },
+        "components": {"schemas": SCHEMAS},
+    }

@@ -1,0 +1,317 @@
+"""The HTTP API, against a real gunicorn serving really trained models (no mocks)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.restyle import encode, ink_on_paper
+
+IMAGE_FORMATS = [("image/png", "PNG"), ("image/jpeg", "JPEG"), ("image/gif", "GIF"),
+                 ("image/bmp", "BMP"), ("image/webp", "WEBP"), ("image/tiff", "TIFF")]
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server.url
+
+
+@pytest.fixture(scope="module")
+def seven(mnist):
+    """The first test digit, a clear 7, as black ink on white paper."""
+    assert mnist.y_test[0] == 7
+    return ink_on_paper(mnist.x_test[0], np.random.default_rng(0)).convert("RGB")
+
+
+def post_image(url: str, data: bytes, content_type: str, path: str = "/predict", **kw):
+    return requests.post(url + path, data=data, headers={"Content-Type": content_type},
+                         timeout=30, **kw)
+
+
+def assert_error(response, status: int, code: str, *words: str):
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code
+    for word in words:
+        assert word in error["message"], error["message"]
+
+
+# --- operations ------------------------------------------------------------------------
+
+def test_health_says_ok(url):
+    assert requests.get(url + "/health", timeout=5).json() == {"status": "ok"}
+
+
+def test_ready_lists_the_loaded_models(url):
+    response = requests.get(url + "/ready", timeout=5)
+    assert response.status_code == 200
+    assert response.json()["models"] == {"mnist_cnn": 1, "mnist_tiny": 1}
+
+
+def test_models_lists_every_model_and_the_default(url):
+    body = requests.get(url + "/models", timeout=5).json()
+    assert body["default"] == "mnist_cnn"
+    assert [(m["name"], m["version"], m["versions"]) for m in body["models"]] == [
+        ("mnist_cnn", 1, [1]), ("mnist_tiny", 1, [1])]
+    assert 0.9 < body["models"][0]["test_accuracy"] <= 1.0
+
+
+def test_one_model_is_described(url):
+    body = requests.get(url + "/models/mnist_tiny", timeout=5).json()
+    assert body["arch"] == "tiny" and body["input"]["shape"] == [28, 28, 1]
+
+
+def test_openapi_document_is_valid_and_covers_every_route(url, server):
+    from openapi_spec_validator import validate
+
+    spec = requests.get(url + "/openapi.json", timeout=5).json()
+    validate(spec)
+    assert set(spec["paths"]) == {
+        "/predict", "/models/{name}/predict", "/summary", "/models/{name}/summary",
+        "/models", "/models/{name}", "/health", "/ready", "/metrics", "/openapi.json"}
+
+
+# --- summary ---------------------------------------------------------------------------
+
+def test_summary_gives_the_table_totals_memory_and_accuracy(url):
+    body = requests.get(url + "/summary", timeout=5).json()
+    assert body["model"] == {"name": "mnist_cnn", "version": 1}
+    assert body["totals"]["params"] == 1_199_882
+    assert body["totals"]["activations_per_image"] == 87_194
+    assert [row["name"] for row in body["layers"]][:3] == ["image", "conv2d_1", "conv2d_2"]
+    assert body["memory"]["batch_size"] == 1
+    assert body["memory"]["forward_bytes"] == 87_194 * 4
+    assert 0.9 < body["test_accuracy"] <= 1.0
+    assert len(body["per_class_accuracy"]) == 10
+
+
+def test_summary_scales_memory_for_a_batch_size(url):
+    one = requests.get(url + "/summary", timeout=5).json()["memory"]
+    many = requests.get(url + "/summary?batch_size=64", timeout=5).json()["memory"]
+    assert many["forward_bytes"] == 64 * one["forward_bytes"]
+    assert many["training_bytes"] == 2 * many["forward_bytes"]
+    assert many["param_bytes"] == one["param_bytes"]
+
+
+def test_a_named_models_summary(url):
+    body = requests.get(url + "/models/mnist_tiny/summary", timeout=5).json()
+    assert body["totals"]["params"] == 13_602
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5"])
+def test_summary_refuses_a_bad_batch_size(url, value):
+    response = requests.get(url + f"/summary?batch_size={value}", timeout=5)
+    assert_error(response, 400, "invalid_input", "batch_size")
+
+
+# --- predict: every input form -----------------------------------------------------------
+
+@pytest.mark.parametrize(("content_type", "fmt"), IMAGE_FORMATS)
+def test_a_raw_image_body_of_every_common_type_is_read(url, seven, content_type, fmt):
+    image = seven.convert("P") if fmt == "GIF" else seven
+    response = post_image(url, encode(image, fmt), content_type)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {"name": "mnist_cnn", "version": 1}
+    (prediction,) = body["predictions"]
+    assert prediction["digit"] == 7
+    assert len(prediction["probabilities"]) == 10
+    assert prediction["confidence"] == pytest.approx(max(prediction["probabilities"]), abs=1e-6)
+    assert sum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_multipart_files_under_any_field_names_keep_their_order(url, mnist):
+    rng = np.random.default_rng(1)
+    blobs = [encode(ink_on_paper(mnist.x_test[i], rng), "PNG") for i in range(8)]
+    files = [(f"field{i % 3}", (f"d{i}.png", blob, "image/png")) for i, blob in enumerate(blobs)]
+    batch = requests.post(url + "/predict", files=files, timeout=30).json()["predictions"]
+    single = [post_image(url, blob, "image/png").json()["predictions"][0] for blob in blobs]
+    assert [p["digit"] for p in batch] == [p["digit"] for p in single]
+    np.testing.assert_allclose([p["probabilities"] for p in batch],
+                               [p["probabilities"] for p in single], atol=1e-5)
+
+
+def test_json_arrays_are_taken_as_mnist_form(url, mnist):
+    arrays = (mnist.x_test[:20] / 255.0).round(4)
+    response = requests.post(url + "/predict", json={"instances": arrays.tolist()}, timeout=30)
+    digits = [p["digit"] for p in response.json()["predictions"]]
+    assert np.mean(np.array(digits) == mnist.y_test[:20]) >= 0.9
+
+
+def test_json_arrays_with_a_channel_axis_are_accepted(url, mnist):
+    array = (mnist.x_test[0] / 255.0)[..., np.newaxis].tolist()
+    response = requests.post(url + "/predict", json={"instances": [array]}, timeout=30)
+    assert response.json()["predictions"][0]["digit"] == 7
+
+
+def test_json_b64_images_follow_tf_servings_convention(url, seven):
+    b64 = base64.b64encode(encode(seven, "JPEG")).decode()
+    response = requests.post(url + "/predict", json={"instances": [{"b64": b64}]}, timeout=30)
+    assert response.json()["predictions"][0]["digit"] == 7
+
+
+def test_mixed_json_instances_keep_their_order(url, mnist, seven):
+    b64 = base64.b64encode(encode(seven, "PNG")).decode()
+    one = (mnist.x_test[2] / 255.0).tolist()  # a 1
+    body = requests.post(url + "/predict", json={"instances": [one, {"b64": b64}, one]},
+                         timeout=30).json()
+    assert [p["digit"] for p in body["predictions"]] == [1, 7, 1]
+
+
+def test_preprocess_none_takes_a_28x28_digit_as_it_is(url, mnist):
+    png = encode(Image.fromarray(mnist.x_test[0]), "PNG")
+    raw = post_image(url, png, "image/png", path="/predict?preprocess=none").json()
+    array = requests.post(url + "/predict", timeout=30,
+                          json={"instances": [(mnist.x_test[0] / 255.0).tolist()]}).json()
+    np.testing.assert_allclose(raw["predictions"][0]["probabilities"],
+                               array["predictions"][0]["probabilities"], atol=1e-5)
+
+
+def test_a_named_model_answers_for_itself(url, seven):
+    response = post_image(url, encode(seven, "PNG"), "image/png",
+                          path="/models/mnist_tiny/predict")
+    assert response.json()["model"] == {"name": "mnist_tiny", "version": 1}
+
+
+# --- predict: every error -----------------------------------------------------------------
+
+def test_a_truncated_png_is_400(url, seven):
+    png = encode(seven, "PNG")
+    assert_error(post_image(url, png[: len(png) // 2], "image/png"), 400, "invalid_input",
+                 "truncated")
+
+
+def test_a_png_bomb_is_422_without_decoding(url, png_bomb):
+    assert_error(post_image(url, png_bomb, "image/png"), 422, "unprocessable_input",
+                 "too large")
+
+
+def test_a_text_file_sent_as_png_is_400(url):
+    assert_error(post_image(url, b"just some text\n" * 10, "image/png"), 400,
+                 "invalid_input", "not a readable image")
+
+
+def test_an_empty_body_is_400(url):
+    assert_error(post_image(url, b"", "image/png"), 400, "invalid_input", "empty")
+
+
+def test_a_body_over_10_mb_is_413(url):
+    assert_error(post_image(url, b"\0" * (11 * 1024 * 1024), "image/png"), 413,
+                 "payload_too_large")
+
+
+def test_more_than_max_batch_instances_is_413(url):
+    instances = [[[0.0] * 28] * 28] * 300
+    response = requests.post(url + "/predict", json={"instances": instances}, timeout=30)
+    assert_error(response, 413, "payload_too_large", "300", "256")
+
+
+def test_nan_is_422(url):
+    body = '{"instances": [' + json.dumps([[0.0] * 28] * 27)[:-1] + ", [" + \
+        ", ".join(["NaN"] * 28) + "]]]}"
+    response = post_image(url, body.encode(), "application/json")
+    assert_error(response, 422, "unprocessable_input", "NaN")
+
+
+def test_a_27x28_array_is_422(url):
+    response = requests.post(url + "/predict", json={"instances": [[[0.5] * 28] * 27]},
+                             timeout=30)
+    assert_error(response, 422, "unprocessable_input", "27×28")
+
+
+def test_values_outside_unit_range_are_422(url):
+    response = requests.post(url + "/predict", json={"instances": [[[255.0] * 28] * 28]},
+                             timeout=30)
+    assert_error(response, 422, "unprocessable_input", "[0, 1]")
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"inputs": []}',
+                                  b'{"instances": []}', b'{"instances": [{"b64": "%%%"}]}'])
+def test_malformed_json_is_400(url, body):
+    assert_error(post_image(url, body, "application/json"), 400, "invalid_input")
+
+
+def test_an_unsupported_media_type_is_415(url):
+    assert_error(post_image(url, b"7", "text/plain"), 415, "unsupported_media_type",
+                 "image/png")
+
+
+def test_multipart_without_files_is_400(url):
+    response = requests.post(url + "/predict", data={"note": "no file"},
+                             files={"x": ("", b"", "")}, timeout=30)
+    assert response.status_code == 400
+
+
+def test_get_on_predict_is_405_with_allow(url):
+    response = requests.get(url + "/predict", timeout=5)
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_an_unknown_model_is_404(url, seven):
+    response = post_image(url, encode(seven, "PNG"), "image/png", path="/models/nope/predict")
+    assert_error(response, 404, "model_not_found", "nope", "mnist_cnn")
+    assert_error(requests.get(url + "/models/nope/summary", timeout=5), 404,
+                 "model_not_found")
+
+
+def test_an_unknown_path_is_a_json_404(url):
+    assert_error(requests.get(url + "/no/such/page", timeout=5), 404, "not_found")
+
+
+def test_one_bad_image_in_a_batch_is_named(url, seven):
+    files = [("a", ("a.png", encode(seven, "PNG"), "image/png")),
+             ("b", ("b.png", b"broken", "image/png"))]
+    assert_error(requests.post(url + "/predict", files=files, timeout=30), 400,
+                 "invalid_input", "image 1")
+
+
+# --- request ids, metrics, and health after all of the above ---------------------------------
+
+def test_a_request_id_is_honoured_and_logged(url, server):
+    response = requests.get(url + "/health", headers={"X-Request-ID": "trace-abc-123"},
+                            timeout=5)
+    assert response.headers["X-Request-ID"] == "trace-abc-123"
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert any(line.get("request_id") == "trace-abc-123" and line.get("status") == 200
+               for line in lines)
+
+
+def test_a_request_id_is_generated_when_absent(url):
+    assert len(requests.get(url + "/health", timeout=5).headers["X-Request-ID"]) == 32
+
+
+def test_metrics_count_requests_images_and_load_time(url, seven):
+    for _ in range(3):
+        post_image(url, encode(seven, "PNG"), "image/png")
+    text = requests.get(url + "/metrics", timeout=5).text
+    assert 'http_requests_total{endpoint="/predict",method="POST",status="200"}' in text
+    assert 'images_predicted_total{model="mnist_cnn",version="1"}' in text
+    assert "http_request_duration_seconds_bucket" in text
+    assert 'model_load_seconds{model="mnist_cnn",version="1"}' in text
+
+
+def test_json_nested_too_deep_is_400_not_a_crash(url):
+    body = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert_error(post_image(url, body, "application/json"), 400, "invalid_input")
+
+
+def test_a_batch_over_the_request_pixel_budget_is_413(url):
+    big = encode(Image.new("L", (6000, 6000), 255), "PNG")  # 36 MP each, tiny on the wire
+    files = [(f"f{i}", (f"{i}.png", big, "image/png")) for i in range(5)]
+    assert_error(requests.post(url + "/predict", files=files, timeout=60), 413,
+                 "payload_too_large", "MAX_REQUEST_PIXELS")
+
+
+def test_the_service_is_still_healthy_and_never_answered_500(url, server):
+    assert requests.get(url + "/ready", timeout=5).status_code == 200
+    assert server.process.poll() is None
+    statuses = [json.loads(line).get("status") for line in server.log().splitlines()
+                if line.startswith("{")]
+    assert statuses and 500 not in statuses

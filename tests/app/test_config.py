@@ -1,0 +1,39 @@
+"""app/config.py: one settings object from the environment, validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.config import Config, ConfigError
+
+
+def test_defaults_need_no_environment():
+    config = Config.from_env({})
+    assert config.models_dir == Path("models") and config.model_name == "mnist_cnn"
+    assert config.port == 8000 and config.max_batch == 256
+    assert config.max_content_length == 10 * 1024 * 1024
+    assert config.max_image_pixels == 40_000_000
+
+
+def test_variables_are_read_by_their_upper_case_names():
+    config = Config.from_env({"MODELS_DIR": "/srv/models", "MODEL_NAME": "other",
+                              "PORT": "9000", "MAX_BATCH": "32", "MAX_IMAGE_PIXELS": "1_000"})
+    assert config.models_dir == Path("/srv/models") and config.model_name == "other"
+    assert (config.port, config.max_batch, config.max_image_pixels) == (9000, 32, 1000)
+
+
+def test_empty_variables_keep_the_default():
+    assert Config.from_env({"PORT": ""}).port == 8000
+
+
+@pytest.mark.parametrize(("variable", "value", "words"), [
+    ("PORT", "eighty", "PORT must be an integer"),
+    ("PORT", "70000", "PORT must be between"),
+    ("MAX_BATCH", "0", "MAX_BATCH must be a positive"),
+    ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be"),
+])
+def test_bad_values_name_the_variable(variable, value, words):
+    with pytest.raises(ConfigError, match=words):
+        Config.from_env({variable: value})

@@ -1,0 +1,125 @@
+"""app/model_store.py: the highest complete version of each model; broken ones skipped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from app.errors import ModelNotFound, ModelNotReady
+from app.model_store import ModelStore
+from training.data import to_model_input
+
+
+@pytest.fixture
+def models_dir(tmp_path, served_models):
+    """A fresh MODELS_DIR holding a copy of the trained tiny net as version 1."""
+    shutil.copytree(served_models / "mnist_tiny" / "1", tmp_path / "mnist_tiny" / "1")
+    return tmp_path
+
+
+def add_version(models_dir, version: int):
+    target = models_dir / "mnist_tiny" / str(version)
+    shutil.copytree(models_dir / "mnist_tiny" / "1", target)
+    return target
+
+
+def loaded(models_dir) -> ModelStore:
+    store = ModelStore(models_dir, "mnist_tiny")
+    store.load()
+    return store
+
+
+def test_the_highest_version_is_served(models_dir):
+    add_version(models_dir, 3)
+    store = loaded(models_dir)
+    assert store.ready
+    assert store.get().version == 3
+    assert store.get("mnist_tiny").available_versions == [1, 3]
+
+
+def test_served_model_classifies_real_digits(models_dir, mnist):
+    probabilities = loaded(models_dir).get().predict(to_model_input(mnist.x_test[:200]))
+    assert probabilities.shape == (200, 10)
+    assert (probabilities.argmax(axis=1) == mnist.y_test[:200]).mean() > 0.8
+
+
+def mutilate_missing_pb(folder):
+    (folder / "saved_model.pb").unlink()
+
+
+def mutilate_corrupt_pb(folder):
+    (folder / "saved_model.pb").write_bytes(b"\x00garbage" * 10)
+
+
+def mutilate_no_metadata(folder):
+    (folder / "metadata.json").unlink()
+
+
+def mutilate_bad_json(folder):
+    (folder / "metadata.json").write_text("{ half written")
+
+
+def mutilate_wrong_count(folder):
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["summary"]["totals"]["params"] += 1
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+
+
+def mutilate_missing_variables(folder):
+    shutil.rmtree(folder / "variables")
+
+
+@pytest.mark.parametrize(("mutilate", "reason"), [
+    (mutilate_missing_pb, "no saved_model.pb"),
+    (mutilate_corrupt_pb, "SavedModel does not load"),
+    (mutilate_no_metadata, "no metadata.json"),
+    (mutilate_bad_json, "unreadable metadata.json"),
+    (mutilate_wrong_count, "parameters, metadata says"),
+    (mutilate_missing_variables, "SavedModel does not load"),
+])
+def test_a_broken_version_is_skipped_with_a_reason(models_dir, caplog, mutilate, reason):
+    mutilate(add_version(models_dir, 2))
+    with caplog.at_level(logging.WARNING, logger="app.model_store"):
+        store = loaded(models_dir)
+    assert store.get().version == 1
+    assert any("mnist_tiny/2" in r.getMessage() and reason in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_staging_folders_and_files_are_not_versions(models_dir):
+    (models_dir / "mnist_tiny" / ".tmp-123-abc").mkdir()
+    (models_dir / "mnist_tiny" / "notes.txt").write_text("hello")
+    assert loaded(models_dir).get().available_versions == [1]
+
+
+def test_no_servable_version_means_not_ready(tmp_path):
+    (tmp_path / "mnist_tiny" / "1").mkdir(parents=True)
+    store = loaded(tmp_path)
+    assert not store.ready
+    assert store.rejected == {"mnist_tiny": "no complete version"}
+    with pytest.raises(ModelNotReady, match="make train"):
+        store.get()
+
+
+def test_a_missing_models_dir_means_not_ready(tmp_path):
+    store = loaded(tmp_path / "nothing-here")
+    assert not store.ready
+
+
+def test_an_unknown_name_is_not_found(models_dir):
+    with pytest.raises(ModelNotFound, match="mnist_tiny"):
+        loaded(models_dir).get("other")
+
+
+def test_outputs_match_the_keras_model(models_dir, mnist):
+    import keras
+
+    folder = models_dir / "mnist_tiny" / "1"
+    images = to_model_input(mnist.x_test[:16])
+    served = loaded(models_dir).get().predict(images)
+    reference = keras.saving.load_model(folder / "model.keras").predict(images, verbose=0)
+    np.testing.assert_allclose(served, reference, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,140 @@
+"""app/preprocess.py: images as people send them become MNIST-form digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.errors import InvalidInput, UnprocessableInput
+from app.preprocess import prepare, to_mnist
+from tests.restyle import encode, ink_on_paper, transparent_strokes
+
+MAX_PIXELS = 40_000_000
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.indices(image.shape)
+    return (rows * image).sum() / image.sum(), (cols * image).sum() / image.sum()
+
+
+@pytest.fixture(scope="module")
+def digits(mnist):
+    return mnist.x_test[:100]
+
+
+def test_an_mnist_digit_comes_back_as_itself(digits):
+    scores = [similarity(to_mnist(Image.fromarray(d)), d / 255.0) for d in digits]
+    assert np.median(scores) > 0.99
+
+
+def test_output_is_28x28_in_unit_range_centred_by_mass_in_a_20px_box(digits):
+    rng = np.random.default_rng(1)
+    for digit in digits[:20]:
+        out = prepare(encode(ink_on_paper(digit, rng), "PNG"), MAX_PIXELS)
+        assert out.shape == (28, 28) and out.dtype == np.float32
+        assert out.min() >= 0.0 and out.max() == pytest.approx(1.0, abs=1e-3)
+        rows, cols = np.nonzero(out > 0.05)
+        assert max(np.ptp(rows), np.ptp(cols)) + 1 in (19, 20, 21)
+        assert np.allclose(centre_of_mass(out), (14, 14), atol=0.75)
+
+
+def test_black_ink_on_white_paper_off_centre_in_jpeg_matches_the_original(digits):
+    rng = np.random.default_rng(2)
+    scores = [similarity(prepare(encode(ink_on_paper(d, rng), "JPEG", quality=80),
+                                 MAX_PIXELS), d / 255.0) for d in digits]
+    assert np.median(scores) > 0.9
+
+
+def test_a_transparent_canvas_with_black_strokes_is_ink_on_white(digits):
+    for index, digit in enumerate(digits[:20]):
+        on_paper = ink_on_paper(digit, np.random.default_rng(index))
+        strokes = transparent_strokes(digit, np.random.default_rng(index))
+        np.testing.assert_allclose(prepare(encode(strokes, "PNG"), MAX_PIXELS),
+                                   prepare(encode(on_paper, "PNG"), MAX_PIXELS), atol=0.02)
+
+
+def test_white_ink_on_black_is_not_inverted(digits):
+    rng = np.random.default_rng(3)
+    black_paper = Image.fromarray(255 - np.asarray(ink_on_paper(digits[0], rng)))
+    out = prepare(encode(black_paper, "PNG"), MAX_PIXELS)
+    assert similarity(out, digits[0] / 255.0) > 0.9
+
+
+@pytest.mark.parametrize(("fmt", "mode", "options"), [
+    ("PNG", "L", {}), ("JPEG", "RGB", {"quality": 90}), ("GIF", "P", {}),
+    ("BMP", "RGB", {}), ("WEBP", "RGB", {"quality": 90}), ("TIFF", "L", {}),
+    ("JPEG", "CMYK", {}), ("PNG", "LA", {}), ("PNG", "I;16", {}), ("PNG", "1", {}),
+])
+def test_every_common_format_and_mode_reads_the_same_digit(digits, fmt, mode, options):
+    paper = ink_on_paper(digits[0], np.random.default_rng(4))
+    reference = prepare(encode(paper, "PNG"), MAX_PIXELS)
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(paper).astype(np.uint16) * 257)
+    else:
+        image = paper.convert(mode)
+    out = prepare(encode(image, fmt, **options), MAX_PIXELS)
+    assert similarity(out, reference) > 0.95, (fmt, mode)
+
+
+def test_exif_orientation_is_honoured(digits):
+    paper = ink_on_paper(digits[0], np.random.default_rng(5))
+    upright = prepare(encode(paper, "JPEG", quality=95), MAX_PIXELS)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": pixels stored turned left
+    stored = paper.transpose(Image.Transpose.ROTATE_90)
+    out = prepare(encode(stored, "JPEG", quality=95, exif=exif), MAX_PIXELS)
+    assert similarity(out, upright) > 0.97
+
+
+def test_preprocess_none_takes_a_28x28_image_as_it_is(digits):
+    out = prepare(encode(Image.fromarray(digits[0]), "PNG"), MAX_PIXELS, preprocess=False)
+    np.testing.assert_allclose(out, digits[0] / 255.0, atol=1e-6)
+
+
+def test_preprocess_none_refuses_other_sizes(digits):
+    big = encode(ink_on_paper(digits[0], np.random.default_rng(6)), "PNG")
+    with pytest.raises(UnprocessableInput, match="28×28"):
+        prepare(big, MAX_PIXELS, preprocess=False)
+
+
+def test_empty_bytes_are_invalid():
+    with pytest.raises(InvalidInput, match="empty"):
+        prepare(b"", MAX_PIXELS)
+
+
+def test_text_is_not_an_image():
+    with pytest.raises(InvalidInput, match="not a readable image"):
+        prepare(b"hello, this is a text file\n", MAX_PIXELS)
+
+
+def test_a_truncated_png_is_invalid(digits):
+    data = encode(ink_on_paper(digits[0], np.random.default_rng(7)), "PNG")
+    with pytest.raises(InvalidInput, match="truncated"):
+        prepare(data[: len(data) // 2], MAX_PIXELS)
+
+
+def test_a_pixel_bomb_is_refused_before_decoding(png_bomb):
+    with pytest.raises(UnprocessableInput, match="image too large"):
+        prepare(png_bomb, MAX_PIXELS)
+
+
+def test_an_image_over_the_configured_pixel_limit_is_refused(digits):
+    data = encode(ink_on_paper(digits[0], np.random.default_rng(8)), "PNG")
+    with pytest.raises(UnprocessableInput, match="280×280 = 78,400 pixels"):
+        prepare(data, max_pixels=10_000)
+
+
+@pytest.mark.parametrize("colour", [0, 255, 128])
+def test_a_blank_image_has_no_digit(colour):
+    with pytest.raises(UnprocessableInput, match="no digit"):
+        prepare(encode(Image.new("L", (100, 100), colour), "PNG"), MAX_PIXELS)
+
+
+def test_a_fully_transparent_image_has_no_digit():
+    with pytest.raises(UnprocessableInput, match="transparent"):
+        prepare(encode(Image.new("RGBA", (50, 50), (0, 0, 0, 0)), "PNG"), MAX_PIXELS)
