@@ -1,7 +1,9 @@
 """Write real MNIST test digits as ordinary image files, to try the API with.
 
 ``python -m training.samples`` writes ``digits/<index>-<label>.png`` (black ink on white
-paper, 280×280, as a person would draw them) and ``digit.png`` (the first, a 7).
+paper, 280×280, as a person would draw them), ``digits/mnist-28x28-<label>.png`` (one
+digit exactly as MNIST publishes it, for ``?preprocess=none``) and ``digit.png`` (the
+first test digit, a 7).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for index in range(args.count):
         paper_digit(mnist.x_test[index]).save(args.out / f"{index}-{mnist.y_test[index]}.png")
+    Image.fromarray(mnist.x_test[0]).save(args.out / f"mnist-28x28-{mnist.y_test[0]}.png")
     paper_digit(mnist.x_test[0]).save("digit.png")
     print(f"wrote {args.count} digits to {args.out}/ and digit.png (a {mnist.y_test[0]})")
     return 0

@@ -1,0 +1,60 @@
+"""The README's curl examples work, as written, against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def readme_commands() -> list[str]:
+    """Every shell command in a bash block of the README that talks to the server."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)  # line continuations
+        joined = re.sub(r"\n\s*\|", " |", joined)  # pipelines split before '|'
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            if "localhost:8000" in line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+@pytest.fixture(scope="module")
+def sample_folder(tmp_path_factory):
+    """What `make digits` writes, in a scratch folder the commands run in."""
+    folder = tmp_path_factory.mktemp("readme")
+    subprocess.run([sys.executable, "-m", "training.samples", "--count", "5"], cwd=folder,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
+                   capture_output=True)
+    return folder
+
+
+def test_the_readme_has_examples_for_every_input_form():
+    commands = " ".join(readme_commands())
+    for form in ("-F image=@", "--data-binary", '\\"b64\\"', "instances", "preprocess=none",
+                 "/summary", "/models", "/ready", "/metrics"):
+        assert form in commands, form
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_a_readme_example_answers_without_error(command, server, sample_folder):
+    host = server.url.removeprefix("http://")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c",
+                             command.replace("localhost:8000", host).replace("curl ", "curl -sS ")],
+                            cwd=sample_folder, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    if command.endswith("/metrics"):
+        assert "http_requests_total" in result.stdout
+        return
+    body = json.loads(result.stdout)
+    assert "error" not in body, body
+    if "predict" in command:
+        assert all(0 <= p["digit"] <= 9 for p in body["predictions"])
