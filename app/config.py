@@ -28,6 +28,8 @@ class Config:
     max_image_pixels: int = 40_000_000  # width × height, checked before decoding
     max_request_pixels: int = 160_000_000  # all images of one request together
     log_level: str = "INFO"
+    batch_max_size: int = 64  # images per model call; 1 turns micro-batching off
+    batch_timeout_ms: int = 2  # longest wait for requests already arriving
     tf_threads: int = 1  # TensorFlow intra-op threads per worker (workers × this ≤ cores)
     workers: int = 2  # gunicorn worker processes
     threads: int = 4  # gunicorn threads per worker (gthread)
@@ -48,11 +50,13 @@ class Config:
     def validated(self) -> Config:
         """Raise ConfigError for values the service cannot run with."""
         for name in ("port", "max_content_length", "max_batch", "max_image_pixels",
-                     "max_request_pixels",
+                     "max_request_pixels", "batch_max_size",
                      "tf_threads", "workers", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be a positive integer, "
                                   f"got {getattr(self, name)}")
+        if self.batch_timeout_ms < 0:
+            raise ConfigError(f"BATCH_TIMEOUT_MS must be 0 or more, got {self.batch_timeout_ms}")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"PORT must be between 1 and 65535, got {self.port}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:

@@ -56,6 +56,18 @@ class ModelNotReady(ApiError):
     status, code = 503, "model_not_ready"
 
 
+class BatchTimeout(ApiError):
+    """The model did not answer within the request's deadline."""
+
+    status, code = 503, "timeout"
+
+
+class ModelFailed(ApiError):
+    """The model raised on valid input: a server fault, reported as one."""
+
+    status, code = 500, "model_error"
+
+
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 

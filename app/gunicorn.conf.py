@@ -44,6 +44,14 @@ def child_exit(server, worker):
     multiprocess.mark_process_dead(worker.pid, _metrics_dir)
 
 
+def worker_exit(server, worker):
+    """Answer requests still queued for a batch before the worker goes."""
+    app = getattr(worker, "wsgi", None)
+    store = getattr(app, "extensions", {}).get("model_store")
+    if store is not None:
+        store.close()
+
+
 def on_exit(server):
     if not _settings.prometheus_multiproc_dir:
         shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -6,14 +6,21 @@ are tested without HTTP. Accepted forms:
 - the raw image as the body, with an ``image/*`` media type;
 - ``multipart/form-data`` with one or more files under any field names, in order;
 - JSON ``{"instances": [...]}``, each a 28×28 (or 28×28×1) array of numbers in [0, 1]
-  (already MNIST form) or ``{"b64": "<base64 image>"}`` (TensorFlow Serving's convention).
+  (already MNIST form) or ``{"b64": "<base64 image>"}`` (TensorFlow Serving's convention);
+- ``application/x-npy``: a NumPy ``.npy`` array of N×28×28 (or N×28×28×1, or one 28×28)
+  MNIST-form digits, floats in [0, 1] or uint8 pixels, read with ``allow_pickle=False``.
+
+Any of them may arrive gzip-compressed (``Content-Encoding: gzip``); the decompressed size
+is held to the same limit as the body, so a gzip bomb gets a 413.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,6 +31,8 @@ from app.preprocess import SIDE, peek_size, prepare
 
 JSON_TYPES = {"application/json"}
 MULTIPART_TYPE = "multipart/form-data"
+NPY_TYPES = {"application/x-npy", "application/npy"}
+GZIP_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -79,12 +88,7 @@ def from_array(instance: object, index: int) -> np.ndarray:
     if array.shape != (SIDE, SIDE):
         raise UnprocessableInput(f"instance {index}: expected shape 28×28, got "
                                  f"{'×'.join(map(str, array.shape)) or 'a scalar'}")
-    if not np.isfinite(array).all():
-        raise UnprocessableInput(f"instance {index}: contains NaN or infinity")
-    if array.min() < 0.0 or array.max() > 1.0:
-        raise UnprocessableInput(f"instance {index}: values must lie in [0, 1], got "
-                                 f"{array.min():g}..{array.max():g}")
-    return array.astype(np.float32)
+    return _checked_values(array, f"instance {index}")
 
 
 def _b64(instance: dict, index: int) -> bytes:
@@ -120,11 +124,64 @@ def from_json(body: bytes, limits: Limits, preprocess: bool) -> np.ndarray:
     return np.stack(digits)[..., np.newaxis]
 
 
+def gunzip(data: bytes, limit: int) -> bytes:
+    """Decompress a gzip body, refusing (413) as soon as the output passes ``limit``."""
+    inflater = zlib.decompressobj(wbits=31)
+    parts, size = [], 0
+    try:
+        pending = data
+        while pending and not inflater.eof:
+            chunk = inflater.decompress(pending, GZIP_CHUNK)
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body decompresses to more than {limit} bytes "
+                                      "(MAX_CONTENT_LENGTH)")
+            parts.append(chunk)
+            pending = inflater.unconsumed_tail
+    except zlib.error as err:
+        raise InvalidInput(f"Content-Encoding is gzip but the body is not: {err}") from None
+    if not inflater.eof:
+        raise InvalidInput("the gzip body is truncated")
+    return b"".join(parts)
+
+
+def from_npy(body: bytes, limits: Limits) -> np.ndarray:
+    """An .npy array of MNIST-form digits → (N, 28, 28, 1) float32."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InvalidInput(f"not a readable .npy array: {err}") from None
+    if array.dtype.kind not in "uif":
+        raise UnprocessableInput(f"the array must hold numbers, not {array.dtype}")
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.ndim != 3 or array.shape[1:] != (SIDE, SIDE):
+        raise UnprocessableInput(f"expected an N×28×28 array, got "
+                                 f"{'×'.join(map(str, array.shape))}")
+    _check_batch(len(array), limits)
+    array = array / 255.0 if array.dtype == np.uint8 else array.astype(np.float64)
+    return _checked_values(array, "the array")[..., np.newaxis]
+
+
+def _checked_values(array: np.ndarray, what: str) -> np.ndarray:
+    """float32 copy, or UnprocessableInput for NaN, infinity or values outside [0, 1]."""
+    if not np.isfinite(array).all():
+        raise UnprocessableInput(f"{what} contains NaN or infinity")
+    if array.min() < 0.0 or array.max() > 1.0:
+        raise UnprocessableInput(f"{what}: values must lie in [0, 1], got "
+                                 f"{array.min():g}..{array.max():g}")
+    return array.astype(np.float32)
+
+
 def read_request(media_type: str, body: bytes, files: list[bytes], limits: Limits,
                  preprocess: bool = True) -> np.ndarray:
     """Dispatch on the media type; raises UnsupportedMediaType for anything else."""
     if media_type in JSON_TYPES or media_type.endswith("+json"):
         return from_json(body, limits, preprocess)
+    if media_type in NPY_TYPES:
+        return from_npy(body, limits)
     if media_type == MULTIPART_TYPE:
         if not files:
             raise InvalidInput("multipart request has no file parts")
@@ -134,4 +191,5 @@ def read_request(media_type: str, body: bytes, files: list[bytes], limits: Limit
     raise UnsupportedMediaType(
         f"unsupported Content-Type {media_type or '(none)'!r}: send an image (image/png, "
         "image/jpeg, image/gif, image/bmp, image/webp, image/tiff), multipart/form-data "
-        'with image files, or application/json with {"instances": [...]}')
+        'with image files, application/json with {"instances": [...]}, or '
+        "application/x-npy")

@@ -18,12 +18,15 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from app.batching import MicroBatcher
 from app.errors import ModelNotFound, ModelNotReady
 
 log = logging.getLogger(__name__)
@@ -47,13 +50,31 @@ class LoadedModel:
     available_versions: list[int]
     _signature: Any = field(repr=False)
     _loaded: Any = field(repr=False)  # owns the variables the signature reads
+    batcher: MicroBatcher | None = field(default=None, repr=False)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities."""
+        """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities, one direct call."""
         import tensorflow as tf
 
         outputs = self._signature(tf.constant(images, dtype=tf.float32))
         return next(iter(outputs.values())).numpy()
+
+    @contextmanager
+    def slot(self) -> Iterator[Any]:
+        """Read a request's images inside; ``slot.run(images)`` predicts them, batched
+        with concurrent requests when batching is on (see app/batching.py)."""
+        if self.batcher is None:
+            yield _Direct(self.predict)
+        else:
+            with self.batcher.arriving() as ticket:
+                yield ticket
+
+
+@dataclass(frozen=True)
+class _Direct:
+    """Batching off: run calls the model at once, in the request's thread."""
+
+    run: Any
 
 
 def limit_threads(threads: int) -> None:
@@ -138,9 +159,12 @@ class ModelStore:
     worker after the fork.
     """
 
-    def __init__(self, models_dir: Path, default_name: str, tf_threads: int = 1):
+    def __init__(self, models_dir: Path, default_name: str, tf_threads: int = 1,
+                 batch_max_size: int = 1, batch_timeout_ms: float = 0.0):
         self.models_dir = Path(models_dir)
         self.tf_threads = tf_threads
+        self.batch_max_size = batch_max_size
+        self.batch_timeout_ms = batch_timeout_ms
         self.default_name = default_name
         self.models: dict[str, LoadedModel] = {}
         self.rejected: dict[str, str] = {}
@@ -161,9 +185,18 @@ class ModelStore:
                 model = load_best_version(model_dir)
                 if model is None:
                     self.rejected[model_dir.name] = "no complete version"
-                else:
-                    self.models[model_dir.name] = model
+                    continue
+                if self.batch_max_size > 1:
+                    model.batcher = MicroBatcher(model.predict, self.batch_max_size,
+                                                 self.batch_timeout_ms, name=model.name)
+                self.models[model_dir.name] = model
         self._loaded.set()
+
+    def close(self) -> None:
+        """Answer queued requests and stop the batchers (at worker shutdown)."""
+        for model in self.models.values():
+            if model.batcher is not None:
+                model.batcher.close()
 
     @property
     def ready(self) -> bool:

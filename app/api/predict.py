@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from flask import Blueprint, jsonify, request
+from werkzeug.formparser import FormDataParser
 
-from app.api.common import metrics, settings, store
-from app.errors import InvalidInput
-from app.inputs import Limits, read_request
+from app.api.common import ArrivalOrderMultiDict, metrics, settings, store
+from app.errors import InvalidInput, UnsupportedMediaType
+from app.inputs import MULTIPART_TYPE, Limits, gunzip, read_request
 
 bp = Blueprint("predict", __name__)
 PREPROCESS_VALUES = {"auto": True, "none": False}
@@ -27,17 +30,37 @@ def prediction(probabilities: np.ndarray) -> dict:
             "probabilities": [round(float(p), 6) for p in probabilities]}
 
 
+def multipart_files(body: bytes) -> list[bytes]:
+    """The file parts of a multipart body we had to decompress ourselves, in order."""
+    parser = FormDataParser(cls=ArrivalOrderMultiDict)
+    _, _, files = parser.parse(io.BytesIO(body), request.mimetype, len(body),
+                               request.mimetype_params)
+    return [part.read() for _, part in files.arrival]
+
+
+def body_and_files(limit: int) -> tuple[bytes, list[bytes]]:
+    """The request's bytes and file parts, gunzipped when Content-Encoding says gzip."""
+    encoding = (request.content_encoding or "identity").lower()
+    if encoding == "gzip":
+        body = gunzip(request.get_data(cache=False), limit)
+        return body, multipart_files(body) if request.mimetype == MULTIPART_TYPE else []
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported: "
+                                   "send gzip or no encoding")
+    files = [part.read() for _, part in request.files.arrival]  # in the order sent
+    return (b"" if files else request.get_data(cache=False)), files
+
+
 @bp.post("/predict")
 @bp.post("/models/<name>/predict")
 def predict(name: str | None = None):
     model = store().get(name)
     config = settings()
-    files = [part.read() for _, part in request.files.arrival]  # in the order sent
-    images = read_request(request.mimetype, request.get_data(cache=False) if not files else b"",
-                          files, Limits(config.max_batch, config.max_image_pixels,
-                                        config.max_request_pixels),
-                          preprocess_flag())
-    probabilities = model.predict(images)
+    limits = Limits(config.max_batch, config.max_image_pixels, config.max_request_pixels)
+    with model.slot() as slot:
+        body, files = body_and_files(config.max_content_length)
+        images = read_request(request.mimetype, body, files, limits, preprocess_flag())
+        probabilities = slot.run(images)
     metrics().images.labels(model.name, str(model.version)).inc(len(images))
     return jsonify({"model": {"name": model.name, "version": model.version},
                     "predictions": [prediction(p) for p in probabilities]})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import gzip
+import io
 import json
 
 import numpy as np
@@ -179,6 +181,50 @@ def test_a_named_model_answers_for_itself(url, seven):
     assert response.json()["model"] == {"name": "mnist_tiny", "version": 1}
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_an_npy_batch_is_read_in_order(url, mnist, dtype):
+    pixels = mnist.x_test[:32]
+    array = pixels if dtype == "uint8" else (pixels / 255.0).astype(np.float32)
+    response = post_image(url, npy_bytes(array), "application/x-npy")
+    digits = np.array([p["digit"] for p in response.json()["predictions"]])
+    reference = requests.post(url + "/predict", timeout=30, json={
+        "instances": (pixels / 255.0).tolist()}).json()["predictions"]
+    assert digits.tolist() == [p["digit"] for p in reference]
+    assert (digits == mnist.y_test[:32]).mean() >= 0.9
+
+
+@pytest.mark.parametrize("form", ["json", "npy", "image", "multipart"])
+def test_gzip_bodies_are_accepted_for_every_form(url, mnist, seven, form):
+    if form == "multipart":
+        prepared = requests.Request("POST", url + "/predict", files=[
+            ("a", ("a.png", encode(seven, "PNG"), "image/png")),
+            ("b", ("b.png", encode(seven, "JPEG"), "image/jpeg"))]).prepare()
+        body, content_type = prepared.body, prepared.headers["Content-Type"]
+    elif form == "json":
+        body = json.dumps({"instances": [(mnist.x_test[0] / 255.0).tolist()]}).encode()
+        content_type = "application/json"
+    elif form == "npy":
+        body, content_type = npy_bytes(mnist.x_test[:1]), "application/x-npy"
+    else:
+        body, content_type = encode(seven, "PNG"), "image/png"
+    response = requests.post(url + "/predict", data=gzip.compress(body), timeout=30,
+                             headers={"Content-Type": content_type,
+                                      "Content-Encoding": "gzip"})
+    assert response.status_code == 200, response.text
+    assert {p["digit"] for p in response.json()["predictions"]} == {7}
+
+
+def test_a_json_image_batch_shrinks_with_gzip(mnist):
+    body = json.dumps({"instances": (mnist.x_test[:256] / 255.0).round(4).tolist()}).encode()
+    assert len(body) / len(gzip.compress(body)) > 8
+
+
 # --- predict: every error -----------------------------------------------------------------
 
 def test_a_truncated_png_is_400(url, seven):
@@ -246,6 +292,44 @@ def test_multipart_without_files_is_400(url):
     response = requests.post(url + "/predict", data={"note": "no file"},
                              files={"x": ("", b"", "")}, timeout=30)
     assert response.status_code == 400
+
+
+def test_a_gzip_bomb_is_413(url):
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), compresslevel=9)
+    assert len(bomb) < 1024 * 1024
+    response = requests.post(url + "/predict", data=bomb, timeout=30, headers={
+        "Content-Type": "application/x-npy", "Content-Encoding": "gzip"})
+    assert_error(response, 413, "payload_too_large", "decompresses")
+
+
+def test_a_body_that_is_not_really_gzip_is_400(url, seven):
+    response = requests.post(url + "/predict", data=encode(seven, "PNG"), timeout=30,
+                             headers={"Content-Type": "image/png", "Content-Encoding": "gzip"})
+    assert_error(response, 400, "invalid_input", "gzip")
+
+
+def test_an_unknown_content_encoding_is_415(url, seven):
+    response = requests.post(url + "/predict", data=encode(seven, "PNG"), timeout=30,
+                             headers={"Content-Type": "image/png", "Content-Encoding": "br"})
+    assert_error(response, 415, "unsupported_media_type", "gzip")
+
+
+@pytest.mark.parametrize(("array", "status"), [
+    (np.zeros((2, 27, 28), np.float32), 422),
+    (np.full((1, 28, 28), np.nan, np.float32), 422),
+    (np.full((1, 28, 28), 2.0, np.float32), 422),
+    (np.zeros((300, 28, 28), np.uint8), 413),
+    (np.array(["a", "b"]), 422),
+])
+def test_bad_npy_arrays_are_refused(url, array, status):
+    assert post_image(url, npy_bytes(array), "application/x-npy").status_code == status
+
+
+def test_a_pickled_npy_is_refused(url):
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    assert_error(post_image(url, buffer.getvalue(), "application/x-npy"), 400,
+                 "invalid_input", "npy")
 
 
 def test_get_on_predict_is_405_with_allow(url):
