@@ -12,7 +12,11 @@ PORT       ?= 8000
 export MODELS_DIR MODEL_NAME PORT
 TRAIN_ARGS ?=
 
-.PHONY: install train train-if-missing digits serve run test lint clean
+# System tools from Debian that the tests and the benchmark drive (not Python packages).
+SYSTEM_TOOLS := wrk
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-tools train train-if-missing digits serve run test lint bench clean
 
 install: $(STAMP)
 
@@ -42,10 +46,21 @@ serve: install
 run: train-if-missing digits
 	@$(MAKE) --no-print-directory serve
 
+system-tools:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing from Debian:$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# Our service against naive Flask servers and the model's compute limit (BENCHMARKS.md).
+bench: install system-tools train-if-missing
+	$(BIN)/python -m tests.bench
+
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+test: install system-tools lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from flask import Flask
 
 from app.config import Config
+from app.json_provider import OrjsonProvider
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -35,13 +36,13 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__)
     app.request_class = ServiceRequest
     app.config["MAX_CONTENT_LENGTH"] = config.max_content_length
-    app.json.sort_keys = False
+    app.json = OrjsonProvider(app)
     app.extensions["config"] = config
 
     metrics = Metrics(config.prometheus_multiproc_dir)
     app.extensions["metrics"] = metrics
     store = ModelStore(config.models_dir, config.model_name, config.tf_threads,
-                       config.batch_max_size, config.batch_timeout_ms)
+                       config.batch_max_size, config.batch_timeout_ms, config.max_batch)
     store.init_app(app)
     store.load()
     for model in store.models.values():

@@ -32,7 +32,7 @@ class Config:
     batch_timeout_ms: int = 2  # longest wait for requests already arriving
     tf_threads: int = 1  # TensorFlow intra-op threads per worker (workers × this ≤ cores)
     workers: int = 2  # gunicorn worker processes
-    threads: int = 4  # gunicorn threads per worker (gthread)
+    threads: int = 16  # gunicorn threads per worker (gthread): room for a batch to form
     prometheus_multiproc_dir: str = ""  # set by app/gunicorn.conf.py for multi-worker metrics
 
     @classmethod

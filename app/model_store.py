@@ -52,12 +52,37 @@ class LoadedModel:
     _loaded: Any = field(repr=False)  # owns the variables the signature reads
     batcher: MicroBatcher | None = field(default=None, repr=False)
 
+    @property
+    def input_name(self) -> str:
+        """The serving signature's one input (``image`` for our exports)."""
+        (name,) = self._signature.structured_input_signature[1]
+        return name
+
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities, one direct call."""
+        """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities, one direct call.
+
+        The batch is padded with blank images up to a power of two (TF Serving's
+        ``allowed_batch_sizes``): each new batch size costs TensorFlow a slow first call,
+        and with nine sizes all of them are paid once, at warm-up, not by a client.
+        """
         import tensorflow as tf
 
-        outputs = self._signature(tf.constant(images, dtype=tf.float32))
-        return next(iter(outputs.values())).numpy()
+        count = len(images)
+        size = padded_size(count)
+        if size != count:
+            images = np.concatenate([images, np.zeros((size - count, *images.shape[1:]),
+                                                      np.float32)])
+        # By keyword: a positional call first fails to bind, and TensorFlow formats the
+        # whole input tensor into the error it then discards (~4 ms of a 5 ms call).
+        outputs = self._signature(**{self.input_name: tf.constant(images, dtype=tf.float32)})
+        return next(iter(outputs.values())).numpy()[:count]
+
+    def warm_up(self, largest: int) -> None:
+        """Run every padded batch size up to ``largest`` once."""
+        size = 1
+        while size <= padded_size(largest):
+            self.predict(np.zeros((size, 28, 28, 1), np.float32))
+            size *= 2
 
     @contextmanager
     def slot(self) -> Iterator[Any]:
@@ -75,6 +100,11 @@ class _Direct:
     """Batching off: run calls the model at once, in the request's thread."""
 
     run: Any
+
+
+def padded_size(count: int) -> int:
+    """The power of two at or above ``count``."""
+    return 1 << max(0, count - 1).bit_length()
 
 
 def limit_threads(threads: int) -> None:
@@ -113,7 +143,8 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     return metadata
 
 
-def load_version(name: str, version: int, folder: Path, versions: list[int]) -> LoadedModel:
+def load_version(name: str, version: int, folder: Path, versions: list[int],
+                 warm_up_to: int = 1) -> LoadedModel:
     """Load and check one version folder; raises VersionRejected."""
     import tensorflow as tf
 
@@ -132,18 +163,19 @@ def load_version(name: str, version: int, folder: Path, versions: list[int]) -> 
     if count != expected:
         raise VersionRejected(f"SavedModel has {count} parameters, metadata says {expected}")
     model = LoadedModel(name, version, folder, metadata, 0.0, versions, signature, loaded)
-    model.predict(np.zeros((1, 28, 28, 1), np.float32))  # warm-up: trace and allocate now
+    model.warm_up(warm_up_to)  # the first request must not pay for tracing and allocation
     model.load_seconds = time.perf_counter() - started
     return model
 
 
-def load_best_version(model_dir: Path) -> LoadedModel | None:
+def load_best_version(model_dir: Path, warm_up_to: int = 1) -> LoadedModel | None:
     """The highest version of one model that passes every check, or None."""
     versions = version_folders(model_dir)
     for version in versions:
         folder = model_dir / str(version)
         try:
-            model = load_version(model_dir.name, version, folder, sorted(versions))
+            model = load_version(model_dir.name, version, folder, sorted(versions),
+                                 warm_up_to)
         except VersionRejected as reason:
             log.warning("skipping %s: %s", folder, reason)
             continue
@@ -160,11 +192,13 @@ class ModelStore:
     """
 
     def __init__(self, models_dir: Path, default_name: str, tf_threads: int = 1,
-                 batch_max_size: int = 1, batch_timeout_ms: float = 0.0):
+                 batch_max_size: int = 1, batch_timeout_ms: float = 0.0,
+                 max_batch: int = 1):
         self.models_dir = Path(models_dir)
         self.tf_threads = tf_threads
         self.batch_max_size = batch_max_size
         self.batch_timeout_ms = batch_timeout_ms
+        self.max_batch = max_batch
         self.default_name = default_name
         self.models: dict[str, LoadedModel] = {}
         self.rejected: dict[str, str] = {}
@@ -182,7 +216,7 @@ class ModelStore:
             for model_dir in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
                 if model_dir.name.startswith("."):
                     continue
-                model = load_best_version(model_dir)
+                model = load_best_version(model_dir, max(self.max_batch, self.batch_max_size))
                 if model is None:
                     self.rejected[model_dir.name] = "no complete version"
                     continue

@@ -24,10 +24,13 @@ def preprocess_flag() -> bool:
     return PREPROCESS_VALUES[value]
 
 
-def prediction(probabilities: np.ndarray) -> dict:
-    digit = int(probabilities.argmax())
-    return {"digit": digit, "confidence": float(probabilities[digit]),
-            "probabilities": [round(float(p), 6) for p in probabilities]}
+def predictions(probabilities: np.ndarray) -> list[dict]:
+    """One entry per image: the digit, its probability, and all ten (6 decimals)."""
+    digits = probabilities.argmax(axis=1)
+    confidence = probabilities[np.arange(len(digits)), digits]
+    return [{"digit": int(d), "confidence": float(c), "probabilities": p}
+            for d, c, p in zip(digits, confidence, probabilities.round(6).tolist(),
+                               strict=True)]
 
 
 def multipart_files(body: bytes) -> list[bytes]:
@@ -63,4 +66,4 @@ def predict(name: str | None = None):
         probabilities = slot.run(images)
     metrics().images.labels(model.name, str(model.version)).inc(len(images))
     return jsonify({"model": {"name": model.name, "version": model.version},
-                    "predictions": [prediction(p) for p in probabilities]})
+                    "predictions": predictions(probabilities)})

@@ -15,6 +15,8 @@ def test_defaults_need_no_environment():
     assert config.port == 8000 and config.max_batch == 256
     assert config.max_content_length == 10 * 1024 * 1024
     assert config.max_image_pixels == 40_000_000
+    assert (config.batch_max_size, config.batch_timeout_ms) == (64, 2)
+    assert (config.workers, config.threads, config.tf_threads) == (2, 16, 1)
 
 
 def test_variables_are_read_by_their_upper_case_names():
@@ -33,6 +35,9 @@ def test_empty_variables_keep_the_default():
     ("PORT", "70000", "PORT must be between"),
     ("MAX_BATCH", "0", "MAX_BATCH must be a positive"),
     ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be"),
+    ("BATCH_MAX_SIZE", "0", "BATCH_MAX_SIZE must be a positive"),
+    ("BATCH_TIMEOUT_MS", "-1", "BATCH_TIMEOUT_MS must be 0 or more"),
+    ("WORKERS", "0", "WORKERS must be a positive"),
 ])
 def test_bad_values_name_the_variable(variable, value, words):
     with pytest.raises(ConfigError, match=words):

@@ -32,3 +32,36 @@ def test_predict_without_a_model_is_503_not_500(empty_client):
 def test_factory_uses_the_given_limits(tmp_path):
     app = create_app(Config(models_dir=tmp_path, max_content_length=1234))
     assert app.config["MAX_CONTENT_LENGTH"] == 1234
+
+
+@pytest.fixture(scope="module")
+def apps(served_models):
+    """The same models served with micro-batching on (default) and off."""
+    return {size: create_app(Config(models_dir=served_models, batch_max_size=size))
+            for size in (64, 1)}
+
+
+def test_batching_off_answers_exactly_as_batching_on(apps, mnist):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(mnist.x_test[3]).save(png, "PNG")
+    requests_ = [
+        {"data": png.getvalue(), "content_type": "image/png"},
+        {"json": {"instances": (mnist.x_test[:5] / 255.0).tolist()}},
+        {"data": b"broken", "content_type": "image/png"},
+    ]
+    for kwargs in requests_:
+        on, off = (apps[size].test_client().post("/predict", **kwargs) for size in (64, 1))
+        assert on.status_code == off.status_code
+        if on.status_code == 200:
+            np.testing.assert_allclose(
+                [p["probabilities"] for p in on.get_json()["predictions"]],
+                [p["probabilities"] for p in off.get_json()["predictions"]], atol=1e-5)
+        else:
+            assert on.get_json() == off.get_json()
+    assert apps[1].extensions["model_store"].get().batcher is None
+    assert apps[64].extensions["model_store"].get().batcher is not None

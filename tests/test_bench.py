@@ -1,0 +1,32 @@
+"""A short smoke run of `make bench`'s harness: every server starts, wrk drives each,
+and the table lands in the output file. (The full benchmark is `make bench`.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_the_bench_harness_measures_every_server_and_writes_its_table(served_models,
+                                                                       tmp_path):
+    output = tmp_path / "BENCH.md"
+    output.write_text("# Benchmarks\n\nkept as it is\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.bench", "--models-dir", str(served_models),
+         "--seconds", "1", "--concurrency", "2", "--limit-seconds", "1",
+         "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = output.read_text()
+    assert text.startswith("# Benchmarks\n\nkept as it is\n")
+    assert "<!-- bench:start -->" in text and "Compute limit" in text
+    rows = [line for line in text.splitlines() if line.startswith("| one 28×28 PNG | 2 |")]
+    assert {row.split(" | ")[2] for row in rows} == {
+        "ours", "flask+SavedModel", "flask+model.predict"}
+    for row in rows:
+        assert row.split(" | ")[7] == "0"  # errors
+        assert float(row.split(" | ")[3]) > 0  # requests/s
+    assert re.search(r"\| 256-image batch \(\.npy\) \| 2 \| ours \| \d+", text)
+    assert re.search(r"Cold start .*ours \d+\.\d s", text)
