@@ -42,7 +42,7 @@ def create_app(config: Config | None = None) -> Flask:
     metrics = Metrics(config.prometheus_multiproc_dir)
     app.extensions["metrics"] = metrics
     store = ModelStore(config.models_dir, config.model_name, config.tf_threads,
-                       config.batch_max_size, config.batch_timeout_ms, config.max_batch)
+                       config.batch_max_size, config.batch_timeout_ms)
     store.init_app(app)
     store.load()
     for model in store.models.values():

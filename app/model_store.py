@@ -192,13 +192,11 @@ class ModelStore:
     """
 
     def __init__(self, models_dir: Path, default_name: str, tf_threads: int = 1,
-                 batch_max_size: int = 1, batch_timeout_ms: float = 0.0,
-                 max_batch: int = 1):
+                 batch_max_size: int = 1, batch_timeout_ms: float = 0.0):
         self.models_dir = Path(models_dir)
         self.tf_threads = tf_threads
         self.batch_max_size = batch_max_size
         self.batch_timeout_ms = batch_timeout_ms
-        self.max_batch = max_batch
         self.default_name = default_name
         self.models: dict[str, LoadedModel] = {}
         self.rejected: dict[str, str] = {}
@@ -216,7 +214,9 @@ class ModelStore:
             for model_dir in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
                 if model_dir.name.startswith("."):
                     continue
-                model = load_best_version(model_dir, max(self.max_batch, self.batch_max_size))
+                # Sizes up to a full micro-batch; bigger bulk requests are rarer and pay
+                # their first call once (warming up to 256 costs ~60 MB per worker).
+                model = load_best_version(model_dir, self.batch_max_size)
                 if model is None:
                     self.rejected[model_dir.name] = "no complete version"
                     continue

@@ -24,7 +24,7 @@ def test_the_bench_harness_measures_every_server_and_writes_its_table(served_mod
     assert "<!-- bench:start -->" in text and "Compute limit" in text
     rows = [line for line in text.splitlines() if line.startswith("| one 28×28 PNG | 2 |")]
     assert {row.split(" | ")[2] for row in rows} == {
-        "ours", "flask+SavedModel", "flask+model.predict"}
+        "ours", "ours, batching off", "flask+SavedModel", "flask+model.predict"}
     for row in rows:
         assert row.split(" | ")[7] == "0"  # errors
         assert float(row.split(" | ")[3]) > 0  # requests/s

@@ -139,9 +139,11 @@ def servers(models_dir: Path, version_dir: Path, workers: int) -> list[Server]:
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     peer_env = {"BENCH_MODEL": str(version_dir)}
     peer = [gunicorn, "-w", str(workers), "-b", "127.0.0.1:{port}", "--log-level", "warning"]
+    ours = [gunicorn, "-c", "app/gunicorn.conf.py", "app:create_app()"]
+    ours_env = {"MODELS_DIR": str(models_dir), "WORKERS": str(workers), "LOG_LEVEL": "WARNING"}
     return [
-        Server("ours", [gunicorn, "-c", "app/gunicorn.conf.py", "app:create_app()"],
-               {"MODELS_DIR": str(models_dir), "WORKERS": str(workers), "LOG_LEVEL": "WARNING"}),
+        Server("ours", ours, {**ours_env}),
+        Server("ours, batching off", ours, {**ours_env, "BATCH_MAX_SIZE": "1"}),
         Server("flask+SavedModel", [*peer, "tests.bench.peers:savedmodel_app()"], peer_env),
         Server("flask+model.predict", [*peer, "tests.bench.peers:keras_app()"], peer_env),
     ]
@@ -152,7 +154,7 @@ def measure(fleet: list[Server], files: dict[str, Path], concurrencies: list[int
     """Every scenario at every concurrency, the servers taking turns."""
     rows = []
     plan = [("one 28×28 PNG", files["png"], "image/png", 1, c, fleet) for c in concurrencies]
-    plan.append(("256-image batch (.npy)", files["npy"], "application/x-npy", 256, 2, fleet[:1]))
+    plan.append(("256-image batch (.npy)", files["npy"], "application/x-npy", 256, 2, fleet[:2]))
     for round_index, (scenario, body, content_type, images, connections, group) in \
             enumerate(plan):
         order = group[round_index % len(group):] + group[:round_index % len(group)]
@@ -169,8 +171,8 @@ def measure(fleet: list[Server], files: dict[str, Path], concurrencies: list[int
 def table(rows: list[dict], limit: float) -> str:
     """Markdown: one row per run; ours is compared with each peer at the same load."""
     lines = ["| scenario | conc. | server | req/s | images/s | p50 ms | p99 ms | errors "
-             "| ÷ flask+SavedModel | ÷ flask+model.predict | ÷ compute limit |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ÷ batching off | ÷ flask+SavedModel | ÷ flask+model.predict | ÷ compute limit |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         peers = {r["server"]: r["rps"] for r in rows if r["scenario"] == row["scenario"]
                  and r["concurrency"] == row["concurrency"]}
@@ -184,7 +186,8 @@ def table(rows: list[dict], limit: float) -> str:
         lines.append(
             f"| {row['scenario']} | {row['concurrency']} | {row['server']} | {row['rps']:.0f} "
             f"| {images:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['errors']} "
-            f"| {ratio('flask+SavedModel')} | {ratio('flask+model.predict')} "
+            f"| {ratio('ours, batching off')} | {ratio('flask+SavedModel')} "
+            f"| {ratio('flask+model.predict')} "
             f"| {100 * images / limit:.0f}% |")
     return "\n".join(lines)
 
