@@ -12,8 +12,8 @@ PORT       ?= 8000
 export MODELS_DIR MODEL_NAME PORT
 TRAIN_ARGS ?=
 
-# System tools from Debian that the tests and the benchmark drive (not Python packages).
-SYSTEM_TOOLS := wrk
+# System tools from Debian that the tests and the benchmark drive, as command:package.
+SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-tools train train-if-missing digits serve run test lint bench clean
@@ -47,7 +47,8 @@ run: train-if-missing digits
 	@$(MAKE) --no-print-directory serve
 
 system-tools:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing from Debian:$$missing"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null; \

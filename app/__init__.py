@@ -8,6 +8,8 @@ Endpoints (all JSON unless said otherwise; errors are ``{"error": {"code", "mess
 - ``GET /models``, ``GET /models/<name>``: what is loaded, which versions exist
 - ``GET /health`` (alive), ``GET /ready`` (default model loaded, else 503)
 - ``GET /metrics`` (Prometheus text format), ``GET /openapi.json`` (OpenAPI 3.1)
+- ``GET /models/<name>/plots/<plot>.png``: the training plots exported with the model
+- ``GET /`` and ``GET /model``: web pages to draw a digit and to look at the model
 
 Run it with ``make serve`` (gunicorn with app/gunicorn.conf.py).
 """
@@ -26,7 +28,7 @@ def create_app(config: Config | None = None) -> Flask:
     Called in each gunicorn worker after the fork, so models (and TensorFlow) load there.
     """
     from app import errors, logs
-    from app.api import models, operations, predict
+    from app.api import models, operations, pages, predict
     from app.api.common import ServiceRequest
     from app.metrics import Metrics
     from app.model_store import ModelStore
@@ -50,6 +52,6 @@ def create_app(config: Config | None = None) -> Flask:
 
     errors.register(app)
     logs.init_app(app, metrics)
-    for blueprint in (predict.bp, models.bp, operations.bp):
+    for blueprint in (predict.bp, models.bp, operations.bp, pages.bp):
         app.register_blueprint(blueprint)
     return app

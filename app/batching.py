@@ -5,7 +5,8 @@ and a small cost per image, so running eight requests' images together is far ch
 than eight calls. TensorFlow Serving and BentoML batch with a timeout, which makes a lone
 request wait for company that never comes. Here the batcher knows which requests are
 *arriving* (reading and preparing their images in other threads): it waits, at most
-``timeout_ms``, only for those. A lone request finds nobody arriving and runs at once.
+``timeout_ms``, only for those. A lone request — nobody arriving, nothing queued, the
+model idle — runs at once in its own thread, without even a hand-over to the batcher.
 
 Every wait has a deadline; a batch that fails is re-run one request at a time, so a
 poisoned request fails alone and the others still get their answers.
@@ -52,6 +53,7 @@ class MicroBatcher:
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent sizes, for tests and metrics
         self._queue: deque[_Job] = deque()
         self._arriving = 0
+        self._busy = False  # a model call (batched or direct) is running
         self._closed = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -75,7 +77,8 @@ class MicroBatcher:
                     self._cond.notify_all()
 
     def run(self, images: np.ndarray, arrived: bool = False) -> np.ndarray:
-        """Predict ``images`` as part of the next batch; blocks until done or deadline."""
+        """Predict ``images`` at once if alone, else in the next batch; blocks until done
+        or, when queued behind others, until the deadline."""
         job = _Job(images)
         with self._cond:
             if arrived:  # it stops arriving the moment it is queued, in one step
@@ -83,8 +86,14 @@ class MicroBatcher:
             if self._closed:
                 self._cond.notify_all()
                 raise ModelNotReady("the server is shutting down")
-            self._queue.append(job)
+            alone = not (self._busy or self._queue or self._arriving)
+            if alone:
+                self._busy = True
+            else:
+                self._queue.append(job)
             self._cond.notify_all()
+        if alone:
+            return self._direct(images)
         if not job.done.wait(self.deadline):
             raise BatchTimeout(f"no answer from the model within {self.deadline:.0f} s")
         if job.error is not None:
@@ -103,10 +112,27 @@ class MicroBatcher:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    def _take(self) -> list[_Job]:
-        """Wait for work, then for arriving requests (bounded), then pop one batch."""
+    def _direct(self, images: np.ndarray) -> np.ndarray:
+        """A lone request's call, in its own thread; the batcher waits until it is done."""
+        try:
+            self.batch_sizes.append(len(images))
+            return self.predict(images)
+        except Exception:
+            log.exception("model call failed")
+            raise ModelFailed("the model failed on this input") from None
+        finally:
+            self._idle()
+
+    def _idle(self) -> None:
         with self._cond:
-            while not self._queue and not self._closed:
+            self._busy = False
+            self._cond.notify_all()
+
+    def _take(self) -> list[_Job]:
+        """Wait for work and an idle model, then for arriving requests (bounded), then
+        pop one batch and mark the model busy."""
+        with self._cond:
+            while (not self._queue or self._busy) and not (self._closed and not self._busy):
                 self._cond.wait()
             if not self._queue:
                 return []
@@ -114,11 +140,12 @@ class MicroBatcher:
             while (self._arriving and self._queued_images() < self.max_size
                    and (left := limit - time.monotonic()) > 0):
                 self._cond.wait(left)
-            batch, size = [self._queue.popleft()], 0
+            batch = [self._queue.popleft()]
             size = len(batch[0].images)
             while self._queue and size + len(self._queue[0].images) <= self.max_size:
                 size += len(self._queue[0].images)
                 batch.append(self._queue.popleft())
+            self._busy = True
             return batch
 
     def _queued_images(self) -> int:
@@ -126,7 +153,10 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while batch := self._take():
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            finally:
+                self._idle()
 
     def _execute(self, batch: list[_Job]) -> None:
         self.batch_sizes.append(sum(len(job.images) for job in batch))

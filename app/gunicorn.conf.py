@@ -55,3 +55,11 @@ def worker_exit(server, worker):
 def on_exit(server):
     if not _settings.prometheus_multiproc_dir:
         shutil.rmtree(_metrics_dir, ignore_errors=True)
+
+
+def post_fork(server, worker):
+    """Hand the GIL over sooner: a request and the batcher pass work between threads,
+    and the default 5 ms switch interval can hold either one up that long."""
+    import sys
+
+    sys.setswitchinterval(0.0005)

@@ -27,6 +27,11 @@ NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "stri
 PREPROCESS = {"name": "preprocess", "in": "query", "required": False,
               "schema": {"type": "string", "enum": ["auto", "none"], "default": "auto"},
               "description": "'none' takes 28×28 images already in MNIST form as they are"}
+EXPLAIN = {"name": "explain", "in": "query", "required": False,
+           "schema": {"type": "string", "enum": ["0", "1"], "default": "0"},
+           "description": "'1' adds input_png: the 28×28 image the model received, base64 PNG"}
+PLOT = {"name": "plot", "in": "path", "required": True,
+        "schema": {"type": "string", "enum": ["history", "confusion", "samples"]}}
 BATCH_SIZE = {"name": "batch_size", "in": "query", "required": False,
               "schema": {"type": "integer", "minimum": 1, "default": 1},
               "description": "Batch size the memory estimates are scaled for"}
@@ -42,7 +47,9 @@ SCHEMAS = {
                        "digit": {"type": "integer", "minimum": 0, "maximum": 9},
                        "confidence": {"type": "number"},
                        "probabilities": {"type": "array", "items": {"type": "number"},
-                                         "minItems": 10, "maxItems": 10}}},
+                                         "minItems": 10, "maxItems": 10},
+                       "input_png": {"type": "string", "contentEncoding": "base64",
+                                     "description": "with ?explain=1"}}},
     "PredictResponse": {"type": "object", "required": ["model", "predictions"], "properties": {
         "model": _ref("ModelRef"),
         "predictions": {"type": "array", "items": _ref("Prediction")}}},
@@ -58,7 +65,9 @@ SCHEMAS = {
         "versions": {"type": "array", "items": {"type": "integer"}},
         "arch": {"type": "string"}, "created": {"type": "string"},
         "test_accuracy": {"type": "number"}, "load_seconds": {"type": "number"},
-        "input": {"type": "object"}}},
+        "input": {"type": "object"},
+        "plots": {"type": "array", "items": {"type": "object", "properties": {
+            "title": {"type": "string"}, "url": {"type": "string"}}}}}},
     "ModelList": {"type": "object", "properties": {
         "default": {"type": "string"},
         "models": {"type": "array", "items": _ref("ModelInfo")},
@@ -98,15 +107,22 @@ def openapi_spec(config: Config) -> dict:
     """The document; limits are filled in from the running configuration."""
     return {
         "openapi": "3.1.0",
+        "x-web-pages": ["/", "/model"],
         "info": {"title": "MNIST digit recognition", "version": "1.0.0",
                  "description": f"Limits: body {config.max_content_length} bytes, "
                                 f"{config.max_batch} images per request, "
                                 f"{config.max_image_pixels} pixels per image."},
         "paths": {
             "/predict": _predict_operation("Classify images with the default model",
-                                           [PREPROCESS]),
+                                           [PREPROCESS, EXPLAIN]),
             "/models/{name}/predict": _predict_operation("Classify images with a named model",
-                                                         [NAME, PREPROCESS]),
+                                                         [NAME, PREPROCESS, EXPLAIN]),
+            "/models/{name}/plots/{plot}.png": {"get": {
+                "summary": "A training plot exported with the model",
+                "parameters": [NAME, PLOT],
+                "responses": {"200": {"description": "PNG image", "content": {
+                    "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                    **_errors(400, 404, 503)}}},
             "/summary": _get("The default model's layer table and memory", _ref("Summary"),
                              [BATCH_SIZE], errors=(400, 503)),
             "/models/{name}/summary": _get("A model's layer table and memory",

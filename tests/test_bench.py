@@ -16,7 +16,7 @@ def test_the_bench_harness_measures_every_server_and_writes_its_table(served_mod
     output.write_text("# Benchmarks\n\nkept as it is\n")
     result = subprocess.run(
         [sys.executable, "-m", "tests.bench", "--models-dir", str(served_models),
-         "--seconds", "1", "--concurrency", "2", "--limit-seconds", "1",
+         "--seconds", "1", "--rounds", "1", "--concurrency", "2", "--limit-seconds", "1",
          "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = output.read_text()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify, request, send_from_directory, url_for
 
 from app.api.common import int_arg, store
+from app.errors import InvalidInput
 from app.model_store import LoadedModel
 from training.summary import memory_estimate
+
+PLOTS = {"history": "Accuracy and loss per epoch, training against validation",
+         "confusion": "Confusion matrix on the 10,000 test images",
+         "samples": "Test digits: predicted (true), green when right"}
 
 bp = Blueprint("models", __name__)
 
@@ -22,6 +27,9 @@ def describe(model: LoadedModel) -> dict:
         "test_accuracy": metadata.get("test", {}).get("accuracy"),
         "load_seconds": round(model.load_seconds, 3),
         "input": metadata.get("input"),
+        "plots": [{"title": title, "url": url_for("models.plot", name=model.name, plot=plot)}
+                  for plot, title in PLOTS.items()
+                  if (model.path / "plots" / f"{plot}.png").is_file()],
     }
 
 
@@ -57,3 +65,13 @@ def summary(name: str | None = None):
         "test_accuracy": test.get("accuracy"),
         "per_class_accuracy": test.get("per_class"),
     })
+
+
+@bp.get("/models/<name>/plots/<plot>.png")
+def plot(name: str, plot: str):
+    """A training plot exported with the served version."""
+    model = store().get(name)
+    if plot not in PLOTS:
+        raise InvalidInput(f"no plot named {plot!r}; there are: {', '.join(PLOTS)}")
+    return send_from_directory(model.path / "plots", f"{plot}.png", mimetype="image/png",
+                               max_age=300)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
 from flask import Blueprint, jsonify, request
+from PIL import Image
 from werkzeug.formparser import FormDataParser
 
 from app.api.common import ArrivalOrderMultiDict, metrics, settings, store
@@ -22,6 +24,22 @@ def preprocess_flag() -> bool:
     if value not in PREPROCESS_VALUES:
         raise InvalidInput(f"preprocess must be 'auto' or 'none', got {value!r}")
     return PREPROCESS_VALUES[value]
+
+
+def explain_flag() -> bool:
+    """``?explain=1`` adds the 28×28 image the model received to each prediction."""
+    value = request.args.get("explain", "0").lower()
+    if value not in {"0", "1", "true", "false"}:
+        raise InvalidInput(f"explain must be 0 or 1, got {value!r}")
+    return value in {"1", "true"}
+
+
+def as_png_base64(image: np.ndarray) -> str:
+    """A (28, 28, 1) model input as a base64 grayscale PNG."""
+    pixels = np.clip(np.rint(image[..., 0] * 255), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def predictions(probabilities: np.ndarray) -> list[dict]:
@@ -60,10 +78,15 @@ def predict(name: str | None = None):
     model = store().get(name)
     config = settings()
     limits = Limits(config.max_batch, config.max_image_pixels, config.max_request_pixels)
+    preprocess, explain = preprocess_flag(), explain_flag()
     with model.slot() as slot:
         body, files = body_and_files(config.max_content_length)
-        images = read_request(request.mimetype, body, files, limits, preprocess_flag())
+        images = read_request(request.mimetype, body, files, limits, preprocess)
         probabilities = slot.run(images)
     metrics().images.labels(model.name, str(model.version)).inc(len(images))
+    answers = predictions(probabilities)
+    if explain:
+        for answer, image in zip(answers, images, strict=True):
+            answer["input_png"] = as_png_base64(image)
     return jsonify({"model": {"name": model.name, "version": model.version},
-                    "predictions": predictions(probabilities)})
+                    "predictions": answers})

@@ -76,7 +76,8 @@ def test_openapi_document_is_valid_and_covers_every_route(url, server):
     validate(spec)
     assert set(spec["paths"]) == {
         "/predict", "/models/{name}/predict", "/summary", "/models/{name}/summary",
-        "/models", "/models/{name}", "/health", "/ready", "/metrics", "/openapi.json"}
+        "/models", "/models/{name}", "/health", "/ready", "/metrics", "/openapi.json",
+        "/models/{name}/plots/{plot}.png"}
 
 
 # --- summary ---------------------------------------------------------------------------
@@ -173,6 +174,40 @@ def test_preprocess_none_takes_a_28x28_digit_as_it_is(url, mnist):
                           json={"instances": [(mnist.x_test[0] / 255.0).tolist()]}).json()
     np.testing.assert_allclose(raw["predictions"][0]["probabilities"],
                                array["predictions"][0]["probabilities"], atol=1e-5)
+
+
+def test_explain_returns_the_28x28_image_the_model_received(url, seven):
+    response = post_image(url, encode(seven, "PNG"), "image/png", path="/predict?explain=1")
+    seen = response.json()["predictions"][0]["input_png"]
+    with Image.open(io.BytesIO(base64.b64decode(seen))) as image:
+        pixels = np.asarray(image)
+    assert pixels.shape == (28, 28) and pixels.max() == 255 and pixels[0, 0] == 0
+    plain = post_image(url, encode(seven, "PNG"), "image/png").json()["predictions"][0]
+    assert "input_png" not in plain
+
+
+def test_explain_accepts_only_0_or_1(url, seven):
+    response = post_image(url, encode(seven, "PNG"), "image/png", path="/predict?explain=yes")
+    assert_error(response, 400, "invalid_input", "explain")
+
+
+def test_training_plots_are_served_with_the_model(url):
+    plots = requests.get(url + "/models/mnist_cnn", timeout=5).json()["plots"]
+    assert [p["url"] for p in plots] == [f"/models/mnist_cnn/plots/{n}.png"
+                                         for n in ("history", "confusion", "samples")]
+    response = requests.get(url + plots[0]["url"], timeout=5)
+    assert response.headers["Content-Type"] == "image/png"
+    assert response.content.startswith(b"\x89PNG")
+    assert_error(requests.get(url + "/models/mnist_cnn/plots/secret.png", timeout=5), 400,
+                 "invalid_input")
+
+
+def test_the_pages_are_html(url):
+    for path in ("/", "/model"):
+        response = requests.get(url + path, timeout=5)
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/html")
+    assert 'id="pad"' in requests.get(url + "/", timeout=5).text
 
 
 def test_a_named_model_answers_for_itself(url, seven):

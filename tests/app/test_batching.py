@@ -120,15 +120,34 @@ def test_a_poisoned_request_fails_alone(model, requests_):
             np.testing.assert_allclose(future.result(), model.predict(images), atol=1e-5)
 
 
-def test_every_wait_has_a_deadline(requests_):
+def test_a_request_waiting_behind_others_has_a_deadline(requests_):
     def stuck(images):
         time.sleep(2)
         return np.zeros((len(images), 10), np.float32)
 
     slow = MicroBatcher(stuck, max_size=8, timeout_ms=1, deadline_s=0.2)
+    first = threading.Thread(target=slow.run, args=(requests_[0],))
+    first.start()  # alone: it runs at once and keeps the model busy for 2 s
+    time.sleep(0.1)
+    started = time.perf_counter()
     with pytest.raises(BatchTimeout):
-        slow.run(requests_[0])
+        slow.run(requests_[1])
+    assert time.perf_counter() - started < 1.0
+    first.join()
     slow.close(timeout=5)
+
+
+def test_a_lone_request_runs_in_its_own_thread(model, requests_):
+    threads = []
+
+    def recording(images):
+        threads.append(threading.current_thread())
+        return model.predict(images)
+
+    batcher = MicroBatcher(recording, max_size=8, timeout_ms=1)
+    batcher.run(requests_[0])
+    batcher.close()
+    assert threads == [threading.current_thread()]
 
 
 def test_shutdown_answers_requests_in_flight_then_refuses(model, requests_):

@@ -150,22 +150,28 @@ def servers(models_dir: Path, version_dir: Path, workers: int) -> list[Server]:
 
 
 def measure(fleet: list[Server], files: dict[str, Path], concurrencies: list[int],
-            seconds: float) -> list[dict]:
-    """Every scenario at every concurrency, the servers taking turns."""
-    rows = []
+            seconds: float, rounds: int) -> list[dict]:
+    """Every scenario at every concurrency, the servers taking turns in a rotating order,
+    ``rounds`` times over; each row is the median of its rounds (errors are summed)."""
     plan = [("one 28×28 PNG", files["png"], "image/png", 1, c, fleet) for c in concurrencies]
     plan.append(("256-image batch (.npy)", files["npy"], "application/x-npy", 256, 2, fleet[:2]))
-    for round_index, (scenario, body, content_type, images, connections, group) in \
-            enumerate(plan):
-        order = group[round_index % len(group):] + group[:round_index % len(group)]
-        for server in order:
-            stats = wrk(server.url, body, content_type, connections, seconds)
-            rows.append({"scenario": scenario, "concurrency": connections,
-                         "server": server.name, "images_per_request": images, **stats})
-            print(f"{scenario:24} c={connections:<3} {server.name:20} "
-                  f"{stats['rps']:8.1f} req/s  p50 {stats['p50_ms']:7.2f} ms  "
-                  f"p99 {stats['p99_ms']:7.2f} ms  errors {stats['errors']}", flush=True)
-    return rows
+    runs: dict[tuple, list[dict]] = {}
+    turn = 0
+    for _ in range(rounds):
+        for scenario, body, content_type, images, connections, group in plan:
+            turn += 1
+            for server in group[turn % len(group):] + group[:turn % len(group)]:
+                stats = wrk(server.url, body, content_type, connections, seconds)
+                runs.setdefault((scenario, connections, server.name, images), []).append(stats)
+                print(f"{scenario:24} c={connections:<3} {server.name:20} "
+                      f"{stats['rps']:8.1f} req/s  p50 {stats['p50_ms']:7.2f} ms  "
+                      f"p99 {stats['p99_ms']:7.2f} ms  errors {stats['errors']}", flush=True)
+    return [{"scenario": scenario, "concurrency": connections, "server": name,
+             "images_per_request": images,
+             **{key: float(np.median([r[key] for r in results]))
+                for key in ("rps", "p50_ms", "p99_ms")},
+             "errors": sum(r["errors"] for r in results)}
+            for (scenario, connections, name, images), results in runs.items()]
 
 
 def table(rows: list[dict], limit: float) -> str:
@@ -197,7 +203,8 @@ def report(rows: list[dict], fleet: list[Server], limit: float, command: str) ->
     starts = ", ".join(f"{s.name} {s.cold_start_s:.1f} s" for s in fleet)
     memory = ", ".join(f"{s.name} {max(s.rss_mb):.0f} MB" for s in fleet if s.rss_mb)
     return "\n".join([
-        START, f"Measured {when} with `{command}` ({os.cpu_count()} cores).", "",
+        START, f"Measured {when} with `{command}` ({os.cpu_count()} cores); each row is "
+        "the median of the interleaved rounds.", "",
         f"Compute limit (the SavedModel alone, batches of 256, in process): "
         f"**{limit:,.0f} images/s**.", "",
         table(rows, limit), "",
@@ -219,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--name", default="mnist_cnn")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per wrk run")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved repetitions; the table shows medians")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit-seconds", type=float, default=5.0,
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             for server in fleet:  # one at a time, so each cold start is measured alone
                 start(server, Path(scratch))
                 server.rss_mb = worker_rss_mb(server.process.pid)
-            rows = measure(fleet, files, args.concurrency, args.seconds)
+            rows = measure(fleet, files, args.concurrency, args.seconds, args.rounds)
             for server in fleet:
                 server.rss_mb = worker_rss_mb(server.process.pid)
         finally:

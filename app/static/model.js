@@ -1,0 +1,98 @@
+// The model page: everything comes from /summary and /models/<name>.
+"use strict";
+
+const fmt = new Intl.NumberFormat("en");
+const errorBox = document.getElementById("error");
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = n;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+  return `${value.toFixed(unit ? 2 : 0)} ${units[unit]} (${fmt.format(n)} bytes)`;
+}
+
+function cells(row, values) {
+  values.forEach((value) => {
+    const cell = row.insertCell();
+    cell.textContent = value;
+  });
+}
+
+async function getJson(url) {
+  const response = await fetch(url);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
+  return body;
+}
+
+function showMemory(memory) {
+  const table = document.getElementById("memory");
+  table.innerHTML = "";
+  [["Forward pass, activations", memory.forward_bytes],
+   ["Training, activations and their gradients", memory.training_bytes],
+   ["Inference in all (parameters + forward)", memory.inference_total_bytes],
+   ["Training in all (parameters + training)", memory.training_total_bytes]]
+    .forEach(([label, value]) => cells(table.insertRow(), [label, bytes(value)]));
+}
+
+function showSummary(summary) {
+  document.getElementById("model-name").textContent =
+    `${summary.model.name} v${summary.model.version} (${summary.arch})`;
+  document.getElementById("params").textContent =
+    `${fmt.format(summary.totals.params)} (${fmt.format(summary.totals.trainable_params)} trainable)`;
+  document.getElementById("param-bytes").textContent = bytes(summary.totals.param_bytes);
+  document.getElementById("accuracy").textContent = summary.test_accuracy == null ? "unknown"
+    : `${(100 * summary.test_accuracy).toFixed(2)}% on the 10,000 MNIST test images`;
+  showMemory(summary.memory);
+  const layers = document.getElementById("layers");
+  summary.layers.forEach((l) => cells(layers.insertRow(), [
+    l.name, l.type, l.output_shape.slice(1).join("×"), fmt.format(l.weights),
+    fmt.format(l.biases), fmt.format(l.params), fmt.format(l.activations)]));
+  const classes = document.getElementById("classes");
+  (summary.per_class_accuracy || []).forEach((c) => cells(classes.insertRow(), [
+    c.digit, fmt.format(c.correct), fmt.format(c.total), `${(100 * c.accuracy).toFixed(2)}%`]));
+}
+
+function showPlots(model) {
+  const box = document.getElementById("plots");
+  (model.plots || []).forEach((plot) => {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = plot.url;
+    img.alt = plot.title;
+    const caption = document.createElement("figcaption");
+    caption.textContent = plot.title;
+    figure.append(img, caption);
+    box.append(figure);
+  });
+}
+
+async function load() {
+  try {
+    const summary = await getJson("/summary");
+    showSummary(summary);
+    showPlots(await getJson(`/models/${encodeURIComponent(summary.model.name)}`));
+  } catch (err) {
+    errorBox.textContent = `Could not load the model: ${err.message}`;
+    errorBox.hidden = false;
+  }
+}
+
+document.getElementById("batch-size").addEventListener("input", async (event) => {
+  const size = Number(event.target.value);
+  if (!Number.isInteger(size) || size < 1) {
+    errorBox.textContent = "The batch size must be a whole number of at least 1.";
+    errorBox.hidden = false;
+    return;
+  }
+  try {
+    showMemory((await getJson(`/summary?batch_size=${size}`)).memory);
+    errorBox.hidden = true;
+  } catch (err) {
+    errorBox.textContent = `Could not compute memory: ${err.message}`;
+    errorBox.hidden = false;
+  }
+});
+
+load();

@@ -1,0 +1,163 @@
+"""The web pages in real headless Chromium against a real gunicorn (Selenium)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.restyle import encode, ink_on_paper
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Debian's Chromium, headless; if it cannot start the tests fail and say why."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.fail(f"{path} is missing: `make test` installs chromium and "
+                        "chromium-driver from Debian")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--window-size=1100,1100",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except WebDriverException as err:
+        pytest.fail(f"Chromium could not start: {err.msg}")
+    yield driver
+    driver.quit()
+
+
+def console_errors(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser")
+            if entry["level"] == "SEVERE"]
+
+
+def wait_for_digit(driver, timeout: float = 15) -> str:
+    WebDriverWait(driver, timeout).until(
+        lambda d: d.find_element(By.ID, "digit").text not in ("", "?"))
+    return driver.find_element(By.ID, "digit").text
+
+
+def screenshot(driver, tmp_path: Path, name: str) -> Path:
+    """Saved under the test's folder; copied to tests/screenshots/ for the README when
+    SAVE_SCREENSHOTS=1."""
+    path = tmp_path / name
+    assert driver.save_screenshot(str(path))
+    if os.environ.get("SAVE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(exist_ok=True)
+        shutil.copy(path, SCREENSHOTS / name)
+    return path
+
+
+def draw(driver, strokes: list[list[tuple[int, int]]]) -> None:
+    """Mouse strokes on #pad; points are offsets from the pad's centre in CSS pixels."""
+    pad = driver.find_element(By.ID, "pad")
+    for stroke in strokes:
+        actions = ActionChains(driver)
+        actions.move_to_element_with_offset(pad, *stroke[0]).click_and_hold()
+        for (x0, y0), (x1, y1) in itertools.pairwise(stroke):
+            for _ in range(8):
+                actions.move_by_offset(round((x1 - x0) / 8), round((y1 - y0) / 8))
+        actions.release().perform()
+
+
+def test_drawing_a_one_predicts_one_and_shows_what_the_model_saw(browser, server, tmp_path):
+    browser.get(server.url + "/")
+    draw(browser, [[(0, -100), (0, 100)]])
+    assert wait_for_digit(browser) == "1"
+    seen = browser.find_element(By.ID, "seen")
+    WebDriverWait(browser, 5).until(
+        lambda d: seen.get_attribute("src").startswith("data:image/png"))
+    widths = [bar.value_of_css_property("width") for bar in
+              browser.find_elements(By.CSS_SELECTOR, "#bars .fill")]
+    assert len(widths) == 10 and widths[1] != "0px"
+    screenshot(browser, tmp_path, "draw.png")
+    assert console_errors(browser) == []
+
+
+def test_drawing_a_seven(browser, server):
+    browser.get(server.url + "/")
+    draw(browser, [[(-70, -90), (70, -90), (-10, 100)]])
+    assert wait_for_digit(browser) == "7"
+
+
+def test_clear_empties_the_pad_and_the_answer(browser, server):
+    browser.get(server.url + "/")
+    draw(browser, [[(0, -100), (0, 100)]])
+    wait_for_digit(browser)
+    browser.find_element(By.ID, "clear").click()
+    assert browser.find_element(By.ID, "digit").text == "?"
+
+
+def test_uploading_a_real_digit_photo_predicts_it(browser, server, mnist, tmp_path):
+    path = tmp_path / "seven.jpg"
+    path.write_bytes(encode(ink_on_paper(mnist.x_test[0], np.random.default_rng(0))
+                            .convert("RGB"), "JPEG"))
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    assert wait_for_digit(browser) == "7"
+    assert console_errors(browser) == []
+
+
+def test_an_unreadable_upload_is_explained_in_words(browser, server, tmp_path):
+    path = tmp_path / "not-really.png"
+    path.write_bytes(b"this is text, not a picture")
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 10).until(lambda d: error.is_displayed())
+    assert "not a readable image" in error.text
+
+
+def test_the_model_page_shows_parameters_memory_accuracy_and_plots(browser, server, tmp_path):
+    browser.get(server.url + "/model")
+    WebDriverWait(browser, 15).until(
+        lambda d: "1,199,882" in d.find_element(By.ID, "params").text)
+    assert "%" in browser.find_element(By.ID, "accuracy").text
+    rows = browser.find_elements(By.CSS_SELECTOR, "#layers tr")
+    assert len(rows) == 9 and "conv2d_1" in rows[1].text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#classes tr")) == 10
+    WebDriverWait(browser, 15).until(lambda d: len(d.find_elements(
+        By.CSS_SELECTOR, "#plots img")) == 3 and all(
+        img.get_property("naturalWidth") > 0 for img in d.find_elements(
+            By.CSS_SELECTOR, "#plots img")))
+    first = browser.find_element(By.ID, "memory").text
+    size = browser.find_element(By.ID, "batch-size")
+    size.clear()
+    size.send_keys("64")
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "memory").text != first)
+    assert "21.29 MiB" in browser.find_element(By.ID, "memory").text  # 64 × 348,776 bytes
+    screenshot(browser, tmp_path, "model.png")
+    assert console_errors(browser) == []
+
+
+def test_the_pages_fit_a_phone_screen(browser, server, tmp_path):
+    browser.set_window_size(390, 844)
+    try:
+        browser.get(server.url + "/")
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0
+        screenshot(browser, tmp_path, "phone.png")
+    finally:
+        browser.set_window_size(1100, 1100)
