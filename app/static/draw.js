@@ -10,6 +10,7 @@ const LINE_WIDTH = 22; // in canvas pixels (280 wide): a finger's width on a pho
 let drawing = false;
 let dirty = false;
 let timer = null;
+let generation = 0; // bumped by Clear: answers for an older drawing are dropped
 
 function resetPad() {
   ctx.fillStyle = "#fff";
@@ -80,11 +81,12 @@ function showPrediction(body) {
   }
 }
 
-async function send(blob, type) {
+async function send(blob, type, asked = generation) {
   try {
     const response = await fetch("/predict?explain=1", {
       method: "POST", headers: {"Content-Type": type || "application/octet-stream"}, body: blob});
     const body = await response.json();
+    if (asked !== generation) return;
     if (!response.ok) {
       showError(`The server could not read that image: ${body.error ? body.error.message : response.status}`);
       return;
@@ -101,7 +103,8 @@ function predictPad() {
     showError("Draw a digit first.");
     return;
   }
-  pad.toBlob((blob) => send(blob, "image/png"), "image/png");
+  const asked = generation; // toBlob is asynchronous: remember which drawing this is
+  pad.toBlob((blob) => send(blob, "image/png", asked), "image/png");
 }
 
 function sendFile(file) {
@@ -124,8 +127,17 @@ pad.addEventListener("pointermove", extendStroke);
 pad.addEventListener("pointerup", endStroke);
 pad.addEventListener("pointercancel", endStroke);
 document.getElementById("clear").addEventListener("click", () => {
+  clearTimeout(timer);
+  generation += 1;
   resetPad();
   document.getElementById("digit").textContent = "?";
+  document.getElementById("confidence").textContent = "";
+  document.querySelectorAll("#bars li").forEach((item) => {
+    item.querySelector(".fill").style.width = "0%";
+    item.querySelector(".value").textContent = "0%";
+    item.classList.remove("best");
+  });
+  document.getElementById("seen").hidden = true;
   showError("");
 });
 document.getElementById("predict").addEventListener("click", predictPad);

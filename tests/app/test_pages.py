@@ -48,6 +48,7 @@ def browser(tmp_path_factory):
 
 
 def console_errors(driver) -> list[str]:
+    """SEVERE console entries since the last call (reading them empties the log)."""
     return [entry["message"] for entry in driver.get_log("browser")
             if entry["level"] == "SEVERE"]
 
@@ -127,6 +128,8 @@ def test_an_unreadable_upload_is_explained_in_words(browser, server, tmp_path):
     error = browser.find_element(By.ID, "error")
     WebDriverWait(browser, 10).until(lambda d: error.is_displayed())
     assert "not a readable image" in error.text
+    # The refused request is the only console entry: Chromium logs every 4xx response.
+    assert [m for m in console_errors(browser) if "status of 400" not in m] == []
 
 
 def test_the_model_page_shows_parameters_memory_accuracy_and_plots(browser, server, tmp_path):
