@@ -114,13 +114,19 @@ def fit_run(tmp_path_factory) -> FitRun:
 @pytest.fixture(scope="session")
 def served_models(tmp_path_factory) -> Path:
     """A MODELS_DIR as training leaves it: the CNN (one epoch on all 55,000 training
-    images, ~98% accurate) and the tiny net, each trained for real by the CLI."""
+    images, ~98% accurate), the tiny net, and the NumPy-trained tiny net, each trained
+    for real by its command line."""
     models_dir = tmp_path_factory.mktemp("served_models")
     runs = [("--epochs", "1"),
             ("--arch", "tiny", "--name", "mnist_tiny", "--limit", "10000", "--epochs", "2")]
     for args in runs:
         result = run_fit(*args, "--models-dir", str(models_dir))
         assert result.returncode == 0, result.stderr[-3000:]
+    scratch = subprocess.run(  # the NumPy net, served next to the others
+        [sys.executable, "-m", "training.scratch", "--limit", "10000", "--epochs", "1",
+         "--models-dir", str(models_dir)], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert scratch.returncode == 0, scratch.stderr[-3000:]
     return models_dir
 
 

@@ -46,15 +46,19 @@ def build_functional(num_classes: int = NUM_CLASSES) -> keras.Model:
     return keras.Model(inputs, outputs, name="mnist_cnn")
 
 
-def build_tiny(num_classes: int = NUM_CLASSES) -> keras.Model:
-    """The NumPy article's Conv3x3(8) → MaxPool2 → Softmax net (13,602 parameters)."""
+def build_tiny(num_classes: int = NUM_CLASSES, dtype: str = "float32") -> keras.Model:
+    """The NumPy article's Conv3x3(8) → MaxPool2 → Softmax net (13,602 parameters).
+
+    ``dtype="float64"`` lets the NumPy implementation's gradients be checked against
+    TensorFlow's to double precision.
+    """
     return keras.Sequential(
         [
-            keras.Input(shape=INPUT_SHAPE, name="image"),
-            layers.Conv2D(8, 3, use_bias=False, name="conv3x3"),
-            layers.MaxPooling2D(2, name="maxpool2"),
-            layers.Flatten(name="flatten"),
-            layers.Dense(num_classes, activation="softmax", name="softmax"),
+            keras.Input(shape=INPUT_SHAPE, name="image", dtype=dtype),
+            layers.Conv2D(8, 3, use_bias=False, name="conv3x3", dtype=dtype),
+            layers.MaxPooling2D(2, name="maxpool2", dtype=dtype),
+            layers.Flatten(name="flatten", dtype=dtype),
+            layers.Dense(num_classes, activation="softmax", name="softmax", dtype=dtype),
         ],
         name="mnist_tiny",
     )

@@ -53,14 +53,14 @@ def test_health_says_ok(url):
 def test_ready_lists_the_loaded_models(url):
     response = requests.get(url + "/ready", timeout=5)
     assert response.status_code == 200
-    assert response.json()["models"] == {"mnist_cnn": 1, "mnist_tiny": 1}
+    assert response.json()["models"] == {"mnist_cnn": 1, "mnist_scratch": 1, "mnist_tiny": 1}
 
 
 def test_models_lists_every_model_and_the_default(url):
     body = requests.get(url + "/models", timeout=5).json()
     assert body["default"] == "mnist_cnn"
     assert [(m["name"], m["version"], m["versions"]) for m in body["models"]] == [
-        ("mnist_cnn", 1, [1]), ("mnist_tiny", 1, [1])]
+        ("mnist_cnn", 1, [1]), ("mnist_scratch", 1, [1]), ("mnist_tiny", 1, [1])]
     assert 0.9 < body["models"][0]["test_accuracy"] <= 1.0
 
 
@@ -208,6 +208,16 @@ def test_the_pages_are_html(url):
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/html")
     assert 'id="pad"' in requests.get(url + "/", timeout=5).text
+
+
+def test_the_numpy_trained_model_is_served_like_any_other(url, mnist):
+    body = requests.post(url + "/models/mnist_scratch/predict", timeout=30, json={
+        "instances": (mnist.x_test[:50] / 255.0).tolist()}).json()
+    assert body["model"] == {"name": "mnist_scratch", "version": 1}
+    digits = np.array([p["digit"] for p in body["predictions"]])
+    assert (digits == mnist.y_test[:50]).mean() > 0.7
+    summary = requests.get(url + "/models/mnist_scratch/summary", timeout=5).json()
+    assert summary["totals"]["params"] == 13_602
 
 
 def test_a_named_model_answers_for_itself(url, seven):
