@@ -33,6 +33,8 @@ BOX = 20
 CENTRE = 14
 INK_SHARE_TRIMMED = 0.005  # share of ink mass ignored at each edge when cropping
 MIN_CONTRAST = 24  # grey levels between background and ink below which an image is blank
+WORKING_SIDE = 512  # larger images are reduced to about this before any float copy
+REDUCE_MODES = {"P": "RGBA", "1": "L", "I;16": "I", "I;16B": "I", "I;16L": "I"}
 
 
 def peek_size(data: bytes) -> tuple[int, int]:
@@ -155,9 +157,20 @@ def centre_by_mass(digit: np.ndarray) -> np.ndarray:
     return field
 
 
+def shrink(image: Image.Image) -> Image.Image:
+    """Reduce a large photo by whole-block averaging first: the digit ends up 20 pixels
+    high anyway, and float copies of a 40-megapixel image would cost gigabytes."""
+    factor = max(image.size) // WORKING_SIDE
+    if factor < 2:
+        return image
+    if image.mode in REDUCE_MODES:
+        image = image.convert(REDUCE_MODES[image.mode])
+    return image.reduce(factor)
+
+
 def to_mnist(image: Image.Image) -> np.ndarray:
     """A decoded image → float32 (28, 28) in [0, 1], white digit on black."""
-    ink = white_on_black(to_gray(image))
+    ink = white_on_black(to_gray(shrink(image)))
     return np.clip(centre_by_mass(fit_box(crop_to_ink(ink))), 0.0, 1.0)
 
 

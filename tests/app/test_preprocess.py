@@ -81,6 +81,16 @@ def test_every_common_format_and_mode_reads_the_same_digit(digits, fmt, mode, op
     assert similarity(out, reference) > 0.95, (fmt, mode)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "P", "RGBA", "I;16"])
+def test_a_large_photo_reads_like_its_small_version(digits, mode):
+    paper = ink_on_paper(digits[0], np.random.default_rng(9))
+    small = prepare(encode(paper, "PNG"), MAX_PIXELS)
+    large = paper.resize((4200, 4200), Image.Resampling.BICUBIC)
+    large = Image.fromarray(np.asarray(large).astype(np.uint16) * 257) if mode == "I;16" \
+        else large.convert(mode)
+    assert similarity(prepare(encode(large, "PNG"), MAX_PIXELS), small) > 0.95
+
+
 def test_exif_orientation_is_honoured(digits):
     paper = ink_on_paper(digits[0], np.random.default_rng(5))
     upright = prepare(encode(paper, "JPEG", quality=95), MAX_PIXELS)
