@@ -132,7 +132,7 @@ def train(model: keras.Model, recipe: Recipe, splits: dict[str, np.ndarray], see
     steps = -(-len(splits["x_train"]) // recipe.batch_size)
     model.compile(optimizer=make_optimizer(recipe, steps),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  jit_compile=False)  # XLA is ~4× slower than oneDNN on this CPU
+                  jit_compile=False)  # XLA is 4-8× slower than oneDNN on this CPU
     history = model.fit(
         training_dataset(splits["x_train"], splits["y_train"], recipe, seed),
         validation_data=evaluation_dataset(splits["x_val"], splits["y_val"]),
