@@ -67,6 +67,8 @@ def init_app(app: Flask, metrics) -> None:
         metrics.observe(endpoint, request.method, response.status_code, seconds)
         request_id = g.get("request_id") or request_id_from(None)
         response.headers["X-Request-ID"] = request_id
+        if not access_log.isEnabledFor(logging.INFO):  # e.g. LOG_LEVEL=WARNING
+            return response
         access_log.info("%s %s %d", request.method, request.path, response.status_code, extra={
             "request_id": request_id, "method": request.method, "path": request.path,
             "status": response.status_code, "ms": round(seconds * 1000, 2),

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class LoadedModel:
     _loaded: Any = field(repr=False)  # owns the variables the signature reads
     batcher: MicroBatcher | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def input_name(self) -> str:
         """The serving signature's one input (``image`` for our exports)."""
         (name,) = self._signature.structured_input_signature[1]
