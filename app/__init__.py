@@ -10,6 +10,8 @@ Endpoints (all JSON unless said otherwise; errors are ``{"error": {"code", "mess
 - ``GET /metrics`` (Prometheus text format), ``GET /openapi.json`` (OpenAPI 3.1)
 - ``GET /models/<name>/plots/<plot>.png``: the training plots exported with the model
 - ``GET /`` and ``GET /model``: web pages to draw a digit and to look at the model
+- ``/v1/models/...``: TensorFlow Serving's REST API (status, metadata, ``:predict``)
+- ``/v2/...``: the Open Inference Protocol (KServe V2: health, metadata, ``/infer``)
 
 Run it with ``make serve`` (gunicorn with app/gunicorn.conf.py).
 """
@@ -21,6 +23,9 @@ from flask import Flask
 from app.config import Config
 from app.json_provider import OrjsonProvider
 
+SERVICE_NAME = "mnist-digits"
+__version__ = "1.1.0"
+
 
 def create_app(config: Config | None = None) -> Flask:
     """Build the app; settings come from the environment unless ``config`` is given.
@@ -28,10 +33,11 @@ def create_app(config: Config | None = None) -> Flask:
     Called in each gunicorn worker after the fork, so models (and TensorFlow) load there.
     """
     from app import errors, logs
-    from app.api import models, operations, pages, predict
+    from app.api import models, open_inference, operations, pages, predict, tf_serving
     from app.api.common import ServiceRequest
     from app.metrics import Metrics
     from app.model_store import ModelStore
+    from app.version_policy import VersionPolicy
 
     config = config or Config.from_env()
     logs.configure(config.log_level)
@@ -44,14 +50,17 @@ def create_app(config: Config | None = None) -> Flask:
     metrics = Metrics(config.prometheus_multiproc_dir)
     app.extensions["metrics"] = metrics
     store = ModelStore(config.models_dir, config.model_name, config.tf_threads,
-                       config.batch_max_size, config.batch_timeout_ms)
+                       config.batch_max_size, config.batch_timeout_ms,
+                       VersionPolicy.parse(config.model_version_policy))
     store.init_app(app)
     store.load()
-    for model in store.models.values():
-        metrics.load_seconds.labels(model.name, str(model.version)).set(model.load_seconds)
+    for versions in store.versions.values():
+        for model in versions.values():
+            metrics.load_seconds.labels(model.name, str(model.version)).set(model.load_seconds)
 
     errors.register(app)
     logs.init_app(app, metrics)
-    for blueprint in (predict.bp, models.bp, operations.bp, pages.bp):
+    for blueprint in (predict.bp, models.bp, operations.bp, pages.bp, tf_serving.bp,
+                      open_inference.bp):
         app.register_blueprint(blueprint)
     return app

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from app.version_policy import VersionPolicy
+
 
 class ConfigError(ValueError):
     """A setting is missing its right form; the message names the variable."""
@@ -22,6 +24,7 @@ class Config:
 
     models_dir: Path = Path("models")
     model_name: str = "mnist_cnn"
+    model_version_policy: str = "latest"  # or latest:N, all, or a list such as 1,3
     port: int = 8000
     max_content_length: int = 10 * 1024 * 1024  # bytes of request body
     max_batch: int = 256  # images in one request
@@ -59,6 +62,10 @@ class Config:
             raise ConfigError(f"BATCH_TIMEOUT_MS must be 0 or more, got {self.batch_timeout_ms}")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"PORT must be between 1 and 65535, got {self.port}")
+        try:
+            VersionPolicy.parse(self.model_version_policy)
+        except ValueError as err:
+            raise ConfigError(f"MODEL_VERSION_POLICY: {err}") from None
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                               f"got {self.log_level!r}")

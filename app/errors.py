@@ -1,15 +1,17 @@
 """Typed errors that say which HTTP status they mean, mapped to JSON in one place.
 
 Code below the views raises these and never builds a response; ``register`` turns them,
-and Werkzeug's own HTTP errors, into ``{"error": {"code", "message"}}``. Anything else is
-a bug: logged once with its traceback and answered 500 without internals.
+and Werkzeug's own HTTP errors, into ``{"error": {"code", "message"}}`` — or, under the
+TensorFlow Serving (``/v1/``) and Open Inference Protocol (``/v2``) paths, into the
+``{"error": "<message>"}`` both of those protocols define, which their clients parse.
+Anything else is a bug: logged once with its traceback and answered 500 without internals.
 """
 
 from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,10 @@ class ModelFailed(ApiError):
 
 
 def error_body(code: str, message: str) -> dict:
+    """Our shape, or the protocols' plain one for a request under their paths."""
+    path = request.path
+    if path == "/v2" or path.startswith(("/v1/", "/v2/")):
+        return {"error": message}
     return {"error": {"code": code, "message": message}}
 
 

@@ -7,11 +7,12 @@ are tested without HTTP. Accepted forms:
 - ``multipart/form-data`` with one or more files under any field names, in order;
 - JSON ``{"instances": [...]}``, each a 28×28 (or 28×28×1) array of numbers in [0, 1]
   (already MNIST form) or ``{"b64": "<base64 image>"}`` (TensorFlow Serving's convention);
-- ``application/x-npy``: a NumPy ``.npy`` array of N×28×28 (or N×28×28×1, or one 28×28)
-  MNIST-form digits, floats in [0, 1] or uint8 pixels, read with ``allow_pickle=False``.
+- ``application/x-npy``: a NumPy ``.npy`` array of N×28×28 (or N×28×28×1, N×784, or one
+  28×28) MNIST-form digits, floats in [0, 1] or uint8 pixels, read with
+  ``allow_pickle=False``.
 
-Any of them may arrive gzip-compressed (``Content-Encoding: gzip``); the decompressed size
-is held to the same limit as the body, so a gzip bomb gets a 413.
+Any of them may arrive compressed (``Content-Encoding: gzip`` or ``deflate``); the
+decompressed size is held to the same limit as the body, so a gzip bomb gets a 413.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ JSON_TYPES = {"application/json"}
 MULTIPART_TYPE = "multipart/form-data"
 NPY_TYPES = {"application/x-npy", "application/npy"}
 GZIP_CHUNK = 1 << 16
+WBITS = {"gzip": 31, "deflate": 15}  # zlib's window bits for each Content-Encoding
 
 
 @dataclass(frozen=True)
@@ -98,18 +100,31 @@ def _b64(instance: dict, index: int) -> bytes:
         raise InvalidInput(f"instance {index}: 'b64' is not valid base64") from None
 
 
-def from_json(body: bytes, limits: Limits, preprocess: bool) -> np.ndarray:
-    """``{"instances": [...]}`` → (N, 28, 28, 1) float32."""
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise InvalidInput(f"malformed JSON: {err}") from None
-    instances = document.get("instances") if isinstance(document, dict) else None
+def _unwrap(instance: object, index: int, input_name: str) -> object:
+    """TF Serving's named form ``{"<input>": value}`` → value; other instances as they are."""
+    if not isinstance(instance, dict) or "b64" in instance:
+        return instance
+    if set(instance) != {input_name}:
+        names = ", ".join(map(repr, instance)) or "no key"
+        raise InvalidInput(f"instance {index}: expected the model's input {input_name!r} "
+                           f'or {{"b64": ...}}, got {names}')
+    return instance[input_name]
+
+
+def from_instances(instances: object, limits: Limits, preprocess: bool,
+                   input_name: str = "image") -> np.ndarray:
+    """A JSON list of instances → (N, 28, 28, 1) float32.
+
+    Each instance is a 28×28 (or 28×28×1) array of numbers in [0, 1], ``{"b64": ...}``
+    holding an encoded image, or either of them under the input's name.
+    """
     if not isinstance(instances, list):
-        raise InvalidInput('JSON body must be an object with an "instances" list')
+        raise InvalidInput("instances must be a list, one entry per image")
     _check_batch(len(instances), limits)
+    instances = [_unwrap(instance, index, input_name)
+                 for index, instance in enumerate(instances)]
     encoded = {index: _b64(instance, index) for index, instance in enumerate(instances)
-               if isinstance(instance, dict) and "b64" in instance}
+               if isinstance(instance, dict)}
     _check_pixels(list(encoded.values()), limits)
     digits = []
     for index, instance in enumerate(instances):
@@ -124,9 +139,26 @@ def from_json(body: bytes, limits: Limits, preprocess: bool) -> np.ndarray:
     return np.stack(digits)[..., np.newaxis]
 
 
-def gunzip(data: bytes, limit: int) -> bytes:
-    """Decompress a gzip body, refusing (413) as soon as the output passes ``limit``."""
-    inflater = zlib.decompressobj(wbits=31)
+def parse_json(body: bytes) -> object:
+    """The JSON document of a body, or InvalidInput saying where it is malformed."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise InvalidInput(f"malformed JSON: {err}") from None
+
+
+def from_json(body: bytes, limits: Limits, preprocess: bool) -> np.ndarray:
+    """``{"instances": [...]}`` → (N, 28, 28, 1) float32."""
+    document = parse_json(body)
+    if not isinstance(document, dict) or "instances" not in document:
+        raise InvalidInput('JSON body must be an object with an "instances" list')
+    return from_instances(document["instances"], limits, preprocess)
+
+
+def decompress(data: bytes, encoding: str, limit: int) -> bytes:
+    """Undo ``Content-Encoding`` gzip or deflate (zlib, as HTTP defines it), refusing
+    (413) as soon as the output passes ``limit``."""
+    inflater = zlib.decompressobj(wbits=WBITS[encoding])
     parts, size = [], 0
     try:
         pending = data
@@ -139,9 +171,10 @@ def gunzip(data: bytes, limit: int) -> bytes:
             parts.append(chunk)
             pending = inflater.unconsumed_tail
     except zlib.error as err:
-        raise InvalidInput(f"Content-Encoding is gzip but the body is not: {err}") from None
+        raise InvalidInput(f"Content-Encoding is {encoding} but the body is not: "
+                           f"{err}") from None
     if not inflater.eof:
-        raise InvalidInput("the gzip body is truncated")
+        raise InvalidInput(f"the {encoding} body is truncated")
     return b"".join(parts)
 
 
@@ -151,18 +184,27 @@ def from_npy(body: bytes, limits: Limits) -> np.ndarray:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise InvalidInput(f"not a readable .npy array: {err}") from None
+    if array.ndim == 2 and array.shape[1] != SIDE * SIDE:
+        array = array[np.newaxis]  # one digit
+    return from_numbers(array, limits, "the array")
+
+
+def from_numbers(array: np.ndarray, limits: Limits, what: str) -> np.ndarray:
+    """A batch of MNIST-form digits, N×28×28, N×28×28×1 or N×784 (rows of pixels), floats
+    in [0, 1] or uint8 pixels → (N, 28, 28, 1) float32."""
     if array.dtype.kind not in "uif":
-        raise UnprocessableInput(f"the array must hold numbers, not {array.dtype}")
-    if array.ndim == 4 and array.shape[-1] == 1:
+        raise UnprocessableInput(f"{what} must hold numbers, not {array.dtype}")
+    shape = array.shape
+    if array.ndim == 4 and shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim == 2:
-        array = array[np.newaxis]
+    elif array.ndim == 2 and shape[1] == SIDE * SIDE:
+        array = array.reshape(-1, SIDE, SIDE)
     if array.ndim != 3 or array.shape[1:] != (SIDE, SIDE):
-        raise UnprocessableInput(f"expected an N×28×28 array, got "
-                                 f"{'×'.join(map(str, array.shape))}")
+        raise UnprocessableInput(f"{what}: expected N×28×28, N×28×28×1 or N×784, got "
+                                 f"{'×'.join(map(str, shape))}")
     _check_batch(len(array), limits)
     array = array / 255.0 if array.dtype == np.uint8 else array.astype(np.float64)
-    return _checked_values(array, "the array")[..., np.newaxis]
+    return _checked_values(array, what)[..., np.newaxis]
 
 
 def _checked_values(array: np.ndarray, what: str) -> np.ndarray:

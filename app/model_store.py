@@ -1,6 +1,7 @@
 """Load every exported model under MODELS_DIR, TensorFlow Serving's ``<name>/<version>/``.
 
-Each model's highest *complete* version is served: a SavedModel and a readable
+Which versions of a model are served is the version policy's choice (default: the
+highest, see app/version_policy.py); each must be *complete*: a SavedModel and a readable
 ``metadata.json`` whose parameter total matches the SavedModel's variables. A version
 that fails any check is skipped with a logged reason and the next lower one is tried, so
 a half-copied or corrupt folder is never half-loaded.
@@ -29,6 +30,7 @@ import numpy as np
 
 from app.batching import MicroBatcher
 from app.errors import ModelNotFound, ModelNotReady
+from app.version_policy import VersionPolicy
 
 log = logging.getLogger(__name__)
 METADATA_FILE = "metadata.json"
@@ -49,6 +51,7 @@ class LoadedModel:
     metadata: dict[str, Any]
     load_seconds: float
     available_versions: list[int]
+    signature_defs: dict[str, Any] = field(repr=False)  # as saved, in protobuf's JSON form
     _signature: Any = field(repr=False)
     _loaded: Any = field(repr=False)  # owns the variables the signature reads
     batcher: MicroBatcher | None = field(default=None, repr=False)
@@ -57,6 +60,12 @@ class LoadedModel:
     def input_name(self) -> str:
         """The serving signature's one input (``image`` for our exports)."""
         (name,) = self._signature.structured_input_signature[1]
+        return name
+
+    @cached_property
+    def output_name(self) -> str:
+        """The serving signature's one output (``output_0`` for Keras exports)."""
+        (name,) = self.signature_defs[SIGNATURE]["outputs"]
         return name
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -144,6 +153,20 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     return metadata
 
 
+def read_signature_defs(folder: Path) -> dict[str, Any]:
+    """The SavedModel's SignatureDefs as TensorFlow Serving reports them: tensor names,
+    DT_ dtypes and shapes straight from saved_model.pb, so the metadata endpoints of both
+    protocols describe what was exported rather than what we believe was."""
+    from google.protobuf import json_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((folder / "saved_model.pb").read_bytes())
+    return {name: json_format.MessageToDict(signature, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True)
+            for name, signature in saved.meta_graphs[0].signature_def.items()}
+
+
 def load_version(name: str, version: int, folder: Path, versions: list[int],
                  warm_up_to: int = 1) -> LoadedModel:
     """Load and check one version folder; raises VersionRejected."""
@@ -154,6 +177,7 @@ def load_version(name: str, version: int, folder: Path, versions: list[int],
     try:
         loaded = tf.saved_model.load(str(folder))
         signature = loaded.signatures[SIGNATURE]
+        signature_defs = read_signature_defs(folder)
     except Exception as err:  # noqa: BLE001 - TensorFlow raises many types for bad files
         raise VersionRejected(f"SavedModel does not load: {type(err).__name__}: "
                               f"{str(err).splitlines()[0][:200]}") from None
@@ -163,16 +187,25 @@ def load_version(name: str, version: int, folder: Path, versions: list[int],
     expected = metadata["summary"]["totals"]["params"]
     if count != expected:
         raise VersionRejected(f"SavedModel has {count} parameters, metadata says {expected}")
-    model = LoadedModel(name, version, folder, metadata, 0.0, versions, signature, loaded)
+    model = LoadedModel(name, version, folder, metadata, 0.0, versions, signature_defs,
+                        signature, loaded)
     model.warm_up(warm_up_to)  # the first request must not pay for tracing and allocation
     model.load_seconds = time.perf_counter() - started
     return model
 
 
-def load_best_version(model_dir: Path, warm_up_to: int = 1) -> LoadedModel | None:
-    """The highest version of one model that passes every check, or None."""
+def load_versions(model_dir: Path, policy: VersionPolicy, warm_up_to: int = 1
+                  ) -> dict[int, LoadedModel]:
+    """The versions of one model the policy asks for and that pass every check."""
     versions = version_folders(model_dir)
-    for version in versions:
+    if policy.versions is not None:
+        for missing in sorted(policy.versions - set(versions)):
+            log.warning("%s has no version %d (MODEL_VERSION_POLICY %s)", model_dir.name,
+                        missing, policy.text)
+    loaded: dict[int, LoadedModel] = {}
+    for version in policy.candidates(versions):
+        if policy.satisfied(len(loaded)):
+            break
         folder = model_dir / str(version)
         try:
             model = load_version(model_dir.name, version, folder, sorted(versions),
@@ -181,25 +214,27 @@ def load_best_version(model_dir: Path, warm_up_to: int = 1) -> LoadedModel | Non
             log.warning("skipping %s: %s", folder, reason)
             continue
         log.info("loaded %s version %d in %.2f s", model_dir.name, version, model.load_seconds)
-        return model
-    return None
+        loaded[version] = model
+    return loaded
 
 
 class ModelStore:
-    """The models this worker serves, loaded once, looked up by name.
+    """The models this worker serves, loaded once, looked up by name and version.
 
     Flask-style extension: ``init_app`` attaches it to the app; ``load`` runs in each
     worker after the fork.
     """
 
     def __init__(self, models_dir: Path, default_name: str, tf_threads: int = 1,
-                 batch_max_size: int = 1, batch_timeout_ms: float = 0.0):
+                 batch_max_size: int = 1, batch_timeout_ms: float = 0.0,
+                 policy: VersionPolicy | None = None):
         self.models_dir = Path(models_dir)
         self.tf_threads = tf_threads
         self.batch_max_size = batch_max_size
         self.batch_timeout_ms = batch_timeout_ms
         self.default_name = default_name
-        self.models: dict[str, LoadedModel] = {}
+        self.policy = policy or VersionPolicy.parse("latest")
+        self.versions: dict[str, dict[int, LoadedModel]] = {}
         self.rejected: dict[str, str] = {}
         self._loaded = threading.Event()
 
@@ -207,7 +242,7 @@ class ModelStore:
         app.extensions["model_store"] = self
 
     def load(self) -> None:
-        """Load the best version of every model folder under models_dir."""
+        """Load the versions the policy asks for of every model folder under models_dir."""
         limit_threads(self.tf_threads)
         if not self.models_dir.is_dir():
             log.warning("MODELS_DIR %s does not exist: nothing to serve", self.models_dir)
@@ -217,36 +252,51 @@ class ModelStore:
                     continue
                 # Sizes up to a full micro-batch; bigger bulk requests are rarer and pay
                 # their first call once (warming up to 256 costs ~60 MB per worker).
-                model = load_best_version(model_dir, self.batch_max_size)
-                if model is None:
+                loaded = load_versions(model_dir, self.policy, self.batch_max_size)
+                if not loaded:
                     self.rejected[model_dir.name] = "no complete version"
                     continue
-                if self.batch_max_size > 1:
-                    model.batcher = MicroBatcher(model.predict, self.batch_max_size,
-                                                 self.batch_timeout_ms, name=model.name)
-                self.models[model_dir.name] = model
+                for model in loaded.values():
+                    if self.batch_max_size > 1:
+                        model.batcher = MicroBatcher(model.predict, self.batch_max_size,
+                                                     self.batch_timeout_ms, name=model.name)
+                self.versions[model_dir.name] = dict(sorted(loaded.items()))
         self._loaded.set()
 
     def close(self) -> None:
         """Answer queued requests and stop the batchers (at worker shutdown)."""
-        for model in self.models.values():
-            if model.batcher is not None:
-                model.batcher.close()
+        for versions in self.versions.values():
+            for model in versions.values():
+                if model.batcher is not None:
+                    model.batcher.close()
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """Each model's highest loaded version: what a request without a version gets."""
+        return {name: versions[max(versions)] for name, versions in self.versions.items()}
 
     @property
     def ready(self) -> bool:
         """True once loading finished and the default model is servable."""
-        return self._loaded.is_set() and self.default_name in self.models
+        return self._loaded.is_set() and self.default_name in self.versions
 
-    def get(self, name: str | None = None) -> LoadedModel:
-        """The named (or default) model; raises ModelNotFound or ModelNotReady."""
+    def get(self, name: str | None = None, version: int | None = None) -> LoadedModel:
+        """The named (or default) model at ``version`` (or its highest loaded one);
+        raises ModelNotFound or ModelNotReady."""
         name = name or self.default_name
-        if name in self.models:
-            return self.models[name]
+        versions = self.versions.get(name)
+        if versions is not None:
+            if version is None:
+                return versions[max(versions)]
+            if version in versions:
+                return versions[version]
+            raise ModelNotFound(
+                f"version {version} of {name!r} is not loaded (loaded: "
+                f"{', '.join(map(str, versions))}; MODEL_VERSION_POLICY {self.policy.text})")
         if not self._loaded.is_set():
             raise ModelNotReady("models are still loading")
         if name == self.default_name:
             raise ModelNotReady(f"the default model {name!r} has no servable version in "
                                 f"{self.models_dir}; train one with `make train`")
-        known = ", ".join(sorted(self.models)) or "none"
+        known = ", ".join(sorted(self.versions)) or "none"
         raise ModelNotFound(f"no model named {name!r} (served: {known})")

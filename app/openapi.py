@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from app import __version__
 from app.config import Config
 
 IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff"]
@@ -108,7 +109,7 @@ def openapi_spec(config: Config) -> dict:
     return {
         "openapi": "3.1.0",
         "x-web-pages": ["/", "/model"],
-        "info": {"title": "MNIST digit recognition", "version": "1.0.0",
+        "info": {"title": "MNIST digit recognition", "version": __version__,
                  "description": f"Limits: body {config.max_content_length} bytes, "
                                 f"{config.max_batch} images per request, "
                                 f"{config.max_image_pixels} pixels per image."},

@@ -1,4 +1,4 @@
-"""POST /predict and POST /models/<name>/predict: images in, digits out."""
+"""POST /predict and /models/<name>[/versions/<v>]/predict: images in, digits out."""
 
 from __future__ import annotations
 
@@ -8,22 +8,13 @@ import io
 import numpy as np
 from flask import Blueprint, jsonify, request
 from PIL import Image
-from werkzeug.formparser import FormDataParser
 
-from app.api.common import ArrivalOrderMultiDict, metrics, settings, store
-from app.errors import InvalidInput, UnsupportedMediaType
-from app.inputs import MULTIPART_TYPE, Limits, gunzip, read_request
+from app.api.common import store
+from app.api.inference import Parsed, infer, limits, preprocess_flag
+from app.errors import InvalidInput
+from app.inputs import read_request
 
 bp = Blueprint("predict", __name__)
-PREPROCESS_VALUES = {"auto": True, "none": False}
-
-
-def preprocess_flag() -> bool:
-    """``?preprocess=auto`` (default) or ``none``; raises InvalidInput otherwise."""
-    value = request.args.get("preprocess", "auto")
-    if value not in PREPROCESS_VALUES:
-        raise InvalidInput(f"preprocess must be 'auto' or 'none', got {value!r}")
-    return PREPROCESS_VALUES[value]
 
 
 def explain_flag() -> bool:
@@ -51,42 +42,17 @@ def predictions(probabilities: np.ndarray) -> list[dict]:
                                strict=True)]
 
 
-def multipart_files(body: bytes) -> list[bytes]:
-    """The file parts of a multipart body we had to decompress ourselves, in order."""
-    parser = FormDataParser(cls=ArrivalOrderMultiDict)
-    _, _, files = parser.parse(io.BytesIO(body), request.mimetype, len(body),
-                               request.mimetype_params)
-    return [part.read() for _, part in files.arrival]
-
-
-def body_and_files(limit: int) -> tuple[bytes, list[bytes]]:
-    """The request's bytes and file parts, gunzipped when Content-Encoding says gzip."""
-    encoding = (request.content_encoding or "identity").lower()
-    if encoding == "gzip":
-        body = gunzip(request.get_data(cache=False), limit)
-        return body, multipart_files(body) if request.mimetype == MULTIPART_TYPE else []
-    if encoding != "identity":
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported: "
-                                   "send gzip or no encoding")
-    files = [part.read() for _, part in request.files.arrival]  # in the order sent
-    return (b"" if files else request.get_data(cache=False)), files
-
-
 @bp.post("/predict")
 @bp.post("/models/<name>/predict")
-def predict(name: str | None = None):
-    model = store().get(name)
-    config = settings()
-    limits = Limits(config.max_batch, config.max_image_pixels, config.max_request_pixels)
-    preprocess, explain = preprocess_flag(), explain_flag()
-    with model.slot() as slot:
-        body, files = body_and_files(config.max_content_length)
-        images = read_request(request.mimetype, body, files, limits, preprocess)
-        probabilities = slot.run(images)
-    metrics().images.labels(model.name, str(model.version)).inc(len(images))
+@bp.post("/models/<name>/versions/<int:version>/predict")
+def predict(name: str | None = None, version: int | None = None):
+    model = store().get(name, version)
+    bounds, preprocess, explain = limits(), preprocess_flag(), explain_flag()
+    parsed, probabilities = infer(model, lambda body, files: Parsed(read_request(
+        request.mimetype, body, files, bounds, preprocess)))
     answers = predictions(probabilities)
     if explain:
-        for answer, image in zip(answers, images, strict=True):
+        for answer, image in zip(answers, parsed.images, strict=True):
             answer["input_png"] = as_png_base64(image)
     return jsonify({"model": {"name": model.name, "version": model.version},
                     "predictions": answers})

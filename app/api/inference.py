@@ -1,0 +1,84 @@
+"""The one path every protocol's inference takes: body → images → model → probabilities.
+
+/predict, TensorFlow Serving's ``:predict`` and the Open Inference Protocol's ``/infer``
+differ only in how they read images out of a body and how they write the answer; the
+body limits, decompression, micro-batching and metrics are here, once.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+from flask import request
+from werkzeug.formparser import FormDataParser
+
+from app.api.common import ArrivalOrderMultiDict, metrics, settings
+from app.errors import InvalidInput, UnsupportedMediaType
+from app.inputs import MULTIPART_TYPE, WBITS, Limits, decompress
+from app.model_store import LoadedModel
+
+PREPROCESS_VALUES = {"auto": True, "none": False}
+
+
+
+class Parsed(NamedTuple):
+    """A request body as read: its images in model form, and whatever else the protocol
+    needs to write its answer (the requested outputs, the answer's format)."""
+
+    images: np.ndarray
+    details: Any = None
+
+
+# Reads a request from its (decompressed) body and multipart file parts.
+Reader = Callable[[bytes, list[bytes]], Parsed]
+
+
+def preprocess_flag() -> bool:
+    """``?preprocess=auto`` (default) or ``none``; raises InvalidInput otherwise."""
+    value = request.args.get("preprocess", "auto")
+    if value not in PREPROCESS_VALUES:
+        raise InvalidInput(f"preprocess must be 'auto' or 'none', got {value!r}")
+    return PREPROCESS_VALUES[value]
+
+
+def limits() -> Limits:
+    config = settings()
+    return Limits(config.max_batch, config.max_image_pixels, config.max_request_pixels)
+
+
+def multipart_files(body: bytes) -> list[bytes]:
+    """The file parts of a multipart body we had to decompress ourselves, in order."""
+    parser = FormDataParser(cls=ArrivalOrderMultiDict)
+    _, _, files = parser.parse(io.BytesIO(body), request.mimetype, len(body),
+                               request.mimetype_params)
+    return [part.read() for _, part in files.arrival]
+
+
+def body_and_files(limit: int) -> tuple[bytes, list[bytes]]:
+    """The request's bytes and file parts, decompressed when Content-Encoding says so."""
+    encoding = (request.content_encoding or "identity").lower()
+    if encoding in WBITS:
+        body = decompress(request.get_data(cache=False), encoding, limit)
+        return body, multipart_files(body) if request.mimetype == MULTIPART_TYPE else []
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported: "
+                                   "send gzip, deflate or no encoding")
+    files = [part.read() for _, part in request.files.arrival]  # in the order sent
+    return (b"" if files else request.get_data(cache=False)), files
+
+
+def infer(model: LoadedModel, read: Reader) -> tuple[Parsed, np.ndarray]:
+    """(the request as read, probabilities) for this request's body, read by ``read``.
+
+    The body is read inside the model's batching slot, so that requests still
+    uploading count as arriving and a forming batch waits for them (app/batching.py).
+    """
+    with model.slot() as slot:
+        body, files = body_and_files(settings().max_content_length)
+        parsed = read(body, files)
+        probabilities = slot.run(parsed.images)
+    metrics().images.labels(model.name, str(model.version)).inc(len(parsed.images))
+    return parsed, probabilities

@@ -1,0 +1,65 @@
+"""Open Inference Protocol (KServe V2) endpoints under /v2 (app/protocols/open_inference.py)."""
+
+from __future__ import annotations
+
+import orjson
+from flask import Blueprint, Response, jsonify, request
+
+from app import SERVICE_NAME, __version__
+from app.api.common import store
+from app.api.inference import Parsed, infer, limits, preprocess_flag
+from app.errors import ModelNotReady
+from app.protocols import open_inference
+
+bp = Blueprint("open_inference", __name__, url_prefix="/v2")
+
+
+@bp.get("")
+def server_metadata():
+    return jsonify(open_inference.server_metadata(SERVICE_NAME, __version__))
+
+
+@bp.get("/health/live")
+def live():
+    return jsonify({"live": True})
+
+
+@bp.get("/health/ready")
+def ready():
+    """Ready when the default model is loaded; 503 (the protocol's "not ready") before."""
+    models = store()
+    if not models.ready:
+        raise ModelNotReady(f"default model {models.default_name!r} is not loaded")
+    return jsonify({"ready": True})
+
+
+@bp.get("/models/<name>")
+@bp.get("/models/<name>/versions/<int:version>")
+def model_metadata(name: str, version: int | None = None):
+    models = store()
+    model = models.get(name, version)
+    return jsonify(open_inference.model_metadata(model, list(models.versions[name])))
+
+
+@bp.get("/models/<name>/ready")
+@bp.get("/models/<name>/versions/<int:version>/ready")
+def model_ready(name: str, version: int | None = None):
+    """A model (version) is ready once loaded; it is never loaded half-way."""
+    model = store().get(name, version)
+    return jsonify({"name": model.name, "version": str(model.version), "ready": True})
+
+
+@bp.post("/models/<name>/infer")
+@bp.post("/models/<name>/versions/<int:version>/infer")
+def infer_(name: str, version: int | None = None):
+    model = store().get(name, version)
+    bounds, preprocess = limits(), preprocess_flag()
+    header_length = request.headers.get(open_inference.HEADER_LENGTH)
+    parsed, probabilities = infer(model, lambda body, _files: Parsed(
+        *open_inference.read_infer(body, header_length, bounds, preprocess, model)))
+    header, binary = open_inference.infer_response(model, parsed.details, probabilities)
+    if not binary:
+        return jsonify(header)
+    encoded = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(encoded + binary, mimetype="application/octet-stream",
+                    headers={open_inference.HEADER_LENGTH: str(len(encoded))})

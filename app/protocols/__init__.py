@@ -1,0 +1,1 @@
+"""Other servers' wire formats, as pure functions of bodies and loaded models."""
