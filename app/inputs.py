@@ -201,7 +201,7 @@ def from_numbers(array: np.ndarray, limits: Limits, what: str) -> np.ndarray:
         array = array.reshape(-1, SIDE, SIDE)
     if array.ndim != 3 or array.shape[1:] != (SIDE, SIDE):
         raise UnprocessableInput(f"{what}: expected N×28×28, N×28×28×1 or N×784, got "
-                                 f"{'×'.join(map(str, shape))}")
+                                 f"{'×'.join(map(str, shape)) or 'a scalar'}")
     _check_batch(len(array), limits)
     array = array / 255.0 if array.dtype == np.uint8 else array.astype(np.float64)
     return _checked_values(array, what)[..., np.newaxis]

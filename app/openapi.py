@@ -37,7 +37,19 @@ BATCH_SIZE = {"name": "batch_size", "in": "query", "required": False,
               "schema": {"type": "integer", "minimum": 1, "default": 1},
               "description": "Batch size the memory estimates are scaled for"}
 
+VERSION = {"name": "version", "in": "path", "required": True,
+           "schema": {"type": "integer", "minimum": 0},
+           "description": "A loaded version (see MODEL_VERSION_POLICY)"}
+TF_SERVING_DOCS = {"description": "TensorFlow Serving REST API",
+                   "url": "https://www.tensorflow.org/tfx/serving/api_rest"}
+V2_DOCS = {"description": "Open Inference Protocol (KServe V2)",
+           "url": "https://kserve.github.io/website/docs/concepts/architecture/data-plane/"
+                  "v2-protocol"}
+
 SCHEMAS = {
+    "PlainError": {"type": "object", "required": ["error"],
+                   "properties": {"error": {"type": "string"}},
+                   "description": "The error shape of TF Serving and the V2 protocol"},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
@@ -63,7 +75,10 @@ SCHEMAS = {
              "properties": {"b64": {"type": "string", "contentEncoding": "base64"}}}]}}}},
     "ModelInfo": {"type": "object", "properties": {
         "name": {"type": "string"}, "version": {"type": "integer"},
-        "versions": {"type": "array", "items": {"type": "integer"}},
+        "versions": {"type": "array", "items": {"type": "integer"},
+                     "description": "version folders on disk"},
+        "loaded_versions": {"type": "array", "items": {"type": "integer"},
+                            "description": "those MODEL_VERSION_POLICY loaded"},
         "arch": {"type": "string"}, "created": {"type": "string"},
         "test_accuracy": {"type": "number"}, "load_seconds": {"type": "number"},
         "input": {"type": "object"},
@@ -104,6 +119,49 @@ def _get(summary: str, schema: dict, parameters: list | None = None, errors=(404
                     "responses": {"200": _json(schema, "OK"), **_errors(*errors)}}}
 
 
+def _protocol(method: str, summary: str, docs: dict, parameters: list,
+              body: bool = False) -> dict:
+    """An endpoint of another server's protocol: its documentation is the schema."""
+    plain = {str(s): _json(_ref("PlainError"), "Error") for s in (400, 404, 413, 422, 503)}
+    operation = {"summary": summary, "externalDocs": docs, "parameters": parameters,
+                 "responses": {"200": _json({"type": "object"}, "As the protocol defines"),
+                               **plain}}
+    if body:
+        operation["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {
+                "type": "string", "format": "binary",
+                "description": "V2 binary tensor extension"}}}}
+    return {method: operation}
+
+
+def _protocol_paths() -> dict:
+    tf, v2 = TF_SERVING_DOCS, V2_DOCS
+    paths = {}
+    for prefix, params in (("/{name}", [NAME]), ("/{name}/versions/{version}",
+                                                  [NAME, VERSION])):
+        paths.update({
+            f"/v1/models{prefix}": _protocol("get", "Model version status", tf, params),
+            f"/v1/models{prefix}/metadata": _protocol("get", "SignatureDefs", tf, params),
+            f"/v1/models{prefix}:predict": _protocol(
+                "post", "Predict (instances or inputs)", tf, [*params, PREPROCESS], True),
+            f"/v2/models{prefix}": _protocol("get", "Model metadata", v2, params),
+            f"/v2/models{prefix}/ready": _protocol("get", "Model readiness", v2, params),
+            f"/v2/models{prefix}/infer": _protocol(
+                "post", "Inference on FP32/UINT8 or BYTES (image) tensors", v2,
+                [*params, PREPROCESS], True),
+        })
+    paths.update({
+        "/v2": _protocol("get", "Server metadata", v2, []),
+        "/v2/health/live": _protocol("get", "Liveness", v2, []),
+        "/v2/health/ready": _protocol("get", "Readiness", v2, []),
+        "/models/{name}/versions/{version}/predict": _predict_operation(
+            "Classify images with one version of a model", [NAME, VERSION, PREPROCESS,
+                                                             EXPLAIN]),
+    })
+    return paths
+
+
 def openapi_spec(config: Config) -> dict:
     """The document; limits are filled in from the running configuration."""
     return {
@@ -139,6 +197,7 @@ def openapi_spec(config: Config) -> dict:
                 "description": "Prometheus text format",
                 "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": _get("This document", {"type": "object"}, errors=()),
+            **_protocol_paths(),
         },
         "components": {"schemas": SCHEMAS},
     }

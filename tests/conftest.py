@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -189,5 +190,29 @@ def stop_server(server: Server) -> None:
 def server(served_models, tmp_path_factory):
     """gunicorn with two workers serving the trained models, for the whole session."""
     running = start_server(served_models, tmp_path_factory.mktemp("server") / "gunicorn.log")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def url(server) -> str:
+    return server.url
+
+
+@pytest.fixture(scope="session")
+def two_versions(served_models, tmp_path_factory) -> Path:
+    """A MODELS_DIR where model ``digits`` has two real, different versions: version 1 is
+    the trained tiny net, version 2 the trained CNN (so each answers recognisably)."""
+    models_dir = tmp_path_factory.mktemp("two_versions")
+    shutil.copytree(served_models / "mnist_tiny" / "1", models_dir / "digits" / "1")
+    shutil.copytree(served_models / "mnist_cnn" / "1", models_dir / "digits" / "2")
+    return models_dir
+
+
+@pytest.fixture(scope="session")
+def pinning_server(two_versions, tmp_path_factory):
+    """gunicorn loading both versions of ``digits`` (MODEL_VERSION_POLICY=all)."""
+    running = start_server(two_versions, tmp_path_factory.mktemp("pinning") / "gunicorn.log",
+                           MODEL_NAME="digits", MODEL_VERSION_POLICY="all", WORKERS="1")
     yield running
     stop_server(running)

@@ -40,7 +40,9 @@ def sample_folder(tmp_path_factory):
 def test_the_readme_has_examples_for_every_input_form():
     commands = " ".join(readme_commands())
     for form in ("-F image=@", "--data-binary", '\\"b64\\"', "instances", "preprocess=none",
-                 "/summary", "/models", "/ready", "/metrics"):
+                 "/summary", "/models", "/ready", "/metrics", "/v1/models/mnist_cnn:predict",
+                 "/v1/models/mnist_cnn/metadata", "/v2/models/mnist_cnn/infer",
+                 "/v2/health/ready"):
         assert form in commands, form
 
 
@@ -56,5 +58,30 @@ def test_a_readme_example_answers_without_error(command, server, sample_folder):
         return
     body = json.loads(result.stdout)
     assert "error" not in body, body
-    if "predict" in command:
+    if "/v1/" in command and ":predict" in command:  # TF Serving: ten probabilities each
+        rows = body.get("predictions", body.get("outputs"))
+        assert rows and all(len(row) == 10 for row in rows), body
+    elif "/infer" in command:
+        assert body["outputs"][0]["shape"][1:] == [10], body
+    elif "predict" in command:
         assert all(0 <= p["digit"] <= 9 for p in body["predictions"])
+
+
+def readme_client_programs() -> list[str]:
+    """The README's Python blocks that use a real protocol client against the server."""
+    text = (ROOT / "README.md").read_text()
+    return [block for block in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+            if "tritonclient" in block]
+
+
+def test_the_readme_has_a_tritonclient_example():
+    assert len(readme_client_programs()) == 1
+
+
+@pytest.mark.parametrize("program", readme_client_programs())
+def test_a_readme_client_program_runs(program, server, sample_folder):
+    host = server.url.removeprefix("http://")
+    result = subprocess.run([sys.executable, "-c", program.replace("localhost:8000", host)],
+                            cwd=sample_folder, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "[7]" in result.stdout and "True" in result.stdout, result.stdout

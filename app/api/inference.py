@@ -66,8 +66,11 @@ def body_and_files(limit: int) -> tuple[bytes, list[bytes]]:
     if encoding != "identity":
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported: "
                                    "send gzip, deflate or no encoding")
-    files = [part.read() for _, part in request.files.arrival]  # in the order sent
-    return (b"" if files else request.get_data(cache=False)), files
+    if request.mimetype == MULTIPART_TYPE:
+        return b"", [part.read() for _, part in request.files.arrival]  # in the order sent
+    # Read raw whatever the Content-Type says: TF Serving's own examples post JSON with
+    # `curl -d`, which labels it a form; a form parser would swallow the body.
+    return request.get_data(cache=False), []
 
 
 def infer(model: LoadedModel, read: Reader) -> tuple[Parsed, np.ndarray]:

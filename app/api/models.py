@@ -22,6 +22,7 @@ def describe(model: LoadedModel) -> dict:
         "name": model.name,
         "version": model.version,
         "versions": model.available_versions,
+        "loaded_versions": list(store().versions.get(model.name, {})),
         "arch": metadata.get("arch"),
         "created": metadata.get("created"),
         "test_accuracy": metadata.get("test", {}).get("accuracy"),

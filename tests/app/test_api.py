@@ -19,11 +19,6 @@ IMAGE_FORMATS = [("image/png", "PNG"), ("image/jpeg", "JPEG"), ("image/gif", "GI
 
 
 @pytest.fixture(scope="module")
-def url(server):
-    return server.url
-
-
-@pytest.fixture(scope="module")
 def seven(mnist):
     """The first test digit, a clear 7, as black ink on white paper."""
     assert mnist.y_test[0] == 7
@@ -77,7 +72,14 @@ def test_openapi_document_is_valid_and_covers_every_route(url, server):
     assert set(spec["paths"]) == {
         "/predict", "/models/{name}/predict", "/summary", "/models/{name}/summary",
         "/models", "/models/{name}", "/health", "/ready", "/metrics", "/openapi.json",
-        "/models/{name}/plots/{plot}.png"}
+        "/models/{name}/plots/{plot}.png", "/models/{name}/versions/{version}/predict",
+        "/v1/models/{name}", "/v1/models/{name}/metadata", "/v1/models/{name}:predict",
+        "/v1/models/{name}/versions/{version}", "/v1/models/{name}/versions/{version}/metadata",
+        "/v1/models/{name}/versions/{version}:predict",
+        "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
+        "/v2/models/{name}/ready", "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}", "/v2/models/{name}/versions/{version}/ready",
+        "/v2/models/{name}/versions/{version}/infer"}
 
 
 # --- summary ---------------------------------------------------------------------------

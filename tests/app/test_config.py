@@ -17,6 +17,7 @@ def test_defaults_need_no_environment():
     assert config.max_image_pixels == 40_000_000
     assert (config.batch_max_size, config.batch_timeout_ms) == (64, 2)
     assert (config.workers, config.threads, config.tf_threads) == (2, 16, 1)
+    assert config.model_version_policy == "latest"
 
 
 def test_variables_are_read_by_their_upper_case_names():
@@ -38,6 +39,7 @@ def test_empty_variables_keep_the_default():
     ("BATCH_MAX_SIZE", "0", "BATCH_MAX_SIZE must be a positive"),
     ("BATCH_TIMEOUT_MS", "-1", "BATCH_TIMEOUT_MS must be 0 or more"),
     ("WORKERS", "0", "WORKERS must be a positive"),
+    ("MODEL_VERSION_POLICY", "newest", "MODEL_VERSION_POLICY: expected 'latest'"),
 ])
 def test_bad_values_name_the_variable(variable, value, words):
     with pytest.raises(ConfigError, match=words):

@@ -1,4 +1,4 @@
-"""app/model_store.py: the highest complete version of each model; broken ones skipped."""
+"""app/model_store.py: the versions the policy names, each complete; broken ones skipped."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from app.errors import ModelNotFound, ModelNotReady
 from app.model_store import ModelStore
+from app.version_policy import VersionPolicy
 from training.data import to_model_input
 
 
@@ -27,8 +28,8 @@ def add_version(models_dir, version: int):
     return target
 
 
-def loaded(models_dir) -> ModelStore:
-    store = ModelStore(models_dir, "mnist_tiny")
+def loaded(models_dir, policy: str = "latest") -> ModelStore:
+    store = ModelStore(models_dir, "mnist_tiny", policy=VersionPolicy.parse(policy))
     store.load()
     return store
 
@@ -123,3 +124,44 @@ def test_outputs_match_the_keras_model(models_dir, mnist):
     served = loaded(models_dir).get().predict(images)
     reference = keras.saving.load_model(folder / "model.keras").predict(images, verbose=0)
     np.testing.assert_allclose(served, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    ("latest", [3]), ("latest:2", [2, 3]), ("all", [1, 2, 3]), ("1,3", [1, 3]),
+    ("3,9", [3]),
+])
+def test_the_version_policy_picks_what_is_loaded(models_dir, policy, expected):
+    add_version(models_dir, 2)
+    add_version(models_dir, 3)
+    store = loaded(models_dir, policy)
+    assert list(store.versions["mnist_tiny"]) == expected
+    assert store.get().version == expected[-1]  # a request without a version: the highest
+    assert [store.get("mnist_tiny", v).version for v in expected] == expected
+
+
+def test_a_version_the_policy_left_out_is_not_found(models_dir):
+    add_version(models_dir, 2)
+    with pytest.raises(ModelNotFound, match=r"version 1 of 'mnist_tiny' is not loaded"):
+        loaded(models_dir).get("mnist_tiny", 1)
+
+
+def test_latest_n_skips_a_broken_version_and_takes_the_next(models_dir):
+    add_version(models_dir, 2)
+    mutilate_missing_pb(add_version(models_dir, 3))
+    add_version(models_dir, 4)
+    assert list(loaded(models_dir, "latest:2").versions["mnist_tiny"]) == [2, 4]
+
+
+def test_a_listed_version_that_does_not_exist_is_logged(models_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="app.model_store"):
+        store = loaded(models_dir, "1,5")
+    assert list(store.versions["mnist_tiny"]) == [1]
+    assert "has no version 5" in caplog.text
+
+
+def test_the_signature_defs_are_read_from_the_saved_model(models_dir):
+    model = loaded(models_dir).get()
+    signature = model.signature_defs["serving_default"]
+    assert list(signature["inputs"]) == [model.input_name] == ["image"]
+    assert model.output_name == "output_0"
+    assert signature["inputs"]["image"]["dtype"] == "DT_FLOAT"

@@ -1,0 +1,206 @@
+"""The Open Inference Protocol (KServe V2), driven by NVIDIA's own client, tritonclient.
+
+Nothing here builds V2 requests by hand except the error cases: ``tritonclient.http``
+(from PyPI) talks to a real gunicorn exactly as it talks to Triton, with its defaults
+(binary tensor data) and without them (JSON).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.restyle import encode, ink_on_paper
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with triton.InferenceServerClient(server.url.removeprefix("http://")) as connection:
+        yield connection
+
+
+@pytest.fixture(scope="module")
+def digits(mnist) -> tuple[np.ndarray, np.ndarray]:
+    """64 real test digits as the model's input, [64, 28, 28, 1] FP32, and their labels."""
+    return (mnist.x_test[:64, ..., None] / 255.0).astype(np.float32), mnist.y_test[:64]
+
+
+@pytest.fixture(scope="module")
+def reference(url, digits) -> np.ndarray:
+    """/predict's probabilities for the same digits."""
+    response = requests.post(url + "/predict", json={"instances": digits[0].tolist()},
+                             timeout=30)
+    assert response.status_code == 200, response.text
+    return np.array([p["probabilities"] for p in response.json()["predictions"]])
+
+
+def tensor(array: np.ndarray, datatype: str, binary: bool = True) -> triton.InferInput:
+    infer_input = triton.InferInput("image", list(array.shape), datatype)
+    infer_input.set_data_from_numpy(array, binary_data=binary)
+    return infer_input
+
+
+def assert_v2_error(response: requests.Response, status: int, *words: str) -> None:
+    """The protocol's error format: {"error": "<message>"}."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert list(body) == ["error"] and isinstance(body["error"], str)
+    for word in words:
+        assert word in body["error"], body["error"]
+
+
+def test_server_is_live_and_ready(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+
+
+def test_server_metadata_names_the_extensions_spoken(client):
+    metadata = client.get_server_metadata()
+    assert metadata["name"] == "mnist-digits" and metadata["version"]
+    assert set(metadata["extensions"]) == {"binary_tensor_data", "classification"}
+
+
+def test_model_readiness(client):
+    assert client.is_model_ready("mnist_cnn")
+    assert client.is_model_ready("mnist_cnn", "1")
+    assert not client.is_model_ready("mnist_cnn", "9")
+    assert not client.is_model_ready("no_such_model")
+
+
+def test_model_metadata_describes_the_saved_signature(client):
+    assert client.get_model_metadata("mnist_cnn") == {
+        "name": "mnist_cnn", "versions": ["1"], "platform": "tensorflow_savedmodel",
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28, 1]}],
+        "outputs": [{"name": "output_0", "datatype": "FP32", "shape": [-1, 10]}]}
+
+
+def test_binary_fp32_inference_on_real_digits(client, digits, reference):
+    """tritonclient's defaults: binary tensor data both ways."""
+    images, labels = digits
+    result = client.infer("mnist_cnn", [tensor(images, "FP32")])
+    probabilities = result.as_numpy("output_0")
+    assert probabilities.shape == (64, 10) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, reference, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == labels).mean() >= 0.9
+    assert result.get_response()["model_version"] == "1"
+
+
+def test_json_fp32_inference(client, digits, reference):
+    images, _ = digits
+    result = client.infer("mnist_cnn", [tensor(images[:8], "FP32", binary=False)],
+                          outputs=[triton.InferRequestedOutput("output_0", binary_data=False)])
+    output = result.get_response()["outputs"][0]
+    assert output["shape"] == [8, 10] and output["datatype"] == "FP32"
+    assert len(output["data"]) == 80  # flat, row-major
+    np.testing.assert_allclose(result.as_numpy("output_0"), reference[:8], atol=1e-5)
+
+
+def test_28x28_and_flat_uint8_pixels_are_the_same_digits(client, mnist, reference):
+    pixels = mnist.x_test[:64]
+    for array in (pixels, pixels.reshape(64, 784)):
+        result = client.infer("mnist_cnn", [tensor(array, "UINT8")])
+        np.testing.assert_allclose(result.as_numpy("output_0"), reference, atol=1e-5)
+
+
+def test_bytes_tensors_of_encoded_images_are_preprocessed(client, mnist):
+    """A BYTES tensor of PNG/JPEG files: the /predict path, through the V2 protocol."""
+    rng = np.random.default_rng(2)
+    files = [encode(ink_on_paper(digit, rng), fmt)
+             for digit, fmt in zip(mnist.x_test[:16], ["PNG", "JPEG"] * 8, strict=True)]
+    for binary in (True, False):  # raw bytes in binary; base64 strings in JSON
+        blobs = np.array(files if binary else [base64.b64encode(f) for f in files],
+                         dtype=object)
+        result = client.infer("mnist_cnn", [tensor(blobs, "BYTES", binary)])
+        predicted = result.as_numpy("output_0").argmax(axis=1)
+        assert (predicted == mnist.y_test[:16]).mean() >= 15 / 16
+
+
+def test_classification_extension_gives_the_top_k(client, digits):
+    images = [tensor(digits[0][:4], "FP32")]
+    full = client.infer("mnist_cnn", images).as_numpy("output_0")  # unrounded float32
+    result = client.infer("mnist_cnn", images,
+                          outputs=[triton.InferRequestedOutput("output_0", class_count=3)])
+    top = result.as_numpy("output_0")
+    assert top.shape == (4, 3)
+    for row, expected in zip(top, full, strict=True):
+        scores, classes = zip(*(entry.decode().split(":") for entry in row), strict=True)
+        assert [int(c) for c in classes] == list(np.argsort(-expected, kind="stable")[:3])
+        np.testing.assert_allclose([float(s) for s in scores],
+                                   np.sort(expected)[::-1][:3], atol=1e-5)
+
+
+def test_request_id_and_compression(client, digits, reference):
+    images, _ = digits
+    for algorithm in ("gzip", "deflate"):
+        result = client.infer("mnist_cnn", [tensor(images[:2], "FP32")], request_id="req-7",
+                              request_compression_algorithm=algorithm)
+        assert result.get_response()["id"] == "req-7"
+        np.testing.assert_allclose(result.as_numpy("output_0"), reference[:2], atol=1e-5)
+
+
+def test_a_pinned_version_is_served_and_a_missing_one_is_404(client, digits):
+    images, _ = digits
+    result = client.infer("mnist_cnn", [tensor(images[:1], "FP32")], model_version="1")
+    assert result.get_response()["model_version"] == "1"
+    with pytest.raises(InferenceServerException) as missing:
+        client.infer("mnist_cnn", [tensor(images[:1], "FP32")], model_version="9")
+    assert missing.value.status() == "404" and "version 9" in missing.value.message()
+
+
+def test_client_errors_carry_the_servers_message(client, digits):
+    images, _ = digits
+    with pytest.raises(InferenceServerException) as unknown:
+        client.infer("no_such_model", [tensor(images[:1], "FP32")])
+    assert unknown.value.status() == "404" and "no_such_model" in unknown.value.message()
+    wrong_shape = triton.InferInput("image", [1, 27, 28], "FP32")
+    wrong_shape.set_data_from_numpy(np.zeros((1, 27, 28), np.float32))
+    with pytest.raises(InferenceServerException) as shape:
+        client.infer("mnist_cnn", [wrong_shape])
+    assert shape.value.status() == "422" and "27×28" in shape.value.message()
+
+
+INFER = "/v2/models/mnist_cnn/infer"
+ZEROS = {"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}
+
+
+@pytest.mark.parametrize(("body", "status", "word"), [
+    ({"inputs": [{**ZEROS, "name": "x"}]}, 400, "'image'"),
+    ({"inputs": [ZEROS, ZEROS]}, 400, "one input"),
+    ({"inputs": [{**ZEROS, "data": [0.0] * 700}]}, 400, "784"),
+    ({"inputs": [{**ZEROS, "datatype": "INT8"}]}, 400, "INT8"),
+    ({"inputs": [{**ZEROS, "shape": [1, -28, 28]}]}, 400, "shape"),
+    ({"inputs": [{**ZEROS, "data": ["a"] * 784}]}, 400, "FP32 numbers"),
+    ({"inputs": [{**ZEROS, "data": [2.0] * 784}]}, 422, "[0, 1]"),
+    ({"inputs": [ZEROS], "outputs": [{"name": "probabilities"}]}, 400, "output_0"),
+    ({"inputs": [ZEROS], "outputs": [{"name": "output_0",
+                                      "parameters": {"classification": 11}}]}, 400, "1 to 10"),
+    ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["!!"]}]},
+     400, "base64"),
+    ({"inputs": [{"name": "image", "shape": [2, 2], "datatype": "BYTES",
+                  "data": ["AA==", "AA==", "AA==", "AA=="]}]}, 400, "[N]"),
+    ({"instances": []}, 400, "inputs"),
+])
+def test_bad_inference_requests_get_the_protocols_error(url, body, status, word):
+    assert_v2_error(requests.post(url + INFER, json=body, timeout=10), status, word)
+
+
+def test_binary_data_must_match_its_declared_sizes(url):
+    header = (b'{"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", '
+              b'"parameters": {"binary_data_size": 3136}}]}')
+    for extra, word in ((b"\0" * 100, "runs past"), (b"\0" * 4000, "belong to no input")):
+        response = requests.post(url + INFER, data=header + extra, timeout=10, headers={
+            "Inference-Header-Content-Length": str(len(header))})
+        assert_v2_error(response, 400, word)
+    response = requests.post(url + INFER, data=header, timeout=10,
+                             headers={"Inference-Header-Content-Length": "99999"})
+    assert_v2_error(response, 400, "Inference-Header-Content-Length")
+
+
+def test_health_endpoints_answer_json(url):
+    assert requests.get(url + "/v2/health/live", timeout=5).json() == {"live": True}
+    assert requests.get(url + "/v2/health/ready", timeout=5).json() == {"ready": True}
