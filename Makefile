@@ -16,7 +16,7 @@ TRAIN_ARGS ?=
 SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve run test lint bench clean
+.PHONY: install system-tools train train-if-missing digits serve run test lint bench bench-protocols clean
 
 install: $(STAMP)
 
@@ -57,6 +57,10 @@ system-tools:
 # Our service against naive Flask servers and the model's compute limit (BENCHMARKS.md).
 bench: install system-tools train-if-missing
 	$(BIN)/python -m tests.bench
+
+# What each protocol's wire format costs against /predict (BENCHMARKS.md, "Protocols").
+bench-protocols: install system-tools train-if-missing
+	$(BIN)/python -m tests.bench.protocols
 
 lint: install
 	$(BIN)/ruff check .

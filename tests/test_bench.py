@@ -30,3 +30,21 @@ def test_the_bench_harness_measures_every_server_and_writes_its_table(served_mod
         assert float(row.split(" | ")[3]) > 0  # requests/s
     assert re.search(r"\| 256-image batch \(\.npy\) \| 2 \| ours \| \d+", text)
     assert re.search(r"Cold start .*ours \d+\.\d s", text)
+
+
+def test_the_protocol_bench_measures_every_format_against_its_baseline(served_models,
+                                                                       tmp_path):
+    output = tmp_path / "BENCH.md"
+    output.write_text("# Benchmarks\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.bench.protocols", "--models-dir", str(served_models),
+         "--seconds", "1", "--rounds", "1", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in output.read_text().splitlines()
+            if line.startswith("| one PNG") or line.startswith("| 64 digits")]
+    assert len(rows) == 10
+    for row in rows:
+        assert row[7] == "0", row  # errors
+        assert float(row[3]) > 0, row  # requests/s
+    assert [row[8] for row in rows if "(baseline)" in row[1]] == ["1.00× |", "1.00× |"]

@@ -51,7 +51,7 @@ def model_ready(name: str, version: int | None = None):
 
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<int:version>/infer")
-def infer_(name: str, version: int | None = None):
+def run_inference(name: str, version: int | None = None):
     model = store().get(name, version)
     bounds, preprocess = limits(), preprocess_flag()
     header_length = request.headers.get(open_inference.HEADER_LENGTH)

@@ -89,14 +89,17 @@ def worker_rss_mb(master: int) -> list[float]:
     return sizes
 
 
-def wrk(url: str, body: Path, content_type: str, connections: int, seconds: float) -> dict:
+def wrk(url: str, body: Path, content_type: str, connections: int, seconds: float,
+        path: str = "/predict", headers: dict[str, str] | None = None) -> dict:
     """One wrk run; returns requests/s, p50/p99 in ms and error count."""
+    extra = "\n".join(f"{name}: {value}" for name, value in (headers or {}).items())
     result = subprocess.run(
         ["wrk", "-t", str(min(2, connections)), "-c", str(connections),
          "-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(LUA),
-         url + "/predict"],
-        capture_output=True, text=True, env={**os.environ, "BENCH_BODY": str(body),
-                                             "BENCH_TYPE": content_type}, check=True)
+         url + path],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "BENCH_BODY": str(body), "BENCH_TYPE": content_type,
+             "BENCH_HEADERS": extra})
     line = next(x for x in result.stdout.splitlines() if x.startswith("BENCH "))
     stats = json.loads(line[len("BENCH "):])
     return {"rps": stats["requests"] / (stats["duration_us"] / 1e6),

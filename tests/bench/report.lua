@@ -1,10 +1,14 @@
--- wrk script: POST the body in $BENCH_BODY with Content-Type $BENCH_TYPE, then print
--- one JSON line of totals and latency percentiles for the harness to read.
+-- wrk script: POST the body in $BENCH_BODY with Content-Type $BENCH_TYPE (and the
+-- "Name: value" lines of $BENCH_HEADERS), then print one JSON line of totals and latency
+-- percentiles for the harness to read.
 local file = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
 wrk.method = "POST"
 wrk.body = file:read("*a")
 file:close()
 wrk.headers["Content-Type"] = os.getenv("BENCH_TYPE")
+for name, value in (os.getenv("BENCH_HEADERS") or ""):gmatch("([^:\n]+):%s*([^\n]+)") do
+  wrk.headers[name] = value
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors
