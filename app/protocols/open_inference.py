@@ -3,9 +3,10 @@
 https://kserve.github.io/website/docs/concepts/architecture/data-plane/v2-protocol
 
 Inputs: the model's one input (``image``) as a numeric tensor of MNIST-form digits —
-FP32/FP64/FP16 in [0, 1] or UINT8 pixels, shaped [N, 28, 28, 1], [N, 28, 28] or
-[N, 784] — or as a BYTES tensor [N] of encoded images (PNG, JPEG, …; base64 strings in
-JSON, raw bytes in binary), which get the same preprocessing as /predict.
+FP32/FP64/FP16 in [0, 1] or UINT8 pixels, shaped [N, 28, 28, 1], [N, 28, 28],
+[N, 1, 28, 28] or [N, 784] — or as a BYTES tensor [N] of encoded images (PNG, JPEG, …;
+base64 strings in JSON, raw bytes in binary), which get the same preprocessing as
+/predict.
 
 Two of Triton's extensions are spoken because its client uses them by default:
 *binary tensor data* (``Inference-Header-Content-Length``: a JSON header followed by raw
@@ -123,7 +124,8 @@ def _numbers(tensor: dict, raw: bytes | None, shape: list[int], name: str) -> np
                                f"{count * dtype.itemsize} bytes, got {len(raw)}")
         return np.frombuffer(raw, dtype).reshape(shape)
     try:
-        array = np.asarray(tensor.get("data"), dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # infinities get their own 422
+            array = np.asarray(tensor.get("data"), dtype=dtype)
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput(f"input {name!r}: data must be {tensor['datatype']} numbers, "
                            "flat or nested in row-major order") from None

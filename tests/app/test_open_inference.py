@@ -100,9 +100,9 @@ def test_json_fp32_inference(client, digits, reference):
     np.testing.assert_allclose(result.as_numpy("output_0"), reference[:8], atol=1e-5)
 
 
-def test_28x28_and_flat_uint8_pixels_are_the_same_digits(client, mnist, reference):
+def test_uint8_pixels_in_every_accepted_shape_are_the_same_digits(client, mnist, reference):
     pixels = mnist.x_test[:64]
-    for array in (pixels, pixels.reshape(64, 784)):
+    for array in (pixels, pixels.reshape(64, 784), pixels[:, None], pixels[..., None]):
         result = client.infer("mnist_cnn", [tensor(array, "UINT8")])
         np.testing.assert_allclose(result.as_numpy("output_0"), reference, atol=1e-5)
 

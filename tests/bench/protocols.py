@@ -92,7 +92,7 @@ def cases() -> list[Case]:
             (many, "V2 /infer, UINT8 binary", pixels, "UINT8", 64, 2)):
         body, headers = v2_binary(tensor, datatype)
         cases.append(Case(group, name, V2, binary, body, images, connections, headers))
-    return cases
+    return sorted(cases, key=lambda case: case.group != one)  # stable: baselines stay first
 
 
 def measure(url: str, plan: list[Case], scratch: Path, seconds: float, rounds: int
