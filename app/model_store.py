@@ -181,6 +181,10 @@ def load_version(name: str, version: int, folder: Path, versions: list[int],
     except Exception as err:  # noqa: BLE001 - TensorFlow raises many types for bad files
         raise VersionRejected(f"SavedModel does not load: {type(err).__name__}: "
                               f"{str(err).splitlines()[0][:200]}") from None
+    serving = signature_defs.get(SIGNATURE, {})
+    if len(serving.get("inputs", {})) != 1 or len(serving.get("outputs", {})) != 1:
+        raise VersionRejected(f"the {SIGNATURE!r} signature must have one input (images) "
+                              "and one output (probabilities)")
     # Float variables are the weights; Keras also saves integer state (the dropout
     # layers' seed generators), which count_params() rightly leaves out.
     count = sum(math.prod(v.shape) for v in loaded.variables if v.dtype.is_floating)

@@ -165,3 +165,26 @@ def test_the_signature_defs_are_read_from_the_saved_model(models_dir):
     assert list(signature["inputs"]) == [model.input_name] == ["image"]
     assert model.output_name == "output_0"
     assert signature["inputs"]["image"]["dtype"] == "DT_FLOAT"
+
+
+def test_a_signature_with_two_outputs_is_skipped_with_a_reason(tmp_path, caplog):
+    import tensorflow as tf
+
+    class TwoOutputs(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = tf.Variable(tf.ones((784, 10)))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, "image")])
+        def serve(self, image):
+            logits = tf.reshape(image, (-1, 784)) @ self.weights
+            return {"probabilities": tf.nn.softmax(logits), "logits": logits}
+
+    folder = tmp_path / "mnist_tiny" / "1"
+    module = TwoOutputs()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    (folder / "metadata.json").write_text(json.dumps({"summary": {"totals": {"params": 7840}}}))
+    with caplog.at_level(logging.WARNING, logger="app.model_store"):
+        store = loaded(tmp_path)
+    assert not store.ready
+    assert "must have one input (images) and one output" in caplog.text
