@@ -115,19 +115,20 @@ def _binary_parts(inputs: list[dict], data: bytes) -> list[bytes | None]:
     return parts
 
 
-def _numbers(tensor: dict, raw: bytes | None, shape: list[int], name: str) -> np.ndarray:
-    dtype = np.dtype(NUMERIC[tensor["datatype"]])
+def _numbers(tensor: dict, datatype: str, raw: bytes | None, shape: list[int], name: str
+             ) -> np.ndarray:
+    dtype = np.dtype(NUMERIC[datatype])
     count = math.prod(shape)
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
-            raise InvalidInput(f"input {name!r}: shape {shape} of {tensor['datatype']} needs "
+            raise InvalidInput(f"input {name!r}: shape {shape} of {datatype} needs "
                                f"{count * dtype.itemsize} bytes, got {len(raw)}")
         return np.frombuffer(raw, dtype).reshape(shape)
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # infinities get their own 422
             array = np.asarray(tensor.get("data"), dtype=dtype)
     except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f"input {name!r}: data must be {tensor['datatype']} numbers, "
+        raise InvalidInput(f"input {name!r}: data must be {datatype} numbers, "
                            "flat or nested in row-major order") from None
     if array.size != count:
         raise InvalidInput(f"input {name!r}: shape {shape} holds {count} values, "
@@ -162,10 +163,11 @@ def _json_bytes(data: object, name: str) -> list[bytes]:
 
 
 def _images(tensor: dict, raw: bytes | None, limits: Limits, preprocess: bool) -> np.ndarray:
-    name, datatype = tensor.get("name"), tensor.get("datatype")
+    name, datatype = tensor.get("name"), str(tensor.get("datatype"))
     shape = _shape(tensor, name)
     if datatype in NUMERIC:
-        return from_numbers(_numbers(tensor, raw, shape, name), limits, f"input {name!r}")
+        return from_numbers(_numbers(tensor, datatype, raw, shape, name), limits,
+                            f"input {name!r}")
     if datatype != "BYTES":
         raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported; send "
                            f"{', '.join(NUMERIC)} digits or BYTES encoded images")

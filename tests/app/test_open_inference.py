@@ -173,6 +173,7 @@ ZEROS = {"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.0
     ({"inputs": [ZEROS, ZEROS]}, 400, "one input"),
     ({"inputs": [{**ZEROS, "data": [0.0] * 700}]}, 400, "784"),
     ({"inputs": [{**ZEROS, "datatype": "INT8"}]}, 400, "INT8"),
+    ({"inputs": [{**ZEROS, "datatype": ["FP32"]}]}, 400, "not supported"),
     ({"inputs": [{**ZEROS, "shape": [1, -28, 28]}]}, 400, "shape"),
     ({"inputs": [{**ZEROS, "data": ["a"] * 784}]}, 400, "FP32 numbers"),
     ({"inputs": [{**ZEROS, "data": [2.0] * 784}]}, 422, "[0, 1]"),
