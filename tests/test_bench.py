@@ -10,15 +10,20 @@ import sys
 from tests.conftest import ROOT
 
 
+def run_bench(module: str, *args: str) -> None:
+    """A harness as `make` runs it, in a fresh interpreter."""
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_the_bench_harness_measures_every_server_and_writes_its_table(served_models,
                                                                        tmp_path):
     output = tmp_path / "BENCH.md"
     output.write_text("# Benchmarks\n\nkept as it is\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.bench", "--models-dir", str(served_models),
-         "--seconds", "1", "--rounds", "1", "--concurrency", "2", "--limit-seconds", "1",
-         "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_bench("tests.bench", "--models-dir", str(served_models), "--seconds", "1",
+              "--rounds", "1", "--concurrency", "2", "--limit-seconds", "1",
+              "--output", str(output))
     text = output.read_text()
     assert text.startswith("# Benchmarks\n\nkept as it is\n")
     assert "<!-- bench:start -->" in text and "Compute limit" in text
@@ -36,11 +41,8 @@ def test_the_protocol_bench_measures_every_format_against_its_baseline(served_mo
                                                                        tmp_path):
     output = tmp_path / "BENCH.md"
     output.write_text("# Benchmarks\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.bench.protocols", "--models-dir", str(served_models),
-         "--seconds", "1", "--rounds", "1", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_bench("tests.bench.protocols", "--models-dir", str(served_models), "--seconds", "1",
+              "--rounds", "1", "--output", str(output))
     rows = [line.split(" | ") for line in output.read_text().splitlines()
             if line.startswith("| one PNG") or line.startswith("| 64 digits")]
     assert len(rows) == 10

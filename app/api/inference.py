@@ -23,7 +23,6 @@ from app.model_store import LoadedModel
 PREPROCESS_VALUES = {"auto": True, "none": False}
 
 
-
 class Parsed(NamedTuple):
     """A request body as read: its images in model form, and whatever else the protocol
     needs to write its answer (the requested outputs, the answer's format)."""

@@ -26,7 +26,8 @@ def live():
 
 @bp.get("/health/ready")
 def ready():
-    """Ready when the default model is loaded; 503 (the protocol's "not ready") before."""
+    """Ready when the default model is loaded; 503 before, as KServe's own server answers
+    (the protocol asks only for a non-200; probes and tritonclient read it so)."""
     models = store()
     if not models.ready:
         raise ModelNotReady(f"default model {models.default_name!r} is not loaded")
