@@ -11,7 +11,8 @@ Endpoints (all JSON unless said otherwise; errors are ``{"error": {"code", "mess
 - ``GET /models/<name>/plots/<plot>.png``: the training plots exported with the model
 - ``GET /`` and ``GET /model``: web pages to draw a digit and to look at the model
 - ``/v1/models/...``: TensorFlow Serving's REST API (status, metadata, ``:predict``)
-- ``/v2/...``: the Open Inference Protocol (KServe V2: health, metadata, ``/infer``)
+- ``/v2/...``: the Open Inference Protocol (KServe V2: health, metadata, ``/infer``,
+  ``POST /v2/repository/index``)
 
 Run it with ``make serve`` (gunicorn with app/gunicorn.conf.py).
 """
@@ -51,12 +52,10 @@ def create_app(config: Config | None = None) -> Flask:
     app.extensions["metrics"] = metrics
     store = ModelStore(config.models_dir, config.model_name, config.tf_threads,
                        config.batch_max_size, config.batch_timeout_ms,
-                       VersionPolicy.parse(config.model_version_policy))
+                       VersionPolicy.parse(config.model_version_policy),
+                       config.model_poll_seconds, metrics)
     store.init_app(app)
-    store.load()
-    for versions in store.versions.values():
-        for model in versions.values():
-            metrics.load_seconds.labels(model.name, str(model.version)).set(model.load_seconds)
+    store.load()  # what MODELS_DIR holds now; then a thread follows its changes
 
     errors.register(app)
     logs.init_app(app, metrics)

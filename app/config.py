@@ -25,6 +25,7 @@ class Config:
     models_dir: Path = Path("models")
     model_name: str = "mnist_cnn"
     model_version_policy: str = "latest"  # or latest:N, all, or a list such as 1,3
+    model_poll_seconds: float = 2.0  # rescan MODELS_DIR this often; 0 turns the watch off
     port: int = 8000
     max_content_length: int = 10 * 1024 * 1024  # bytes of request body
     max_batch: int = 256  # images in one request
@@ -58,6 +59,9 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be a positive integer, "
                                   f"got {getattr(self, name)}")
+        if not 0 <= self.model_poll_seconds <= 86_400:
+            raise ConfigError("MODEL_POLL_SECONDS must be between 0 (off) and 86400, "
+                              f"got {self.model_poll_seconds}")
         if self.batch_timeout_ms < 0:
             raise ConfigError(f"BATCH_TIMEOUT_MS must be 0 or more, got {self.batch_timeout_ms}")
         if not 1 <= self.port <= 65535:
@@ -78,6 +82,12 @@ def _parse(variable: str, raw: str, kind: type) -> object:
             return int(raw.replace("_", ""))
         except ValueError:
             raise ConfigError(f"{variable} must be an integer, got {raw!r}") from None
+    if kind is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{variable} must be a number, got {raw!r}") from None
+        return value
     if issubclass(kind, Path):
         return Path(raw)
     return raw

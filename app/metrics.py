@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests by endpoint and status, latency, images, model load time.
+"""Prometheus metrics: requests by endpoint and status, latency, images, model load time,
+rejected version folders.
 
 Each app gets its own registry (so tests can build many apps). Under gunicorn the
 workers are separate processes: ``app/gunicorn.conf.py`` sets PROMETHEUS_MULTIPROC_DIR
@@ -37,6 +38,10 @@ class Metrics:
         self.load_seconds = Gauge("model_load_seconds", "Seconds to load and warm a model",
                                   ["model", "version"], registry=self.registry,
                                   multiprocess_mode="max")
+        self.rejected = Gauge("model_versions_rejected",
+                              "Version folders of a model that failed a check (or are no "
+                              "version), by the last scan", ["model"], registry=self.registry,
+                              multiprocess_mode="livemax")
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()

@@ -1,278 +1,235 @@
-"""Load every exported model under MODELS_DIR, TensorFlow Serving's ``<name>/<version>/``.
+"""The store (TF Serving's *Manager*): which versions of which models this worker serves.
 
-Which versions of a model are served is the version policy's choice (default: the
-highest, see app/version_policy.py); each must be *complete*: a SavedModel and a readable
-``metadata.json`` whose parameter total matches the SavedModel's variables. A version
-that fails any check is skipped with a logged reason and the next lower one is tried, so
-a half-copied or corrupt folder is never half-loaded.
+Every ``poll_seconds`` (MODEL_POLL_SECONDS) a background thread rescans MODELS_DIR
+(app/repository.py) and reconciles what it finds with what is served, model by model,
+under the version policy (app/version_policy.py):
 
-TensorFlow is imported here, lazily, inside ``load``: gunicorn forks its workers from
-the master process, and TensorFlow's thread pools and runtime state do not survive a
-fork. Each worker therefore builds its own store after the fork (see app/gunicorn.conf.py,
-which keeps ``preload_app`` off), and the master never initialises TensorFlow.
+- a new version is loaded and warmed in that thread (app/saved_model.py) while the old
+  one keeps answering, and only then swapped in, atomically (one reference replaced);
+- a version no longer wanted (a newer one won, or its folder was removed) is *retired*:
+  requests already holding it finish on it, and it is released after the last one
+  (app/servable.py);
+- a folder that fails a check is logged once with its reason, listed with it, and tried
+  again only when its contents change; the next lower version is served meanwhile.
+
+Nothing in one folder can stop the others from loading: every failure of a version
+becomes a rejection with a reason, and the poll thread survives anything.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from app.batching import MicroBatcher
 from app.errors import ModelNotFound, ModelNotReady
+from app.repository import Fingerprint, ModelFolder, Snapshot, VersionFolder, scan
+from app.saved_model import limit_threads, load_saved_model
+from app.servable import LoadedModel, VersionRejected
 from app.version_policy import VersionPolicy
+from training.export_format import complete, read_metadata
 
 log = logging.getLogger(__name__)
-METADATA_FILE = "metadata.json"
-SIGNATURE = "serving_default"
 
-
-class VersionRejected(Exception):
-    """A version folder failed a check; the message says which."""
-
-
-@dataclass
-class LoadedModel:
-    """One servable version: its callable signature and its metadata."""
-
-    name: str
-    version: int
-    path: Path
-    metadata: dict[str, Any]
-    load_seconds: float
-    available_versions: list[int]
-    signature_defs: dict[str, Any] = field(repr=False)  # as saved, in protobuf's JSON form
-    _signature: Any = field(repr=False)
-    _loaded: Any = field(repr=False)  # owns the variables the signature reads
-    batcher: MicroBatcher | None = field(default=None, repr=False)
-
-    @cached_property
-    def input_name(self) -> str:
-        """The serving signature's one input (``image`` for our exports)."""
-        (name,) = self._signature.structured_input_signature[1]
-        return name
-
-    @cached_property
-    def output_name(self) -> str:
-        """The serving signature's one output (``output_0`` for Keras exports)."""
-        (name,) = self.signature_defs[SIGNATURE]["outputs"]
-        return name
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities, one direct call.
-
-        The batch is padded with blank images up to a power of two (TF Serving's
-        ``allowed_batch_sizes``): each new batch size costs TensorFlow a slow first call,
-        and with nine sizes all of them are paid once, at warm-up, not by a client.
-        """
-        import tensorflow as tf
-
-        count = len(images)
-        size = padded_size(count)
-        if size != count:
-            images = np.concatenate([images, np.zeros((size - count, *images.shape[1:]),
-                                                      np.float32)])
-        # By keyword: a positional call first fails to bind, and TensorFlow formats the
-        # whole input tensor into the error it then discards (~4 ms of a 5 ms call).
-        outputs = self._signature(**{self.input_name: tf.constant(images, dtype=tf.float32)})
-        return next(iter(outputs.values())).numpy()[:count]
-
-    def warm_up(self, largest: int) -> None:
-        """Run every padded batch size up to ``largest`` once."""
-        size = 1
-        while size <= padded_size(largest):
-            self.predict(np.zeros((size, 28, 28, 1), np.float32))
-            size *= 2
-
-    @contextmanager
-    def slot(self) -> Iterator[Any]:
-        """Read a request's images inside; ``slot.run(images)`` predicts them, batched
-        with concurrent requests when batching is on (see app/batching.py)."""
-        if self.batcher is None:
-            yield _Direct(self.predict)
-        else:
-            with self.batcher.arriving() as ticket:
-                yield ticket
+READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
 
 
 @dataclass(frozen=True)
-class _Direct:
-    """Batching off: run calls the model at once, in the request's thread."""
+class VersionState:
+    """One row of the repository index: a version folder and what became of it."""
 
-    run: Any
-
-
-def padded_size(count: int) -> int:
-    """The power of two at or above ``count``."""
-    return 1 << max(0, count - 1).bit_length()
+    name: str
+    version: str  # the folder's name: not every folder is a number
+    state: str
+    reason: str = ""
 
 
-def limit_threads(threads: int) -> None:
-    """Cap TensorFlow's pools so that workers × threads does not oversubscribe the cores.
-
-    Only possible before TensorFlow's runtime starts; later calls (a second app in the
-    same process, as in tests) keep the first setting.
-    """
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        log.debug("TensorFlow already initialised; thread pools left as they are")
-
-
-def version_folders(model_dir: Path) -> list[int]:
-    """Version numbers present, highest first; names that are not numbers are ignored."""
-    return sorted((int(p.name) for p in model_dir.iterdir()
-                   if p.is_dir() and p.name.isdigit()), reverse=True)
-
-
-def read_metadata(folder: Path) -> dict[str, Any]:
-    """The version's metadata.json, or VersionRejected saying what is wrong."""
-    if not (folder / "saved_model.pb").is_file():
-        raise VersionRejected("no saved_model.pb (incomplete export?)")
-    try:
-        metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VersionRejected(f"no {METADATA_FILE}") from None
-    except (OSError, ValueError) as err:
-        raise VersionRejected(f"unreadable {METADATA_FILE}: {err}") from None
-    if not isinstance(metadata, dict) or "summary" not in metadata:
-        raise VersionRejected(f"{METADATA_FILE} has no parameter summary")
-    return metadata
-
-
-def read_signature_defs(folder: Path) -> dict[str, Any]:
-    """The SavedModel's SignatureDefs as TensorFlow Serving reports them: tensor names,
-    DT_ dtypes and shapes straight from saved_model.pb, so the metadata endpoints of both
-    protocols describe what was exported rather than what we believe was."""
-    from google.protobuf import json_format
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((folder / "saved_model.pb").read_bytes())
-    return {name: json_format.MessageToDict(signature, preserving_proto_field_name=True,
-                                            always_print_fields_with_no_presence=True)
-            for name, signature in saved.meta_graphs[0].signature_def.items()}
-
-
-def load_version(name: str, version: int, folder: Path, versions: list[int],
-                 warm_up_to: int = 1) -> LoadedModel:
-    """Load and check one version folder; raises VersionRejected."""
-    import tensorflow as tf
-
-    metadata = read_metadata(folder)
+def load_version(name: str, found: VersionFolder, warm_up_to: int) -> LoadedModel:
+    """Check and load one version folder; raises VersionRejected with the reason."""
+    if found.error:
+        raise VersionRejected(found.error)
+    check = complete(found.path)
+    if not check:
+        raise VersionRejected(check.reason)
     started = time.perf_counter()
     try:
-        loaded = tf.saved_model.load(str(folder))
-        signature = loaded.signatures[SIGNATURE]
-        signature_defs = read_signature_defs(folder)
-    except Exception as err:  # noqa: BLE001 - TensorFlow raises many types for bad files
-        raise VersionRejected(f"SavedModel does not load: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200]}") from None
-    serving = signature_defs.get(SIGNATURE, {})
-    if len(serving.get("inputs", {})) != 1 or len(serving.get("outputs", {})) != 1:
-        raise VersionRejected(f"the {SIGNATURE!r} signature must have one input (images) "
-                              "and one output (probabilities)")
-    # Float variables are the weights; Keras also saves integer state (the dropout
-    # layers' seed generators), which count_params() rightly leaves out.
-    count = sum(math.prod(v.shape) for v in loaded.variables if v.dtype.is_floating)
-    expected = metadata["summary"]["totals"]["params"]
-    if count != expected:
-        raise VersionRejected(f"SavedModel has {count} parameters, metadata says {expected}")
-    model = LoadedModel(name, version, folder, metadata, 0.0, versions, signature_defs,
-                        signature, loaded)
-    model.warm_up(warm_up_to)  # the first request must not pay for tracing and allocation
-    model.load_seconds = time.perf_counter() - started
-    return model
-
-
-def load_versions(model_dir: Path, policy: VersionPolicy, warm_up_to: int = 1
-                  ) -> dict[int, LoadedModel]:
-    """The versions of one model the policy asks for and that pass every check."""
-    versions = version_folders(model_dir)
-    if policy.versions is not None:
-        for missing in sorted(policy.versions - set(versions)):
-            log.warning("%s has no version %d (MODEL_VERSION_POLICY %s)", model_dir.name,
-                        missing, policy.text)
-    loaded: dict[int, LoadedModel] = {}
-    for version in policy.candidates(versions):
-        if policy.satisfied(len(loaded)):
-            break
-        folder = model_dir / str(version)
-        try:
-            model = load_version(model_dir.name, version, folder, sorted(versions),
-                                 warm_up_to)
-        except VersionRejected as reason:
-            log.warning("skipping %s: %s", folder, reason)
-            continue
-        log.info("loaded %s version %d in %.2f s", model_dir.name, version, model.load_seconds)
-        loaded[version] = model
-    return loaded
+        metadata = read_metadata(found.path)
+    except ValueError as err:  # changed since complete() read it
+        raise VersionRejected(str(err)) from None
+    runtime = load_saved_model(found.path, metadata, warm_up_to)
+    return LoadedModel(name, found.version, found.path, metadata, runtime,
+                       found.fingerprint, time.perf_counter() - started)
 
 
 class ModelStore:
-    """The models this worker serves, loaded once, looked up by name and version.
-
-    Flask-style extension: ``init_app`` attaches it to the app; ``load`` runs in each
-    worker after the fork.
-    """
+    """The models this worker serves, looked up by name and version, kept in step with
+    MODELS_DIR. Flask-style extension: ``init_app`` attaches it; ``load`` runs in each
+    worker after the fork."""
 
     def __init__(self, models_dir: Path, default_name: str, tf_threads: int = 1,
                  batch_max_size: int = 1, batch_timeout_ms: float = 0.0,
-                 policy: VersionPolicy | None = None):
+                 policy: VersionPolicy | None = None, poll_seconds: float = 0.0,
+                 metrics: Any = None):
         self.models_dir = Path(models_dir)
+        self.default_name = default_name
         self.tf_threads = tf_threads
         self.batch_max_size = batch_max_size
         self.batch_timeout_ms = batch_timeout_ms
-        self.default_name = default_name
         self.policy = policy or VersionPolicy.parse("latest")
+        self.poll_seconds = poll_seconds
+        self.metrics = metrics
+        # Replaced whole, never mutated: a reader that took it sees one consistent state.
         self.versions: dict[str, dict[int, LoadedModel]] = {}
-        self.rejected: dict[str, str] = {}
+        self._snapshot = Snapshot({}, {})
+        self._rejections: dict[tuple[str, str], tuple[Fingerprint, str]] = {}
+        self._odd: dict[tuple[str, str], str] = {}  # (model, folder) → why it is no version
+        self._missing: dict[str, frozenset[int]] = {}  # versions the policy names, absent
+        self._loading: set[tuple[str, int]] = set()
+        self._scan_error: str | None = None
+        self._refreshing = threading.Lock()
         self._loaded = threading.Event()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
 
     def init_app(self, app) -> None:
         app.extensions["model_store"] = self
 
     def load(self) -> None:
-        """Load the versions the policy asks for of every model folder under models_dir."""
+        """Load what MODELS_DIR holds now, then keep watching it if polling is on."""
         limit_threads(self.tf_threads)
-        if not self.models_dir.is_dir():
-            log.warning("MODELS_DIR %s does not exist: nothing to serve", self.models_dir)
-        else:
-            for model_dir in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
-                if model_dir.name.startswith("."):
-                    continue
-                # Sizes up to a full micro-batch; bigger bulk requests are rarer and pay
-                # their first call once (warming up to 256 costs ~60 MB per worker).
-                loaded = load_versions(model_dir, self.policy, self.batch_max_size)
-                if not loaded:
-                    self.rejected[model_dir.name] = "no complete version"
-                    continue
-                for model in loaded.values():
-                    if self.batch_max_size > 1:
-                        model.batcher = MicroBatcher(model.predict, self.batch_max_size,
-                                                     self.batch_timeout_ms, name=model.name)
-                self.versions[model_dir.name] = dict(sorted(loaded.items()))
+        self.refresh()
         self._loaded.set()
+        if self.poll_seconds > 0 and self._poller is None:
+            self._poller = threading.Thread(target=self._poll, name="model-poll", daemon=True)
+            self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # the watch must outlive any one bad pass
+                log.exception("rescanning %s failed; trying again in %.1f s",
+                              self.models_dir, self.poll_seconds)
+
+    def refresh(self) -> None:
+        """One pass: scan MODELS_DIR, load what is new, swap, retire what is gone."""
+        with self._refreshing:
+            snapshot = scan(self.models_dir)
+            if snapshot.error:
+                if snapshot.error != self._scan_error:
+                    log.warning("%s; serving what is loaded", snapshot.error)
+                self._scan_error = snapshot.error
+                return
+            self._scan_error = None
+            self._note_odd(snapshot)
+            self._snapshot = snapshot
+            for folder in snapshot.models.values():
+                self._swap(folder.name, self._reconcile(folder))
+            for name in set(self.versions) - set(snapshot.models):
+                log.info("model folder %s is gone: unloading it", self.models_dir / name)
+                self._swap(name, {})
+            self._count_rejections()
+
+    def _reconcile(self, folder: ModelFolder) -> dict[int, LoadedModel]:
+        """The versions to serve: the policy's candidates that are loaded or load now."""
+        current = self.versions.get(folder.name, {})
+        self._note_missing(folder)
+        chosen: dict[int, LoadedModel] = {}
+        for version in self.policy.candidates(list(folder.versions)):
+            if self.policy.satisfied(len(chosen)):
+                break
+            found = folder.versions[version]
+            model = current.get(version)
+            if model is None or model.fingerprint != found.fingerprint:
+                model = self._try_load(folder.name, found)
+            if model is not None:
+                chosen[version] = model
+        return chosen
+
+    def _note_missing(self, folder: ModelFolder) -> None:
+        """Log once each version the policy lists that the folder does not have."""
+        missing = (self.policy.versions or frozenset()) - set(folder.versions)
+        if missing and self._missing.get(folder.name) != missing:
+            log.warning("%s has no version %s (MODEL_VERSION_POLICY %s)", folder.name,
+                        ", ".join(map(str, sorted(missing))), self.policy.text)
+        self._missing[folder.name] = missing
+
+    def _try_load(self, name: str, found: VersionFolder) -> LoadedModel | None:
+        """Load ``found`` unless it was rejected as it is now; None if it fails."""
+        key = (name, str(found.version))
+        rejection = self._rejections.get(key)
+        if rejection is not None and rejection[0] == found.fingerprint:
+            return None
+        self._loading.add((name, found.version))
+        try:
+            model = load_version(name, found, self.batch_max_size)
+        except VersionRejected as reason:
+            self._reject(key, found, str(reason))
+            return None
+        except Exception as err:  # a folder must never stop the worker
+            log.exception("loading %s failed", found.path)
+            self._reject(key, found, f"load failed: {type(err).__name__}: {err}"[:300])
+            return None
+        finally:
+            self._loading.discard((name, found.version))
+        self._rejections.pop(key, None)
+        if self.batch_max_size > 1:
+            model.start_batching(self.batch_max_size, self.batch_timeout_ms)
+        log.info("loaded %s version %d in %.2f s", name, found.version, model.load_seconds)
+        if self.metrics is not None:
+            self.metrics.load_seconds.labels(name, str(found.version)).set(model.load_seconds)
+        return model
+
+    def _reject(self, key: tuple[str, str], found: VersionFolder, reason: str) -> None:
+        log.warning("not serving %s: %s", found.path, reason)
+        self._rejections[key] = (found.fingerprint, reason)
+
+    def _swap(self, name: str, chosen: dict[int, LoadedModel]) -> None:
+        """Make ``chosen`` what ``name`` serves, in one step, and retire the rest."""
+        old = self.versions.get(name, {})
+        if chosen == old:
+            return
+        versions = {k: v for k, v in self.versions.items() if k != name}
+        if chosen:
+            versions[name] = dict(sorted(chosen.items()))
+        self.versions = dict(sorted(versions.items()))
+        if set(chosen) != set(old):
+            log.info("%s now serves version(s) %s", name,
+                     ", ".join(map(str, sorted(chosen))) or "none")
+        for version, model in old.items():
+            if chosen.get(version) is not model:
+                model.retire()
+
+    def _note_odd(self, snapshot: Snapshot) -> None:
+        """Log each folder that is no model or version once; forget versions gone."""
+        odd = {(name, ""): reason for name, reason in snapshot.odd.items()}
+        for folder in snapshot.models.values():
+            odd.update({(folder.name, entry): reason for entry, reason in folder.odd.items()})
+        for key, reason in odd.items():
+            if self._odd.get(key) != reason:
+                log.warning("ignoring %s: %s", self.models_dir.joinpath(*key), reason)
+        self._odd = odd
+        present = {(name, str(v)) for name, folder in snapshot.models.items()
+                   for v in folder.versions}
+        self._rejections = {k: v for k, v in self._rejections.items() if k in present}
+
+    def _count_rejections(self) -> None:
+        if self.metrics is None:
+            return
+        for name in self._snapshot.models:
+            self.metrics.rejected.labels(name).set(len(self.rejected_versions(name)))
 
     def close(self) -> None:
-        """Answer queued requests and stop the batchers (at worker shutdown)."""
+        """Stop watching, answer queued requests and stop the batchers (worker exit)."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=30)
         for versions in self.versions.values():
             for model in versions.values():
-                if model.batcher is not None:
-                    model.batcher.close()
+                model.retire()
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -281,8 +238,51 @@ class ModelStore:
 
     @property
     def ready(self) -> bool:
-        """True once loading finished and the default model is servable."""
+        """True once the first load finished and the default model is servable."""
         return self._loaded.is_set() and self.default_name in self.versions
+
+    @property
+    def rejected(self) -> dict[str, str]:
+        """Models present on disk with no servable version, and why."""
+        out = {}
+        for name in sorted(set(self._snapshot.models) - set(self.versions)):
+            reasons = self.rejected_versions(name)
+            out[name] = "; ".join(f"{v}: {r}" for v, r in reasons.items()) or \
+                "no version folder"
+        out.update({name: reason for name, reason in self._snapshot.odd.items()})
+        return out
+
+    def rejected_versions(self, name: str) -> dict[str, str]:
+        """Folder name → why it is not served, for each folder of ``name`` that failed a
+        check or is no version."""
+        reasons = {entry: reason for (model, entry), (_, reason) in self._rejections.items()
+                   if model == name}
+        reasons.update({entry: reason for (model, entry), reason in self._odd.items()
+                        if model == name and entry})
+        return dict(sorted(reasons.items(), key=lambda item: (len(item[0]), item[0])))
+
+    def present_versions(self, name: str) -> list[int]:
+        """The version folders of ``name`` on disk at the last scan, ascending."""
+        folder = self._snapshot.models.get(name)
+        return sorted(folder.versions) if folder else []
+
+    def index(self) -> list[VersionState]:
+        """Every model and version folder with its state: the repository index."""
+        served, rows = self.versions, []
+        for name, folder in sorted(self._snapshot.models.items()):
+            rejected = self.rejected_versions(name)
+            for version in sorted(folder.versions):
+                if version in served.get(name, {}):
+                    rows.append(VersionState(name, str(version), READY))
+                elif (name, version) in self._loading:
+                    rows.append(VersionState(name, str(version), LOADING))
+                else:
+                    reason = rejected.get(str(version)) or \
+                        f"not selected by MODEL_VERSION_POLICY {self.policy.text}"
+                    rows.append(VersionState(name, str(version), UNAVAILABLE, reason))
+            rows += [VersionState(name, entry or ".", UNAVAILABLE, reason)
+                     for entry, reason in sorted(folder.odd.items())]
+        return rows
 
     def get(self, name: str | None = None, version: int | None = None) -> LoadedModel:
         """The named (or default) model at ``version`` (or its highest loaded one);
@@ -299,8 +299,11 @@ class ModelStore:
                 f"{', '.join(map(str, versions))}; MODEL_VERSION_POLICY {self.policy.text})")
         if not self._loaded.is_set():
             raise ModelNotReady("models are still loading")
+        reasons = f" ({self.rejected[name]})" if name in self._snapshot.models else ""
         if name == self.default_name:
             raise ModelNotReady(f"the default model {name!r} has no servable version in "
-                                f"{self.models_dir}; train one with `make train`")
+                                f"{self.models_dir}{reasons}; train one with `make train`")
+        if reasons:
+            raise ModelNotReady(f"{name!r} has no servable version{reasons}")
         known = ", ".join(sorted(self.versions)) or "none"
         raise ModelNotFound(f"no model named {name!r} (served: {known})")

@@ -135,6 +135,21 @@ def _protocol(method: str, summary: str, docs: dict, parameters: list,
     return {method: operation}
 
 
+def _repository_index(docs: dict) -> dict:
+    """The model-repository extension's index: an array, not an object."""
+    row = {"type": "object", "required": ["name", "version", "state"], "properties": {
+        "name": {"type": "string"}, "version": {"type": "string"},
+        "state": {"enum": ["READY", "LOADING", "UNAVAILABLE"]},
+        "reason": {"type": "string"}}}
+    return {"post": {
+        "summary": "Every model and version folder with its state and reason",
+        "externalDocs": docs, "parameters": [],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"ready": {"type": "boolean"}}}}}},
+        "responses": {"200": _json({"type": "array", "items": row}, "The index"),
+                      "400": _json(_ref("PlainError"), "Not a JSON object")}}}
+
+
 def _protocol_paths() -> dict:
     tf, v2 = TF_SERVING_DOCS, V2_DOCS
     paths = {}
@@ -155,6 +170,7 @@ def _protocol_paths() -> dict:
         "/v2": _protocol("get", "Server metadata", v2, []),
         "/v2/health/live": _protocol("get", "Liveness", v2, []),
         "/v2/health/ready": _protocol("get", "Readiness", v2, []),
+        "/v2/repository/index": _repository_index(v2),
         "/models/{name}/versions/{version}/predict": _predict_operation(
             "Classify images with one version of a model", [NAME, VERSION, PREPROCESS,
                                                              EXPLAIN]),

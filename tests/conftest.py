@@ -216,3 +216,25 @@ def pinning_server(two_versions, tmp_path_factory):
                            MODEL_NAME="digits", MODEL_VERSION_POLICY="all", WORKERS="1")
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def foreign_exports(tmp_path_factory) -> dict[str, Path]:
+    """Real, complete exports that no MNIST server should serve: a SavedModel for
+    32×32 colour images, and a net whose weights are NaN (it fails at warm-up)."""
+    import keras
+
+    from training.export import export_version
+    from training.summary import summarize_model
+
+    wrong_shape = keras.Sequential([keras.Input((32, 32, 3), name="image"),
+                                    keras.layers.Flatten(),
+                                    keras.layers.Dense(10, activation="softmax")])
+    nan_outputs = keras.Sequential([keras.Input((28, 28, 1), name="image"),
+                                    keras.layers.Flatten(),
+                                    keras.layers.Dense(10, activation="softmax")])
+    nan_outputs.set_weights([np.full(w.shape, np.nan, np.float32)
+                             for w in nan_outputs.get_weights()])
+    root = tmp_path_factory.mktemp("foreign")
+    return {name: export_version(model, root / name, {"summary": summarize_model(model)})
+            for name, model in (("wrong_shape", wrong_shape), ("nan_outputs", nan_outputs))}

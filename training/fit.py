@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -22,7 +21,8 @@ import tensorflow as tf
 
 from training.data import Mnist, MnistError, load_mnist, split_validation
 from training.evaluate import evaluate, format_per_class
-from training.export import complete_versions, export_version
+from training.export import export_version
+from training.export_format import complete, list_versions, valid_model_name
 from training.models import ARCHITECTURES, DEFAULT_ARCH, build_model
 from training.pipeline import evaluation_dataset, training_dataset
 from training.plots import plot_confusion, plot_history, plot_samples
@@ -33,7 +33,6 @@ DEFAULT_MODELS_DIR = "models"
 DEFAULT_NAME = "mnist_cnn"
 DEFAULT_SEED = 42
 DEFAULT_VAL_SIZE = 5000
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 INPUT_CONTRACT = {
     "shape": [28, 28, 1],
     "dtype": "float32",
@@ -53,7 +52,7 @@ def positive_int(text: str) -> int:
 
 
 def model_name(text: str) -> str:
-    if not NAME_PATTERN.match(text) or text.isdigit():
+    if not valid_model_name(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a usable model name: use letters, digits, '_', '-' or '.', "
             "starting with a letter or digit, and not only digits")
@@ -88,7 +87,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                         default=environ.get("MODEL_NAME") or DEFAULT_NAME,
                         help="the model's folder name (env MODEL_NAME)")
     parser.add_argument("--if-missing", action="store_true",
-                        help="do nothing if MODELS_DIR/NAME already holds a complete version")
+                        help="do nothing if the newest version in MODELS_DIR/NAME is complete")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="seeds every random choice, so a run can be repeated exactly")
     parser.add_argument("--limit", type=positive_int,
@@ -174,13 +173,29 @@ def build_metadata(args, recipe, mnist, splits, model, evaluation, history, seco
     }
 
 
+def newest_is_complete(model_dir: Path) -> bool:
+    """--if-missing: true when the newest version is whole; says what it found either way.
+
+    Only the newest counts: a broken newest version means the last export went wrong,
+    and serving an older one instead would hide that.
+    """
+    versions = list_versions(model_dir)
+    if not versions:
+        print(f"{model_dir} has no version yet: training (--if-missing)")
+        return False
+    check = complete(model_dir / str(versions[-1]))
+    if check:
+        print(f"{model_dir} already has version {versions[-1]}: not training (--if-missing)")
+        return True
+    print(f"{model_dir}/{versions[-1]} is incomplete ({check.reason}): training a new "
+          "version (--if-missing)")
+    return False
+
+
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     environ = dict(os.environ if environ is None else environ)
     args = parse_args(argv, environ)
-    existing = complete_versions(args.models_dir / args.name)
-    if args.if_missing and existing:
-        print(f"{args.models_dir / args.name} already has version {existing[-1]}: "
-              "not training (--if-missing)")
+    if args.if_missing and newest_is_complete(args.models_dir / args.name):
         return 0
     keras_home = Path(environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
     try:

@@ -18,7 +18,7 @@ from werkzeug.formparser import FormDataParser
 from app.api.common import ArrivalOrderMultiDict, metrics, settings
 from app.errors import InvalidInput, UnsupportedMediaType
 from app.inputs import MULTIPART_TYPE, WBITS, Limits, decompress
-from app.model_store import LoadedModel
+from app.servable import LoadedModel
 
 PREPROCESS_VALUES = {"auto": True, "none": False}
 

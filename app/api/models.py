@@ -1,4 +1,8 @@
-"""GET /models, /models/<name>, /summary and /models/<name>/summary."""
+"""GET /models, /models/<name>, /summary and /models/<name>/summary.
+
+A model's description lists the version folders present, those loaded, and those
+rejected with the reason (a failed check, or a name that is no version number).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from flask import Blueprint, jsonify, request, send_from_directory, url_for
 
 from app.api.common import int_arg, store
 from app.errors import InvalidInput
-from app.model_store import LoadedModel
+from app.servable import LoadedModel
 from training.summary import memory_estimate
 
 PLOTS = {"history": "Accuracy and loss per epoch, training against validation",
@@ -21,8 +25,9 @@ def describe(model: LoadedModel) -> dict:
     return {
         "name": model.name,
         "version": model.version,
-        "versions": model.available_versions,
+        "versions": store().present_versions(model.name),
         "loaded_versions": list(store().versions.get(model.name, {})),
+        "rejected": store().rejected_versions(model.name),
         "arch": metadata.get("arch"),
         "created": metadata.get("created"),
         "test_accuracy": metadata.get("test", {}).get("accuracy"),

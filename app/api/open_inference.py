@@ -8,7 +8,8 @@ from flask import Blueprint, Response, jsonify, request
 from app import SERVICE_NAME, __version__
 from app.api.common import store
 from app.api.inference import Parsed, infer, limits, preprocess_flag
-from app.errors import ModelNotReady
+from app.errors import InvalidInput, ModelNotReady
+from app.inputs import parse_json
 from app.protocols import open_inference
 
 bp = Blueprint("open_inference", __name__, url_prefix="/v2")
@@ -32,6 +33,21 @@ def ready():
     if not models.ready:
         raise ModelNotReady(f"default model {models.default_name!r} is not loaded")
     return jsonify({"ready": True})
+
+
+@bp.post("/repository/index")
+def repository_index():
+    """The model-repository extension's index: every model and version folder with its
+    state (READY, LOADING, UNAVAILABLE) and, when not ready, why; ``{"ready": true}``
+    keeps only the ready ones."""
+    body = request.get_data(cache=False)
+    document = parse_json(body) if body.strip() else {}
+    if not isinstance(document, dict) or not isinstance(document.get("ready", False), bool):
+        raise InvalidInput('the index request must be a JSON object like {"ready": true}')
+    rows = [row for row in store().index()
+            if row.state == "READY" or not document.get("ready", False)]
+    return jsonify([{"name": row.name, "version": row.version, "state": row.state,
+                     **({"reason": row.reason} if row.reason else {})} for row in rows])
 
 
 @bp.get("/models/<name>")

@@ -11,7 +11,9 @@ base64 strings in JSON, raw bytes in binary), which get the same preprocessing a
 Two of Triton's extensions are spoken because its client uses them by default:
 *binary tensor data* (``Inference-Header-Content-Length``: a JSON header followed by raw
 tensors, ~10× smaller than JSON numbers) and *classification* (``"classification": K``
-on an output answers the top K as ``"probability:digit"`` strings).
+on an output answers the top K as ``"probability:digit"`` strings). Of the
+*model repository* extension the index is served (``POST /v2/repository/index``, from
+app/api/open_inference.py); models load and unload by watching MODELS_DIR, not by request.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import numpy as np
 
 from app.errors import InvalidInput
 from app.inputs import Limits, from_images, from_numbers, parse_json
-from app.model_store import SIGNATURE, LoadedModel
+from app.saved_model import SIGNATURE
+from app.servable import LoadedModel
 
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMERIC = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "UINT8": "u1"}
 FROM_TF = {"DT_FLOAT": "FP32", "DT_DOUBLE": "FP64", "DT_HALF": "FP16", "DT_UINT8": "UINT8",

@@ -13,7 +13,8 @@ import numpy as np
 
 from app.errors import InvalidInput
 from app.inputs import Limits, from_instances, parse_json
-from app.model_store import SIGNATURE, LoadedModel
+from app.saved_model import SIGNATURE
+from app.servable import LoadedModel
 
 ROW, COLUMNAR = "instances", "inputs"
 ANSWER_KEY = {ROW: "predictions", COLUMNAR: "outputs"}

@@ -76,7 +76,8 @@ def test_openapi_document_is_valid_and_covers_every_route(url, server):
         "/v1/models/{name}", "/v1/models/{name}/metadata", "/v1/models/{name}:predict",
         "/v1/models/{name}/versions/{version}", "/v1/models/{name}/versions/{version}/metadata",
         "/v1/models/{name}/versions/{version}:predict",
-        "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
+        "/v2", "/v2/health/live", "/v2/health/ready", "/v2/repository/index",
+        "/v2/models/{name}",
         "/v2/models/{name}/ready", "/v2/models/{name}/infer",
         "/v2/models/{name}/versions/{version}", "/v2/models/{name}/versions/{version}/ready",
         "/v2/models/{name}/versions/{version}/infer"}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +43,7 @@ def test_the_highest_version_is_served(models_dir):
     store = loaded(models_dir)
     assert store.ready
     assert store.get().version == 3
-    assert store.get("mnist_tiny").available_versions == [1, 3]
+    assert store.present_versions("mnist_tiny") == [1, 3]
 
 
 def test_served_model_classifies_real_digits(models_dir, mnist):
@@ -53,7 +57,16 @@ def mutilate_missing_pb(folder):
 
 
 def mutilate_corrupt_pb(folder):
+    """Garbage where the graph was, in an export without a manifest (an older release's),
+    so only loading it can tell."""
+    drop_manifest(folder)
     (folder / "saved_model.pb").write_bytes(b"\x00garbage" * 10)
+
+
+def drop_manifest(folder):
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata.pop("files")
+    (folder / "metadata.json").write_text(json.dumps(metadata))
 
 
 def mutilate_no_metadata(folder):
@@ -62,6 +75,12 @@ def mutilate_no_metadata(folder):
 
 def mutilate_bad_json(folder):
     (folder / "metadata.json").write_text("{ half written")
+
+
+def mutilate_no_totals(folder):
+    metadata = json.loads((folder / "metadata.json").read_text())
+    del metadata["summary"]["totals"]
+    (folder / "metadata.json").write_text(json.dumps(metadata))
 
 
 def mutilate_wrong_count(folder):
@@ -74,13 +93,20 @@ def mutilate_missing_variables(folder):
     shutil.rmtree(folder / "variables")
 
 
+def mutilate_truncated_variables(folder):
+    (data,) = (folder / "variables").glob("variables.data-*")
+    data.write_bytes(data.read_bytes()[:100])
+
+
 @pytest.mark.parametrize(("mutilate", "reason"), [
     (mutilate_missing_pb, "no saved_model.pb"),
     (mutilate_corrupt_pb, "SavedModel does not load"),
     (mutilate_no_metadata, "no metadata.json"),
     (mutilate_bad_json, "unreadable metadata.json"),
+    (mutilate_no_totals, "metadata.json is invalid at summary: 'totals' is a required"),
     (mutilate_wrong_count, "parameters, metadata says"),
-    (mutilate_missing_variables, "SavedModel does not load"),
+    (mutilate_missing_variables, "no variables/variables.index"),
+    (mutilate_truncated_variables, "has 100 bytes, the manifest says"),
 ])
 def test_a_broken_version_is_skipped_with_a_reason(models_dir, caplog, mutilate, reason):
     mutilate(add_version(models_dir, 2))
@@ -89,19 +115,22 @@ def test_a_broken_version_is_skipped_with_a_reason(models_dir, caplog, mutilate,
     assert store.get().version == 1
     assert any("mnist_tiny/2" in r.getMessage() and reason in r.getMessage()
                for r in caplog.records), caplog.text
+    assert reason in store.rejected_versions("mnist_tiny")["2"]
 
 
 def test_staging_folders_and_files_are_not_versions(models_dir):
     (models_dir / "mnist_tiny" / ".tmp-123-abc").mkdir()
     (models_dir / "mnist_tiny" / "notes.txt").write_text("hello")
-    assert loaded(models_dir).get().available_versions == [1]
+    store = loaded(models_dir)
+    assert store.present_versions("mnist_tiny") == [1]
+    assert store.rejected_versions("mnist_tiny") == {}
 
 
 def test_no_servable_version_means_not_ready(tmp_path):
     (tmp_path / "mnist_tiny" / "1").mkdir(parents=True)
     store = loaded(tmp_path)
     assert not store.ready
-    assert store.rejected == {"mnist_tiny": "no complete version"}
+    assert store.rejected == {"mnist_tiny": "1: no saved_model.pb (incomplete export?)"}
     with pytest.raises(ModelNotReady, match="make train"):
         store.get()
 
@@ -183,8 +212,212 @@ def test_a_signature_with_two_outputs_is_skipped_with_a_reason(tmp_path, caplog)
     folder = tmp_path / "mnist_tiny" / "1"
     module = TwoOutputs()
     tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
-    (folder / "metadata.json").write_text(json.dumps({"summary": {"totals": {"params": 7840}}}))
+    (folder / "metadata.json").write_text(json.dumps({"summary": {
+        "layers": [], "totals": {"params": 7840, "param_bytes": 31360,
+                                 "activations_per_image": 794}}}))
     with caplog.at_level(logging.WARNING, logger="app.model_store"):
         store = loaded(tmp_path)
     assert not store.ready
     assert "must have one input (images) and one output" in caplog.text
+
+
+# Watching MODELS_DIR: each refresh() is one poll of the background thread, called
+# directly so that nothing here waits on a timer.
+
+@pytest.fixture(scope="module")
+def untrained_tiny(tmp_path_factory):
+    """An export of the tiny net with its random initial weights: answers differ
+    recognisably from the trained CNN's."""
+    from training.export import export_version
+    from training.models import build_tiny
+    from training.summary import summarize_model
+
+    keras_model = build_tiny()
+    return export_version(keras_model, tmp_path_factory.mktemp("untrained") / "m",
+                          {"summary": summarize_model(keras_model)})
+
+
+@pytest.fixture
+def watched(tmp_path, untrained_tiny):
+    """MODELS_DIR with the untrained tiny net as digits/1, and a store serving it."""
+    shutil.copytree(untrained_tiny, tmp_path / "digits" / "1")
+    store = ModelStore(tmp_path, "digits", batch_max_size=8, batch_timeout_ms=2)
+    store.load()
+    yield store
+    store.close()
+
+
+def test_a_new_version_is_swapped_in_and_the_old_one_released(watched, fit_run):
+    old = watched.get()
+    shutil.copytree(fit_run.version_dir, watched.models_dir / "digits" / "2")
+    watched.refresh()
+    assert watched.get().version == 2
+    assert list(watched.versions["digits"]) == [2]
+    assert old.retired and not old.batcher._thread.is_alive()
+
+
+def test_a_request_already_in_its_slot_finishes_on_its_version(watched, fit_run, mnist):
+    images = to_model_input(mnist.x_test[:8])
+    old = watched.get()
+    expected = old.predict(images)
+    with old.slot() as slot:
+        shutil.copytree(fit_run.version_dir, watched.models_dir / "digits" / "2")
+        watched.refresh()
+        assert old.retired and old.batcher._thread.is_alive()  # still in use: kept
+        np.testing.assert_array_equal(slot.run(images), expected)
+    assert not old.batcher._thread.is_alive()  # released when its last request left
+    assert not np.allclose(watched.get().predict(images), expected)
+
+
+def test_a_late_request_on_a_retired_version_is_still_answered(watched, fit_run, mnist):
+    images = to_model_input(mnist.x_test[:4])
+    old = watched.get()
+    expected = old.predict(images)
+    shutil.copytree(fit_run.version_dir, watched.models_dir / "digits" / "2")
+    watched.refresh()
+    with old.slot() as slot:  # looked up before the swap, arriving after it
+        np.testing.assert_array_equal(slot.run(images), expected)
+
+
+def test_a_removed_version_is_unloaded_and_the_next_lower_served(watched, fit_run):
+    shutil.copytree(fit_run.version_dir, watched.models_dir / "digits" / "2")
+    watched.refresh()
+    newest = watched.get()
+    shutil.rmtree(watched.models_dir / "digits" / "2")
+    watched.refresh()
+    assert watched.get().version == 1
+    assert newest.retired
+
+
+def test_a_removed_model_folder_is_unloaded(watched):
+    model = watched.get()
+    shutil.rmtree(watched.models_dir / "digits")
+    watched.refresh()
+    assert watched.versions == {} and not watched.ready
+    assert model.retired
+    with pytest.raises(ModelNotReady, match="no servable version"):
+        watched.get()
+
+
+def test_a_new_model_folder_is_served(watched, fit_run):
+    shutil.copytree(fit_run.version_dir, watched.models_dir / "other" / "1")
+    watched.refresh()
+    assert watched.get("other").metadata["arch"] == "functional"
+    assert watched.get().version == 1
+
+
+def test_a_rejected_folder_is_logged_once_and_retried_when_it_changes(watched, fit_run,
+                                                                       caplog):
+    broken = shutil.copytree(fit_run.version_dir, watched.models_dir / "digits" / "2")
+    good_metadata = (broken / "metadata.json").read_text()
+    (broken / "metadata.json").write_text("{ half written")
+    with caplog.at_level(logging.WARNING, logger="app.model_store"):
+        for _ in range(3):
+            watched.refresh()
+    assert sum("digits/2" in r.getMessage() for r in caplog.records) == 1
+    assert watched.get().version == 1
+    (broken / "metadata.json").write_text(good_metadata)  # the copy finished
+    watched.refresh()
+    assert watched.get().version == 2
+    assert watched.rejected_versions("digits") == {}
+
+
+BAD_FOLDERS = {
+    "3": "has 100 bytes, the manifest says",  # variables truncated
+    "4": "unreadable metadata.json",
+    "5": "serving_default input is DT_FLOAT [-1, 32, 32, 3], expected DT_FLOAT [-1, 28, 28, 1]",
+    "6": "warm-up on blank images gave NaN or infinite outputs",
+    "7": "metadata.json is invalid at summary: 'totals' is a required property",
+    "²": "not a version number (ASCII digits only)",
+    "01": "not a version number (ASCII digits only)",
+}
+
+
+def add_bad_folders(model_dir: Path, good: Path, foreign: dict[str, Path]) -> None:
+    """One version folder per way a folder can be wrong, all above the good version."""
+    mutilate_truncated_variables(shutil.copytree(good, model_dir / "3"))
+    mutilate_bad_json(shutil.copytree(good, model_dir / "4"))
+    shutil.copytree(foreign["wrong_shape"], model_dir / "5")
+    shutil.copytree(foreign["nan_outputs"], model_dir / "6")
+    mutilate_no_totals(shutil.copytree(good, model_dir / "7"))
+    (model_dir / "²").mkdir()
+    shutil.copytree(good, model_dir / "01")
+
+
+def test_a_worker_boots_past_every_kind_of_bad_folder(tmp_path, fit_run, foreign_exports):
+    from app.metrics import Metrics
+
+    good = shutil.copytree(fit_run.version_dir, tmp_path / "mnist_cnn" / "2")
+    add_bad_folders(tmp_path / "mnist_cnn", good, foreign_exports)
+    (tmp_path / "not a name").mkdir()
+    metrics = Metrics()
+    store = ModelStore(tmp_path, "mnist_cnn", metrics=metrics)
+    store.load()
+    assert store.ready and store.get().version == 2
+    rejected = store.rejected_versions("mnist_cnn")
+    assert set(rejected) == set(BAD_FOLDERS)
+    for folder, reason in BAD_FOLDERS.items():
+        assert reason in rejected[folder], (folder, rejected[folder])
+    assert metrics.registry.get_sample_value(
+        "model_versions_rejected", {"model": "mnist_cnn"}) == len(BAD_FOLDERS)
+    assert "not a model name" in store.rejected["not a name"]
+
+
+def test_the_repository_index_gives_every_folders_state(tmp_path, fit_run, untrained_tiny):
+    shutil.copytree(untrained_tiny, tmp_path / "digits" / "1")
+    shutil.copytree(fit_run.version_dir, tmp_path / "digits" / "2")
+    mutilate_bad_json(shutil.copytree(fit_run.version_dir, tmp_path / "digits" / "3"))
+    (tmp_path / "digits" / "x").mkdir()
+    store = ModelStore(tmp_path, "digits")
+    store.load()
+    rows = [(r.name, r.version, r.state, r.reason.split(":")[0]) for r in store.index()]
+    assert rows == [
+        ("digits", "1", "UNAVAILABLE", "not selected by MODEL_VERSION_POLICY latest"),
+        ("digits", "2", "READY", ""),
+        ("digits", "3", "UNAVAILABLE", "unreadable metadata.json"),
+        ("digits", "x", "UNAVAILABLE", "not a version number (ASCII digits only)"),
+    ]
+
+
+def test_the_watch_thread_follows_the_folder_on_its_own(tmp_path, untrained_tiny, fit_run):
+    shutil.copytree(untrained_tiny, tmp_path / "digits" / "1")
+    store = ModelStore(tmp_path, "digits", poll_seconds=0.2)
+    store.load()
+    try:
+        shutil.copytree(fit_run.version_dir, tmp_path / "digits" / "2")
+        deadline = time.monotonic() + 60
+        while store.get().version != 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.get().version == 2
+    finally:
+        store.close()
+    assert not store._poller.is_alive()
+
+
+def rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_ten_load_and_retire_cycles_keep_memory_flat(tmp_path, fit_run):
+    """TF Serving users report leaks across swaps (tensorflow/serving#1346, #2017)."""
+    shutil.copytree(fit_run.version_dir, tmp_path / "mnist_cnn" / "1")
+    store = ModelStore(tmp_path, "mnist_cnn", batch_max_size=64, batch_timeout_ms=2)
+    store.load()
+
+    def cycle(version: int) -> None:
+        shutil.copytree(tmp_path / "mnist_cnn" / str(version - 1),
+                        tmp_path / "mnist_cnn" / str(version))
+        store.refresh()
+        assert store.get().version == version
+        shutil.rmtree(tmp_path / "mnist_cnn" / str(version - 1))
+        gc.collect()
+
+    for version in (2, 3):  # allocator and TensorFlow caches settle first
+        cycle(version)
+    before = rss_mb()
+    for version in range(4, 14):
+        cycle(version)
+    growth = rss_mb() - before
+    print(f"RSS growth over 10 load/retire cycles: {growth:.1f} MB")
+    store.close()
+    assert growth <= 50

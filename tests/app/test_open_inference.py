@@ -62,7 +62,20 @@ def test_server_is_live_and_ready(client):
 def test_server_metadata_names_the_extensions_spoken(client):
     metadata = client.get_server_metadata()
     assert metadata["name"] == "mnist-digits" and metadata["version"]
-    assert set(metadata["extensions"]) == {"binary_tensor_data", "classification"}
+    assert set(metadata["extensions"]) == {"binary_tensor_data", "classification",
+                                           "model_repository"}
+
+
+def test_the_repository_index_lists_every_served_version_as_ready(client, served_models):
+    index = client.get_model_repository_index()
+    on_disk = sorted((m.name, v.name) for m in served_models.iterdir() for v in m.iterdir())
+    assert sorted((row["name"], row["version"]) for row in index) == on_disk
+    assert {row["state"] for row in index} == {"READY"}
+
+
+def test_the_repository_index_refuses_a_body_that_is_not_an_object(url):
+    response = requests.post(f"{url}/v2/repository/index", data=b"[1]", timeout=10)
+    assert_v2_error(response, 400, "JSON object")
 
 
 def test_model_readiness(client):

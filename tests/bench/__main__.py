@@ -238,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long to measure the in-process compute limit")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args(argv)
-    from training.export import complete_versions
+    from training.export_format import complete, list_versions
 
-    versions = complete_versions(args.models_dir / args.name)
+    versions = [v for v in list_versions(args.models_dir / args.name)
+                if complete(args.models_dir / args.name / str(v))]
     if not versions:
         parser.error(f"no model in {args.models_dir / args.name}: run `make train` first")
     version_dir = (args.models_dir / args.name / str(versions[-1])).resolve()

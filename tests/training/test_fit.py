@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 from tests.conftest import run_fit
 from training.data import to_model_input
+from training.export_format import complete
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +131,18 @@ def test_if_missing_trains_into_models_dir_and_name_from_the_environment(tmp_pat
                      env={"MODELS_DIR": str(tmp_path / "volume"), "MODEL_NAME": "digits"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "volume" / "digits" / "1" / "saved_model.pb").is_file()
+
+
+def test_if_missing_retrains_when_the_newest_version_is_incomplete(fit_run, tmp_path):
+    model_dir = tmp_path / "models" / "mnist_cnn"
+    shutil.copytree(fit_run.version_dir, model_dir / "1")
+    broken = shutil.copytree(fit_run.version_dir, model_dir / "2")
+    (data,) = (broken / "variables").glob("variables.data-*")
+    data.write_bytes(data.read_bytes()[:1000])  # a copy cut short
+    result = run_fit("--if-missing", "--arch", "tiny", "--limit", "500", "--epochs", "1",
+                     "--models-dir", str(tmp_path / "models"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mnist_cnn/2 is incomplete (variables/variables.data-00000-of-00001 has 1000 " \
+        "bytes" in result.stdout
+    assert complete(model_dir / "3")
+    assert json.loads((model_dir / "3" / "metadata.json").read_text())["arch"] == "tiny"

@@ -1,0 +1,127 @@
+"""One loaded version as requests see it: its runtime, metadata and batcher, and the
+bookkeeping that lets it be retired while requests still use it.
+
+TensorFlow Serving hands requests a *handle* that keeps a version alive; here the handle
+is the object itself. ``slot()`` counts the requests inside it; ``retire()`` (called by
+the store when a newer version has been swapped in, or the folder was removed) stops new
+micro-batches, and the batcher thread ends when the last request leaves. The weights are
+freed when the last reference goes, so a request that started on a version finishes on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from app.batching import MicroBatcher
+
+log = logging.getLogger(__name__)
+
+
+class VersionRejected(Exception):
+    """A version folder failed a check; the message says which."""
+
+
+class Runtime(Protocol):
+    """What the store needs of a runtime: predict, warm up, and describe its signature."""
+
+    input_name: str
+    output_name: str
+    signature_defs: dict[str, Any]
+
+    def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+    def warm_up(self, largest: int) -> None: ...
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One servable version: name, version, folder, metadata and the runtime it runs on."""
+
+    name: str
+    version: int
+    path: Path
+    metadata: dict[str, Any] = field(repr=False)
+    runtime: Runtime = field(repr=False)
+    fingerprint: tuple = field(default=(), repr=False)  # the folder as it was loaded
+    load_seconds: float = 0.0
+    batcher: MicroBatcher | None = field(default=None, repr=False)
+    _users: int = field(default=0, repr=False)
+    _retired: bool = field(default=False, repr=False)
+    _released: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def input_name(self) -> str:
+        return self.runtime.input_name
+
+    @property
+    def output_name(self) -> str:
+        return self.runtime.output_name
+
+    @property
+    def signature_defs(self) -> dict[str, Any]:
+        return self.runtime.signature_defs
+
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities, one direct call."""
+        return self.runtime.predict(images)
+
+    def start_batching(self, max_size: int, timeout_ms: float) -> None:
+        """Share model calls between concurrent requests (app/batching.py)."""
+        self.batcher = MicroBatcher(self.predict, max_size, timeout_ms, name=self.name)
+
+    @contextmanager
+    def slot(self) -> Iterator[Any]:
+        """Read a request's images inside; ``slot.run(images)`` predicts them, batched
+        with concurrent requests while the version is current, directly once retired."""
+        with self._lock:
+            self._users += 1
+            batcher = None if self._retired else self.batcher
+        try:
+            if batcher is None:
+                yield _Direct(self.predict)
+            else:
+                with batcher.arriving() as ticket:
+                    yield ticket
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._retired and self._users == 0
+            if last:
+                self._release()
+
+    def retire(self) -> None:
+        """No new batches; released now if idle, else when its last request leaves."""
+        with self._lock:
+            self._retired = True
+            idle = self._users == 0
+        if idle:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        if self.batcher is not None:
+            self.batcher.close()
+        log.info("released %s version %d", self.name, self.version)
+
+
+@dataclass(frozen=True)
+class _Direct:
+    """Batching off (or the version retired): run calls the model in the request's thread."""
+
+    run: Any

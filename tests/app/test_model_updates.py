@@ -1,0 +1,179 @@
+"""Model updates under load, against real gunicorn (2 workers) watching a real MODELS_DIR:
+a retrained version is served without a restart or a failed request, bad folders are
+listed and never served, and a restarted worker serves what its sibling serves."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import tritonclient.http as triton
+from PIL import Image
+
+from tests.app.test_model_store import BAD_FOLDERS, add_bad_folders
+from tests.conftest import run_fit, start_server, stop_server
+
+POLL_SECONDS = 1.0
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(mnist) -> list[bytes]:
+    blobs = []
+    for image in mnist.x_test[:16]:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+class Clients:
+    """Eight threads posting real digits until stopped; every answer is recorded."""
+
+    def __init__(self, url: str, pngs: list[bytes], concurrency: int = 8):
+        self.url, self.pngs = url, pngs
+        self.answers: list[tuple[float, int, int | None]] = []  # (time, status, version)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,))
+                         for i in range(concurrency)]
+
+    def __enter__(self) -> Clients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self, index: int) -> None:
+        with requests.Session() as session:
+            count = index
+            while not self._stop.is_set():
+                count += 1
+                try:
+                    response = session.post(f"{self.url}/predict", timeout=30,
+                                            data=self.pngs[count % len(self.pngs)],
+                                            headers={"Content-Type": "image/png"})
+                    version = response.json()["model"]["version"] if response.ok else None
+                    self.answers.append((time.time(), response.status_code, version))
+                except requests.RequestException:
+                    self.answers.append((time.time(), 0, None))
+
+    def versions_since(self, moment: float) -> set[int | None]:
+        return {version for at, _, version in self.answers if at >= moment}
+
+
+def load_seconds(url: str, version: int) -> float:
+    """The slowest worker's load-and-warm time of ``version``, from /metrics."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    match = re.search(rf'model_load_seconds{{model="mnist_cnn",version="{version}"}} (\S+)',
+                      text)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_for(condition, seconds: float = 90.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def watched_server(tmp_path, fit_run):
+    models = tmp_path / "models"
+    shutil.copytree(fit_run.version_dir, models / "mnist_cnn" / "1")
+    server = start_server(models, tmp_path / "gunicorn.log",
+                          MODEL_POLL_SECONDS=str(POLL_SECONDS))
+    yield models, server
+    stop_server(server)
+
+
+@pytest.mark.slow
+def test_a_retrained_version_is_served_without_restart_or_failed_requests(
+        watched_server, digit_pngs):
+    models, server = watched_server
+    with Clients(server.url, digit_pngs) as clients:
+        time.sleep(1)
+        result = run_fit("--epochs", "1", "--limit", "1000", "--models-dir", str(models))
+        assert result.returncode == 0, result.stderr[-2000:]
+        published = (models / "mnist_cnn" / "2").stat().st_ctime
+        wait_for(lambda: clients.answers and clients.answers[-1][2] == 2)
+        switched = time.time()
+        time.sleep(2 * POLL_SECONDS)
+    statuses = [status for _, status, _ in clients.answers]
+    assert statuses.count(200) == len(statuses) > 50, {s: statuses.count(s) for s in statuses}
+    assert clients.versions_since(published - 60) == {1, 2}
+    last_old = max(at for at, _, version in clients.answers if version == 1)
+    assert clients.versions_since(last_old + 0.001) == {2}
+    # The documented bound: one poll interval plus the version's load time, plus the
+    # requests that were already running on the old version when it was swapped out.
+    window = last_old - published
+    bound = POLL_SECONDS + load_seconds(server.url, 2) + 5
+    print(f"\nexport → last answer by v1: {window:.2f} s; → first poll that served v2 "
+          f"seen at {switched - published:.2f} s; bound {bound:.2f} s; "
+          f"{len(statuses)} requests, 0 failed")
+    assert window <= bound
+
+
+def worker_pids(master: int) -> set[int]:
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def index_rows(url: str) -> dict[str, tuple[str, str]]:
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    try:
+        return {row["version"]: (row["state"], row.get("reason", ""))
+                for row in client.get_model_repository_index() if row["name"] == "mnist_cnn"}
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_bad_folders_are_listed_never_served_and_a_restarted_worker_agrees(
+        watched_server, fit_run, foreign_exports, digit_pngs):
+    models, server = watched_server
+    model_dir = models / "mnist_cnn"
+    good = shutil.copytree(fit_run.version_dir, model_dir / "2")
+    add_bad_folders(model_dir, good, foreign_exports)
+    wait_for(lambda: all(set(index_rows(server.url)) >= set(BAD_FOLDERS) | {"1", "2"}
+                         for _ in range(6)))
+    rows = index_rows(server.url)
+    assert rows["2"] == ("READY", "")
+    assert rows["1"][0] == "UNAVAILABLE"
+    for folder, reason in BAD_FOLDERS.items():
+        assert rows[folder][0] == "UNAVAILABLE" and reason in rows[folder][1], folder
+    ready_only = requests.post(f"{server.url}/v2/repository/index", json={"ready": True},
+                               timeout=10).json()
+    assert ready_only == [{"name": "mnist_cnn", "version": "2", "state": "READY"}]
+    described = requests.get(f"{server.url}/models/mnist_cnn", timeout=10).json()
+    assert set(described["rejected"]) == set(BAD_FOLDERS)
+    assert requests.get(f"{server.url}/ready", timeout=10).status_code == 200
+
+    before = worker_pids(server.process.pid)
+    os.kill(min(before), signal.SIGKILL)
+    wait_for(lambda: len(worker_pids(server.process.pid) - before) == 1)
+    with requests.Session() as session:
+        wait_for(lambda: session.get(f"{server.url}/ready", timeout=10).status_code == 200)
+        answers = [session.post(f"{server.url}/predict", data=digit_pngs[i % 16], timeout=30,
+                                headers={"Content-Type": "image/png"}) for i in range(60)]
+        readiness = [session.get(f"{server.url}/ready", timeout=10) for _ in range(20)]
+    assert {(a.status_code, a.json()["model"]["version"]) for a in answers} == {(200, 2)}
+    assert {(r.status_code, r.json()["models"]["mnist_cnn"]) for r in readiness} == {(200, 2)}
+    assert "not serving" in server.log() and "Traceback" not in server.log()

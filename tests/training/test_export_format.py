@@ -1,0 +1,206 @@
+"""training/export_format.py: one definition of a servable version folder, and staging
+folders that are reclaimed by lock, not by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+from training.export import export_version
+from training.export_format import (
+    LOCK_FILE,
+    STAGING_GRACE_SECONDS,
+    complete,
+    list_versions,
+    parse_version,
+    reclaim_staging,
+    valid_model_name,
+)
+from training.models import build_tiny
+from training.summary import summarize_model
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A real export of the tiny net with the metadata the server reads."""
+    model = build_tiny()
+    model_dir = tmp_path_factory.mktemp("contract") / "mnist_tiny"
+    return export_version(model, model_dir, {"name": "mnist_tiny",
+                                             "summary": summarize_model(model)})
+
+
+@pytest.fixture
+def version(tiny_export, tmp_path):
+    """A fresh copy of the export to break."""
+    return shutil.copytree(tiny_export, tmp_path / "mnist_tiny" / "7")
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("1", 1), ("12", 12), ("0", 0), ("999999999999999999", 999999999999999999),
+    ("²", None), ("٣", None), ("01", None), ("1.5", None), ("-1", None), ("", None),
+    (" 1", None), ("1234567890123456789", None), ("latest", None),
+])
+def test_only_ascii_digits_name_a_version(name, expected):
+    assert parse_version(name) == expected
+
+
+@pytest.mark.parametrize(("name", "ok"), [
+    ("mnist_cnn", True), ("a.b-c_1", True), ("123", False), (".hidden", False),
+    ("with space", False), ("ümlaut", False), ("x" * 65, False), ("", False),
+])
+def test_model_names_are_url_and_label_safe(name, ok):
+    assert valid_model_name(name) is ok
+
+
+def test_list_versions_skips_names_that_are_not_versions(tmp_path):
+    for name in ("1", "2", "10", "²", "01", ".tmp-x", "latest"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "3").write_text("a file, not a version")
+    assert list_versions(tmp_path) == [1, 2, 10]
+
+
+def test_a_fresh_export_is_complete_and_lists_its_files(tiny_export):
+    assert complete(tiny_export)
+    files = json.loads((tiny_export / "metadata.json").read_text())["files"]
+    assert {"saved_model.pb", "variables/variables.index", "model.keras"} <= set(files)
+    assert LOCK_FILE not in files and "metadata.json" not in files
+    for name, entry in files.items():
+        assert (tiny_export / name).stat().st_size == entry["bytes"]
+
+
+def truncate_variables(folder):
+    (data,) = (folder / "variables").glob("variables.data-*")
+    with open(data, "r+b") as handle:
+        handle.truncate(data.stat().st_size // 2)
+
+
+def flip_a_byte(folder):
+    (data,) = (folder / "variables").glob("variables.data-*")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+def edit_metadata(change):
+    def mutilate(folder):
+        metadata = json.loads((folder / "metadata.json").read_text())
+        change(metadata)
+        (folder / "metadata.json").write_text(json.dumps(metadata))
+    return mutilate
+
+
+@pytest.mark.parametrize(("mutilate", "reason"), [
+    (lambda f: (f / "saved_model.pb").unlink(), "no saved_model.pb"),
+    (lambda f: (f / "variables" / "variables.index").unlink(), "no variables/variables.index"),
+    (lambda f: (f / "metadata.json").unlink(), "no metadata.json"),
+    (lambda f: (f / "metadata.json").write_text("{ half written"), "unreadable metadata.json"),
+    (lambda f: (f / "metadata.json").write_bytes(b"\xff\xfe"), "unreadable metadata.json"),
+    (edit_metadata(lambda m: m["summary"].pop("totals")), "invalid at summary: 'totals'"),
+    (edit_metadata(lambda m: m["summary"]["totals"].update(params="many")),
+     "invalid at summary/totals/params"),
+    (edit_metadata(lambda m: m.update(summary=[])), "invalid at summary"),
+    (truncate_variables, "(truncated?)"),
+    (flip_a_byte, "does not match its SHA-256"),
+    (lambda f: (f / "model.keras").unlink(), "model.keras is missing"),
+    (edit_metadata(lambda m: m["files"].update({"../escape": {"bytes": 0, "sha256": "0" * 64}})),
+     "../escape is missing"),
+])
+def test_an_incomplete_version_says_why(version, mutilate, reason):
+    mutilate(version)
+    check = complete(version)
+    assert not check
+    assert reason in check.reason
+
+
+def test_an_export_without_a_summary_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"incomplete export: metadata\.json is invalid"):
+        export_version(build_tiny(), tmp_path / "m", {"name": "m"})
+    assert list((tmp_path / "m").iterdir()) == []
+
+
+WRITER = """
+import os, sys, time
+from pathlib import Path
+from training.export_format import staging
+with staging(Path(sys.argv[1])) as folder:
+    (folder / "saved_model.pb").write_bytes(b"half an export")
+    print(os.getpid(), folder, flush=True)
+    time.sleep(600)
+"""
+
+
+def start_writer(model_dir, *prefix):
+    """An export that has begun writing and stalls, as a process of its own."""
+    writer = subprocess.Popen([*prefix, sys.executable, "-c", WRITER, str(model_dir)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    line = writer.stdout.readline().split()
+    assert line, "the writer did not start"
+    writer.pid_inside = int(line[0])
+    return writer, model_dir / os.path.basename(line[1])
+
+
+def kill(writer):
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    writer.stdout.close()
+
+
+def test_a_live_writers_staging_folder_is_kept(tmp_path):
+    writer, folder = start_writer(tmp_path)
+    try:
+        assert reclaim_staging(tmp_path) == []
+        assert (folder / "saved_model.pb").is_file()
+    finally:
+        kill(writer)
+
+
+def test_a_killed_writers_staging_folder_is_reclaimed(tmp_path):
+    writer, folder = start_writer(tmp_path)
+    kill(writer)
+    assert folder.is_dir()
+    assert reclaim_staging(tmp_path) == [folder]
+    assert not folder.exists()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_a_killed_writer_that_was_pid_1_is_reclaimed_too(tmp_path):
+    """As in a container, where training.fit runs as PID 1: PID 1 is always alive to a
+    PID check in another namespace, so only the lock can tell."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode()[:200]}")
+    writer, folder = start_writer(tmp_path, "unshare", "--pid", "--fork", "--mount-proc",
+                                  "--kill-child")
+    assert writer.pid_inside == 1
+    kill(writer)  # unshare --kill-child takes the writer with it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not reclaim_staging(tmp_path):
+        time.sleep(0.1)
+    assert not folder.exists()
+
+
+def test_a_lockless_staging_folder_is_kept_while_young_and_reclaimed_when_old(tmp_path):
+    young, old = tmp_path / ".tmp-1-young", tmp_path / ".tmp-1-old"  # an older release's
+    young.mkdir()
+    old.mkdir()
+    stale = time.time() - STAGING_GRACE_SECONDS - 60
+    os.utime(old, (stale, stale))
+    assert reclaim_staging(tmp_path) == [old]
+    assert young.is_dir()
+
+
+def test_export_reclaims_abandoned_staging_before_writing(tmp_path):
+    writer, _ = start_writer(tmp_path / "mnist_tiny")
+    kill(writer)
+    model = build_tiny()
+    export_version(model, tmp_path / "mnist_tiny", {"summary": summarize_model(model)})
+    assert sorted(p.name for p in (tmp_path / "mnist_tiny").iterdir()) == ["1"]
