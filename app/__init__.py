@@ -53,7 +53,7 @@ def create_app(config: Config | None = None) -> Flask:
     store = ModelStore(config.models_dir, config.model_name, config.tf_threads,
                        config.batch_max_size, config.batch_timeout_ms,
                        VersionPolicy.parse(config.model_version_policy),
-                       config.model_poll_seconds, metrics)
+                       config.model_poll_seconds, metrics, config.prefer_tflite_model)
     store.init_app(app)
     store.load()  # what MODELS_DIR holds now; then a thread follows its changes
 

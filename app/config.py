@@ -13,6 +13,8 @@ from pathlib import Path
 
 from app.version_policy import VersionPolicy
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
 
 class ConfigError(ValueError):
     """A setting is missing its right form; the message names the variable."""
@@ -26,6 +28,7 @@ class Config:
     model_name: str = "mnist_cnn"
     model_version_policy: str = "latest"  # or latest:N, all, or a list such as 1,3
     model_poll_seconds: float = 2.0  # rescan MODELS_DIR this often; 0 turns the watch off
+    prefer_tflite_model: bool = False  # serve model.tflite with LiteRT where a version has one
     port: int = 8000
     max_content_length: int = 10 * 1024 * 1024  # bytes of request body
     max_batch: int = 256  # images in one request
@@ -82,6 +85,13 @@ def _parse(variable: str, raw: str, kind: type) -> object:
             return int(raw.replace("_", ""))
         except ValueError:
             raise ConfigError(f"{variable} must be an integer, got {raw!r}") from None
+    if kind is bool:
+        if raw.strip().lower() in _TRUE:
+            return True
+        if raw.strip().lower() in _FALSE:
+            return False
+        raise ConfigError(f"{variable} must be true or false (1/0, yes/no, on/off), "
+                          f"got {raw!r}")
     if kind is float:
         try:
             value = float(raw)

@@ -4,7 +4,8 @@ Every ``poll_seconds`` (MODEL_POLL_SECONDS) a background thread rescans MODELS_D
 (app/repository.py) and reconciles what it finds with what is served, model by model,
 under the version policy (app/version_policy.py):
 
-- a new version is loaded and warmed in that thread (app/saved_model.py) while the old
+- a new version is loaded and warmed in that thread (app/saved_model.py, or
+  app/litert_runtime.py with PREFER_TFLITE_MODEL) while the old
   one keeps answering, and only then swapped in, atomically (one reference replaced);
 - a version no longer wanted (a newer one won, or its folder was removed) is *retired*:
   requests already holding it finish on it, and it is released after the last one
@@ -26,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ModelNotFound, ModelNotReady
+from app.litert_runtime import load_litert
 from app.repository import Fingerprint, ModelFolder, Snapshot, VersionFolder, scan
-from app.saved_model import limit_threads, load_saved_model
+from app.saved_model import load_saved_model
 from app.servable import LoadedModel, VersionRejected
 from app.version_policy import VersionPolicy
-from training.export_format import complete, read_metadata
+from training.export_format import TFLITE_FILE, complete, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,10 @@ class VersionState:
     reason: str = ""
 
 
-def load_version(name: str, found: VersionFolder, warm_up_to: int) -> LoadedModel:
-    """Check and load one version folder; raises VersionRejected with the reason."""
+def load_version(name: str, found: VersionFolder, warm_up_to: int,
+                 prefer_tflite: bool = False, threads: int = 1) -> LoadedModel:
+    """Check and load one version folder, on LiteRT when preferred and the version has
+    a model.tflite, else on TensorFlow; raises VersionRejected with the reason."""
     if found.error:
         raise VersionRejected(found.error)
     check = complete(found.path)
@@ -59,7 +63,10 @@ def load_version(name: str, found: VersionFolder, warm_up_to: int) -> LoadedMode
         metadata = read_metadata(found.path)
     except ValueError as err:  # changed since complete() read it
         raise VersionRejected(str(err)) from None
-    runtime = load_saved_model(found.path, metadata, warm_up_to)
+    if prefer_tflite and (found.path / TFLITE_FILE).is_file():
+        runtime = load_litert(found.path, metadata, warm_up_to, threads)
+    else:
+        runtime = load_saved_model(found.path, metadata, warm_up_to, threads)
     return LoadedModel(name, found.version, found.path, metadata, runtime,
                        found.fingerprint, time.perf_counter() - started)
 
@@ -72,7 +79,7 @@ class ModelStore:
     def __init__(self, models_dir: Path, default_name: str, tf_threads: int = 1,
                  batch_max_size: int = 1, batch_timeout_ms: float = 0.0,
                  policy: VersionPolicy | None = None, poll_seconds: float = 0.0,
-                 metrics: Any = None):
+                 metrics: Any = None, prefer_tflite: bool = False):
         self.models_dir = Path(models_dir)
         self.default_name = default_name
         self.tf_threads = tf_threads
@@ -81,6 +88,7 @@ class ModelStore:
         self.policy = policy or VersionPolicy.parse("latest")
         self.poll_seconds = poll_seconds
         self.metrics = metrics
+        self.prefer_tflite = prefer_tflite
         # Replaced whole, never mutated: a reader that took it sees one consistent state.
         self.versions: dict[str, dict[int, LoadedModel]] = {}
         self._snapshot = Snapshot({}, {})
@@ -99,7 +107,6 @@ class ModelStore:
 
     def load(self) -> None:
         """Load what MODELS_DIR holds now, then keep watching it if polling is on."""
-        limit_threads(self.tf_threads)
         self.refresh()
         self._loaded.set()
         if self.poll_seconds > 0 and self._poller is None:
@@ -165,7 +172,8 @@ class ModelStore:
             return None
         self._loading.add((name, found.version))
         try:
-            model = load_version(name, found, self.batch_max_size)
+            model = load_version(name, found, self.batch_max_size, self.prefer_tflite,
+                                 self.tf_threads)
         except VersionRejected as reason:
             self._reject(key, found, str(reason))
             return None

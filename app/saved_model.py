@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from app.servable import VersionRejected
+from training.export_format import SIGNATURE, read_signature_defs
 
 log = logging.getLogger(__name__)
-SIGNATURE = "serving_default"
 INPUT_SHAPE = [-1, 28, 28, 1]
 OUTPUT_SHAPE = [-1, 10]
 
@@ -48,6 +48,8 @@ def limit_threads(threads: int) -> None:
 
 class SavedModelRuntime:
     """A loaded SavedModel's serving signature, called by keyword."""
+
+    kind = "savedmodel"
 
     def __init__(self, loaded: Any, signature_defs: dict[str, Any]):
         self._loaded = loaded  # owns the variables the signature reads
@@ -95,20 +97,6 @@ class SavedModelRuntime:
         return sum(math.prod(v.shape) for v in self._loaded.variables if v.dtype.is_floating)
 
 
-def read_signature_defs(folder: Path) -> dict[str, Any]:
-    """The SavedModel's SignatureDefs as TensorFlow Serving reports them: tensor names,
-    DT_ dtypes and shapes straight from saved_model.pb, so the metadata endpoints of both
-    protocols describe what was exported rather than what we believe was."""
-    from google.protobuf import json_format
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((folder / "saved_model.pb").read_bytes())
-    return {name: json_format.MessageToDict(signature, preserving_proto_field_name=True,
-                                            always_print_fields_with_no_presence=True)
-            for name, signature in saved.meta_graphs[0].signature_def.items()}
-
-
 def check_signature(signature_defs: dict[str, Any]) -> None:
     """One float input of [N, 28, 28, 1] and one output of [N, 10], else VersionRejected."""
     serving = signature_defs.get(SIGNATURE)
@@ -126,10 +114,12 @@ def check_signature(signature_defs: dict[str, Any]) -> None:
                                   f"expected DT_FLOAT {expected}")
 
 
-def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int
-                     ) -> SavedModelRuntime:
+def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
+                     threads: int = 1) -> SavedModelRuntime:
     """Load, check and warm one SavedModel folder; raises VersionRejected."""
     import tensorflow as tf
+
+    limit_threads(threads)
 
     try:
         signature_defs = read_signature_defs(folder)

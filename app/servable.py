@@ -32,6 +32,7 @@ class VersionRejected(Exception):
 class Runtime(Protocol):
     """What the store needs of a runtime: predict, warm up, and describe its signature."""
 
+    kind: str  # "savedmodel" or "litert"
     input_name: str
     output_name: str
     signature_defs: dict[str, Any]

@@ -29,12 +29,14 @@ def test_the_bench_harness_measures_every_server_and_writes_its_table(served_mod
     assert "<!-- bench:start -->" in text and "Compute limit" in text
     rows = [line for line in text.splitlines() if line.startswith("| one 28×28 PNG | 2 |")]
     assert {row.split(" | ")[2] for row in rows} == {
-        "ours", "ours, batching off", "flask+SavedModel", "flask+model.predict"}
+        "ours", "ours, LiteRT", "ours, batching off", "flask+SavedModel",
+        "flask+model.predict", "flask hello world"}
     for row in rows:
         assert row.split(" | ")[7] == "0"  # errors
         assert float(row.split(" | ")[3]) > 0  # requests/s
     assert re.search(r"\| 256-image batch \(\.npy\) \| 2 \| ours \| \d+", text)
-    assert re.search(r"Cold start .*ours \d+\.\d s", text)
+    assert re.search(r"Cold start .*ours \d+\.\d s.*ours, LiteRT \d+\.\d s", text)
+    assert re.search(r"\| 256-image batch \(\.npy\) \| 2 \| ours, LiteRT \| \d+", text)
 
 
 def test_the_protocol_bench_measures_every_format_against_its_baseline(served_models,

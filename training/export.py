@@ -1,7 +1,8 @@
 """Atomic, versioned Keras exports in TensorFlow Serving's layout: ``<models>/<name>/<version>/``.
 
 A version folder holds the SavedModel (written by Keras 3's ``model.export``, servable
-without Keras), the ``.keras`` file, ``metadata.json`` and ``plots/``. The format itself —
+without Keras), the same network as ``model.tflite`` for LiteRT, the ``.keras`` file,
+``metadata.json`` and ``plots/``. The format itself —
 folder names, the metadata schema and manifest, staging and what "complete" means — is
 training/export_format.py's; this module only fills a staging folder with a Keras model.
 A crash leaves at most a ``.tmp-*`` folder (never a number), which the next export
@@ -15,8 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import tensorflow as tf
 
-from training.export_format import KERAS_FILE, PLOTS_DIR, publish, staging
+from training.export_format import (
+    KERAS_FILE,
+    PLOTS_DIR,
+    TFLITE_FILE,
+    publish,
+    read_signature_defs,
+    staging,
+)
 
 
 def export_version(
@@ -33,7 +42,19 @@ def export_version(
     with staging(model_dir) as folder:
         model.export(str(folder), format="tf_saved_model", verbose=False)
         model.save(folder / KERAS_FILE)
+        write_tflite(folder)
         if write_artifacts is not None:
             (folder / PLOTS_DIR).mkdir()
             write_artifacts(folder / PLOTS_DIR)
-        return publish(folder, model_dir, metadata)
+        return publish(folder, model_dir, {
+            **metadata, "signature_defs": read_signature_defs(folder),
+            "tflite": {"file": TFLITE_FILE, "converter": f"tensorflow {tf.__version__}",
+                       "quantization": "none (float32)"}})
+
+
+def write_tflite(folder: Path) -> None:
+    """Convert the SavedModel just written to LiteRT's flatbuffer, float32 as trained:
+    the same signature (``serving_default``, input ``image``), no quantisation, so both
+    runtimes answer alike (within 1e-5, tested)."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(folder))
+    (folder / TFLITE_FILE).write_bytes(converter.convert())

@@ -7,6 +7,7 @@ them ask this module, so "complete" cannot mean two things.
     <models>/<name>/<version>/   name: see valid_model_name
                                  version: ASCII digits only ("12", never "²" or "1.5")
         saved_model.pb, variables/variables.index, variables/variables.data-*
+        model.tflite             the same network converted for LiteRT (float32)
         metadata.json            validated against METADATA_SCHEMA; "files" lists every
                                  other file with its size and SHA-256
         model.keras, plots/*.png
@@ -44,6 +45,8 @@ METADATA_FILE = "metadata.json"
 SAVED_MODEL_FILE = "saved_model.pb"
 VARIABLES_INDEX = "variables/variables.index"
 KERAS_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"  # the same network for LiteRT (PREFER_TFLITE_MODEL)
+SIGNATURE = "serving_default"
 PLOTS_DIR = "plots"
 STAGING_PREFIX = ".tmp-"
 LOCK_FILE = ".export.lock"
@@ -83,6 +86,11 @@ METADATA_SCHEMA: dict[str, Any] = {
             "accuracy": {"type": "number"},
             "per_class": {"type": "array", "items": {"type": "object"}}}},
         "input": {"type": "object"},
+        # The SavedModel's SignatureDefs in protobuf's JSON form, so that a server that
+        # never imports TensorFlow (LiteRT) still describes the tensors exactly.
+        "signature_defs": {"type": "object", "required": [SIGNATURE]},
+        "tflite": {"type": "object", "required": ["file"],
+                   "properties": {"file": {"const": TFLITE_FILE}}},
         "files": {"type": "object", "additionalProperties": {
             "type": "object", "required": ["bytes", "sha256"],
             "properties": {"bytes": _COUNT,
@@ -144,6 +152,21 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         where = "/".join(map(str, error.absolute_path)) or "top level"
         raise ValueError(f"{METADATA_FILE} is invalid at {where}: {error.message[:200]}")
     return metadata
+
+
+def read_signature_defs(folder: Path) -> dict[str, Any]:
+    """The SavedModel's SignatureDefs as TensorFlow Serving reports them: tensor names,
+    DT_ dtypes and shapes straight from saved_model.pb, so the metadata endpoints of both
+    protocols describe what was exported rather than what we believe was. Imports
+    TensorFlow's protobuf modules: call it where TensorFlow is loaded anyway."""
+    from google.protobuf import json_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((folder / SAVED_MODEL_FILE).read_bytes())
+    return {name: json_format.MessageToDict(signature, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True)
+            for name, signature in saved.meta_graphs[0].signature_def.items()}
 
 
 def complete(folder: Path) -> Check:

@@ -32,6 +32,7 @@ def describe(model: LoadedModel) -> dict:
         "created": metadata.get("created"),
         "test_accuracy": metadata.get("test", {}).get("accuracy"),
         "load_seconds": round(model.load_seconds, 3),
+        "runtime": model.runtime.kind,
         "input": metadata.get("input"),
         "plots": [{"title": title, "url": url_for("models.plot", name=model.name, plot=plot)}
                   for plot, title in PLOTS.items()

@@ -29,8 +29,8 @@ import numpy as np
 
 from app.errors import InvalidInput
 from app.inputs import Limits, from_images, from_numbers, parse_json
-from app.saved_model import SIGNATURE
 from app.servable import LoadedModel
+from training.export_format import SIGNATURE
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -13,8 +13,8 @@ import numpy as np
 
 from app.errors import InvalidInput
 from app.inputs import Limits, from_instances, parse_json
-from app.saved_model import SIGNATURE
 from app.servable import LoadedModel
+from training.export_format import SIGNATURE
 
 ROW, COLUMNAR = "instances", "inputs"
 ANSWER_KEY = {ROW: "predictions", COLUMNAR: "outputs"}

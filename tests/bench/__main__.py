@@ -107,21 +107,30 @@ def wrk(url: str, body: Path, content_type: str, connections: int, seconds: floa
             "errors": stats["errors"]}
 
 
-def compute_limit(version_dir: Path, seconds: float = 3.0) -> float:
-    """Images/s of the SavedModel alone on batches of 256, in this process."""
+def compute_limit(version_dir: Path, seconds: float = 3.0) -> dict[str, float]:
+    """Images/s of each runtime alone on batches of 256, in this process: the SavedModel
+    (TensorFlow) and model.tflite (LiteRT, one thread)."""
     import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
 
+    batch = np.random.default_rng(0).random((256, 28, 28, 1), np.float32)
     loaded = tf.saved_model.load(str(version_dir))
     serve = loaded.signatures["serving_default"]
     (name,) = serve.structured_input_signature[1]
-    batch = {name: tf.constant(np.random.default_rng(0).random((256, 28, 28, 1), np.float32))}
-    for _ in range(3):
-        serve(**batch)
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        serve(**batch)
-        count += 256
-    return count / (time.perf_counter() - started)
+    tensor = {name: tf.constant(batch)}
+    runner = Interpreter(model_path=str(version_dir / "model.tflite"),
+                         num_threads=1).get_signature_runner("serving_default")
+    calls = {"savedmodel": lambda: serve(**tensor), "litert": lambda: runner(**{name: batch})}
+    limits = {}
+    for runtime, call in calls.items():
+        for _ in range(3):
+            call()
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            call()
+            count += 256
+        limits[runtime] = count / (time.perf_counter() - started)
+    return limits
 
 
 def bodies(scratch: Path, version_dir: Path) -> dict[str, Path]:
@@ -146,9 +155,11 @@ def servers(models_dir: Path, version_dir: Path, workers: int) -> list[Server]:
     ours_env = {"MODELS_DIR": str(models_dir), "WORKERS": str(workers), "LOG_LEVEL": "WARNING"}
     return [
         Server("ours", ours, {**ours_env}),
+        Server("ours, LiteRT", ours, {**ours_env, "PREFER_TFLITE_MODEL": "1"}),
         Server("ours, batching off", ours, {**ours_env, "BATCH_MAX_SIZE": "1"}),
         Server("flask+SavedModel", [*peer, "tests.bench.peers:savedmodel_app()"], peer_env),
         Server("flask+model.predict", [*peer, "tests.bench.peers:keras_app()"], peer_env),
+        Server("flask hello world", [*peer, "tests.bench.peers:hello_app()"], {}),
     ]
 
 
@@ -157,7 +168,7 @@ def measure(fleet: list[Server], files: dict[str, Path], concurrencies: list[int
     """Every scenario at every concurrency, the servers taking turns in a rotating order,
     ``rounds`` times over; each row is the median of its rounds (errors are summed)."""
     plan = [("one 28×28 PNG", files["png"], "image/png", 1, c, fleet) for c in concurrencies]
-    plan.append(("256-image batch (.npy)", files["npy"], "application/x-npy", 256, 2, fleet[:2]))
+    plan.append(("256-image batch (.npy)", files["npy"], "application/x-npy", 256, 2, fleet[:3]))
     runs: dict[tuple, list[dict]] = {}
     turn = 0
     for _ in range(rounds):
@@ -177,40 +188,45 @@ def measure(fleet: list[Server], files: dict[str, Path], concurrencies: list[int
             for (scenario, connections, name, images), results in runs.items()]
 
 
-def table(rows: list[dict], limit: float) -> str:
-    """Markdown: one row per run; ours is compared with each peer at the same load."""
-    lines = ["| scenario | conc. | server | req/s | images/s | p50 ms | p99 ms | errors "
-             "| ÷ batching off | ÷ flask+SavedModel | ÷ flask+model.predict | ÷ compute limit |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+PEERS = ("ours, batching off", "flask+SavedModel", "flask+model.predict", "flask hello world")
+RUNTIME = {"ours": "savedmodel", "ours, batching off": "savedmodel", "ours, LiteRT": "litert"}
+
+
+def table(rows: list[dict], limits: dict[str, float]) -> str:
+    """Markdown: one row per run; ours (each runtime) is compared with each peer at the
+    same load, and with its own runtime's compute limit."""
+    lines = ["| scenario | conc. | server | req/s | images/s | p50 ms | p99 ms | errors | "
+             + " | ".join(f"÷ {peer}" for peer in PEERS) + " | ÷ compute limit |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | "
+             + " | ".join("---:" for _ in PEERS) + " | ---: |"]
     for row in rows:
         peers = {r["server"]: r["rps"] for r in rows if r["scenario"] == row["scenario"]
                  and r["concurrency"] == row["concurrency"]}
-
-        def ratio(peer: str, row=row, peers=peers) -> str:
-            if row["server"] != "ours" or peer not in peers or not peers[peer]:
-                return ""
-            return f"{row['rps'] / peers[peer]:.1f}×"
-
+        ours = row["server"] in ("ours", "ours, LiteRT")
+        ratios = [f"{row['rps'] / peers[peer]:.2f}×" if ours and peers.get(peer) else ""
+                  for peer in PEERS]
         images = row["rps"] * row["images_per_request"]
+        runtime = RUNTIME.get(row["server"])
+        limit = f"{100 * images / limits[runtime]:.0f}%" if runtime else ""
         lines.append(
             f"| {row['scenario']} | {row['concurrency']} | {row['server']} | {row['rps']:.0f} "
             f"| {images:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['errors']} "
-            f"| {ratio('ours, batching off')} | {ratio('flask+SavedModel')} "
-            f"| {ratio('flask+model.predict')} "
-            f"| {100 * images / limit:.0f}% |")
+            f"| {' | '.join(ratios)} | {limit} |")
     return "\n".join(lines)
 
 
-def report(rows: list[dict], fleet: list[Server], limit: float, command: str) -> str:
+def report(rows: list[dict], fleet: list[Server], limits: dict[str, float], command: str
+           ) -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     starts = ", ".join(f"{s.name} {s.cold_start_s:.1f} s" for s in fleet)
     memory = ", ".join(f"{s.name} {max(s.rss_mb):.0f} MB" for s in fleet if s.rss_mb)
     return "\n".join([
         START, f"Measured {when} with `{command}` ({os.cpu_count()} cores); each row is "
         "the median of the interleaved rounds.", "",
-        f"Compute limit (the SavedModel alone, batches of 256, in process): "
-        f"**{limit:,.0f} images/s**.", "",
-        table(rows, limit), "",
+        f"Compute limit (each runtime alone, batches of 256, in process): SavedModel "
+        f"**{limits['savedmodel']:,.0f} images/s**, LiteRT **{limits['litert']:,.0f} "
+        "images/s**.", "",
+        table(rows, limits), "",
         f"Cold start (process start to first 200 on /ready): {starts}.  ",
         f"Resident memory per worker (largest): {memory}.", END])
 
@@ -260,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                 if server.process is not None:
                     server.process.terminate()
                     server.process.wait(30)
-    limit = compute_limit(version_dir, args.limit_seconds)
+    limits = compute_limit(version_dir, args.limit_seconds)
     command = "make bench" if argv is None else "python -m tests.bench " + " ".join(argv)
-    text = report(rows, fleet, limit, command)
+    text = report(rows, fleet, limits, command)
     write(args.output, text)
     print(text)
     return 0

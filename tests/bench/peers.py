@@ -62,3 +62,21 @@ def savedmodel_app() -> Flask:
         return "ok"
 
     return app
+
+
+def hello_app() -> Flask:
+    """The stack's ceiling: the same Flask under the same gunicorn, answering a fixed
+    prediction without decoding or computing anything."""
+    app = Flask(__name__)
+    answer = {"digit": 7, "probabilities": [0.0] * 7 + [1.0] + [0.0] * 2}
+
+    @app.post("/predict")
+    def predict():
+        request.get_data()
+        return jsonify(answer)
+
+    @app.get("/ready")
+    def ready():
+        return "ok"
+
+    return app

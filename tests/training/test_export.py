@@ -47,13 +47,16 @@ def test_export_writes_the_tf_serving_layout(model_dir, tiny, summary):
     folder = export_version(tiny, model_dir, {"name": "mnist_tiny", **summary},
                             lambda plots: (plots / "history.png").write_bytes(b"png"))
     assert folder == model_dir / "1"
-    for name in ("saved_model.pb", "variables", "model.keras", "metadata.json",
-                 "plots/history.png"):
+    for name in ("saved_model.pb", "variables", "model.keras", "model.tflite",
+                 "metadata.json", "plots/history.png"):
         assert (folder / name).exists(), name
     metadata = json.loads((folder / "metadata.json").read_text())
     assert (metadata["name"], metadata["version"]) == ("mnist_tiny", 1)
     assert metadata["summary"] == summary["summary"]
     assert metadata["files"]["plots/history.png"]["bytes"] == 3
+    assert metadata["files"]["model.tflite"]["bytes"] == (folder / "model.tflite").stat().st_size
+    assert metadata["tflite"]["file"] == "model.tflite"
+    assert metadata["signature_defs"]["serving_default"]["inputs"]["image"]["dtype"] == "DT_FLOAT"
 
 
 def test_exported_saved_model_computes_what_keras_computes(model_dir, tiny, summary, mnist):
