@@ -18,6 +18,7 @@ def test_defaults_need_no_environment():
     assert (config.batch_max_size, config.batch_timeout_ms) == (64, 2)
     assert (config.workers, config.threads, config.tf_threads) == (2, 16, 1)
     assert config.model_version_policy == "latest"
+    assert (config.model_poll_seconds, config.prefer_tflite_model) == (2.0, False)
 
 
 def test_variables_are_read_by_their_upper_case_names():
@@ -40,7 +41,22 @@ def test_empty_variables_keep_the_default():
     ("BATCH_TIMEOUT_MS", "-1", "BATCH_TIMEOUT_MS must be 0 or more"),
     ("WORKERS", "0", "WORKERS must be a positive"),
     ("MODEL_VERSION_POLICY", "newest", "MODEL_VERSION_POLICY: expected 'latest'"),
+    ("MODEL_POLL_SECONDS", "soon", "MODEL_POLL_SECONDS must be a number"),
+    ("MODEL_POLL_SECONDS", "-1", "MODEL_POLL_SECONDS must be between 0"),
+    ("MODEL_POLL_SECONDS", "nan", "MODEL_POLL_SECONDS must be between 0"),
+    ("PREFER_TFLITE_MODEL", "maybe", "PREFER_TFLITE_MODEL must be true or false"),
 ])
 def test_bad_values_name_the_variable(variable, value, words):
     with pytest.raises(ConfigError, match=words):
         Config.from_env({variable: value})
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("0", 0.0), ("0.5", 0.5), ("10", 10.0)])
+def test_the_poll_interval_takes_fractions_and_zero_turns_it_off(raw, seconds):
+    assert Config.from_env({"MODEL_POLL_SECONDS": raw}).model_poll_seconds == seconds
+
+
+@pytest.mark.parametrize(("raw", "value"), [("true", True), ("1", True), ("ON", True),
+                                            ("false", False), ("0", False), ("no", False)])
+def test_prefer_tflite_model_reads_the_usual_spellings(raw, value):
+    assert Config.from_env({"PREFER_TFLITE_MODEL": raw}).prefer_tflite_model is value
