@@ -102,11 +102,14 @@ def export_version(
     model_dir: Path,
     metadata: dict[str, Any],
     write_artifacts: Callable[[Path], None] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export ``model`` as the next version under ``model_dir`` and return its folder.
 
-    ``write_artifacts(folder)`` adds files (plots) to the staging folder. If anything
-    fails, the staging folder is removed and no version appears.
+    ``write_artifacts(folder)`` adds files (plots) to the staging folder's ``plots/``;
+    ``write_extra(folder)`` adds files to the version folder itself (the PyTorch
+    ``model.pt``), so they are published atomically with the rest. If anything fails,
+    the staging folder is removed and no version appears.
     """
     model_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(model_dir)
@@ -117,6 +120,8 @@ def export_version(
         if write_artifacts is not None:
             (staging / PLOTS_DIR).mkdir()
             write_artifacts(staging / PLOTS_DIR)
+        if write_extra is not None:
+            write_extra(staging)
         return _publish(staging, model_dir, metadata)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
