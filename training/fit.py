@@ -257,8 +257,12 @@ def fit_torch(args: argparse.Namespace, recipe: Recipe, mnist: Mnist,
     The metadata's test figures are the Keras twin's (what is served); the export is
     refused if its probabilities differ from PyTorch's by more than the tolerance.
     """
-    import torch
-
+    try:
+        import torch
+    except ModuleNotFoundError:
+        print("error: --framework torch needs PyTorch: pip install -r requirements-torch.txt "
+              "(make install does)", file=sys.stderr)
+        return 2
     from training import torch_cnn, torch_train
 
     torch_train.seed_torch(args.seed)
