@@ -173,7 +173,6 @@ def build_metadata(args, recipe, mnist, splits, model, evaluation, history, seco
     return {
         "name": args.name,
         "version": None,  # set by the export when the number is taken
-        "framework": "pytorch" if getattr(args, "framework", "keras") == "torch" else "keras",
         "arch": args.arch,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": {"name": "MNIST", "source": mnist.source,
@@ -294,6 +293,7 @@ def fit_torch(args: argparse.Namespace, recipe: Recipe, mnist: Mnist,
 
     metadata = build_metadata(args, recipe, mnist, splits, model, evaluation, run.history,
                               seconds)
+    metadata["framework"] = "pytorch"
     metadata["summary"]["notes"] = notes
     metadata["libraries"]["torch"] = torch.__version__
     metadata["torch"] = {
