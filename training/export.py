@@ -33,11 +33,14 @@ def export_version(
     model_dir: Path,
     metadata: dict[str, Any],
     write_artifacts: Callable[[Path], None] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export ``model`` as the next version under ``model_dir`` and return its folder.
 
-    ``write_artifacts(folder)`` adds files (plots) to the staging folder. If anything
-    fails, the staging folder is removed and no version appears.
+    ``write_artifacts(folder)`` adds files (plots) to the staging folder's ``plots/``;
+    ``write_extra(folder)`` adds files to the version folder itself (the PyTorch
+    ``model.pt``), so they are published atomically with the rest. If anything fails,
+    the staging folder is removed and no version appears.
     """
     with staging(model_dir) as folder:
         model.export(str(folder), format="tf_saved_model", verbose=False)
@@ -46,6 +49,8 @@ def export_version(
         if write_artifacts is not None:
             (folder / PLOTS_DIR).mkdir()
             write_artifacts(folder / PLOTS_DIR)
+        if write_extra is not None:
+            write_extra(folder)
         return publish(folder, model_dir, {
             **metadata, "signature_defs": read_signature_defs(folder),
             "tflite": {"file": TFLITE_FILE, "converter": f"tensorflow {tf.__version__}",

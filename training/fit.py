@@ -2,6 +2,10 @@
 
 Reads top to bottom as the work happens: options, data, model, training, evaluation
 on the standard 10,000 test images, export. ``--help`` lists every option.
+
+``--framework torch`` trains the PyTorch article's CNN instead (``training.torch_train``)
+and exports its weights in the equivalent Keras network, so the same SavedModel contract
+serves it; PyTorch is imported only then, so the Keras path and the image need none.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,8 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.data import Mnist, MnistError, load_mnist, split_validation
-from training.evaluate import evaluate, format_per_class
+from training.data import Mnist, MnistError, load_mnist, split_validation, to_model_input
+from training.evaluate import Evaluation, evaluate, format_per_class
 from training.export import export_version
 from training.export_format import complete, list_versions, valid_model_name
 from training.models import ARCHITECTURES, DEFAULT_ARCH, build_model
@@ -31,6 +36,10 @@ from training.summary import format_summary, summarize_model
 
 DEFAULT_MODELS_DIR = "models"
 DEFAULT_NAME = "mnist_cnn"
+DEFAULT_TORCH_NAME = "mnist_torch"
+FRAMEWORKS = ("keras", "torch")
+TORCH_FILE = "model.pt"
+EQUIVALENCE_TOLERANCE = 1e-5  # max abs difference of probabilities, PyTorch against Keras
 DEFAULT_SEED = 42
 DEFAULT_VAL_SIZE = 5000
 INPUT_CONTRACT = {
@@ -68,8 +77,12 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         prog="python -m training.fit",
         description="Train the MNIST CNN and export it to MODELS_DIR/NAME/<next version>/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--framework", choices=FRAMEWORKS, default="keras",
+                        help="train with Keras, or the PyTorch article's CNN with PyTorch "
+                             "(exported as the equivalent Keras network all the same)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default=DEFAULT_ARCH,
-                        help="network: the article's CNN (either Keras API) or the tiny net")
+                        help="network: the article's CNN (either Keras API, or with "
+                             "--framework torch either PyTorch style) or the tiny net")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                         help="recipe: 'seed' is the article's (Adam, batch 256, 5 epochs), "
                              "'default' is ours (one-cycle Adam, augmentation)")
@@ -83,9 +96,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     parser.add_argument("--models-dir", type=Path,
                         default=Path(environ.get("MODELS_DIR") or DEFAULT_MODELS_DIR),
                         help="where versions are exported (env MODELS_DIR)")
-    parser.add_argument("--name", type=model_name,
-                        default=environ.get("MODEL_NAME") or DEFAULT_NAME,
-                        help="the model's folder name (env MODEL_NAME)")
+    parser.add_argument("--name", type=model_name, default=environ.get("MODEL_NAME") or None,
+                        help=f"the model's folder name (env MODEL_NAME; else {DEFAULT_NAME}, "
+                             f"or {DEFAULT_TORCH_NAME} with --framework torch)")
     parser.add_argument("--if-missing", action="store_true",
                         help="do nothing if the newest version in MODELS_DIR/NAME is complete")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
@@ -98,6 +111,12 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 20:
         parser.error("--limit must be at least 20 so that a validation split remains")
+    if args.framework == "torch" and args.arch == "tiny":
+        parser.error("--arch tiny has no PyTorch version (the PyTorch article trains only "
+                     "the CNN): use --arch sequential or functional, or python -m "
+                     "training.scratch for the tiny net in NumPy")
+    if args.name is None:
+        args.name = DEFAULT_TORCH_NAME if args.framework == "torch" else DEFAULT_NAME
     return args
 
 
@@ -211,6 +230,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
           f"{len(splits['x_val'])} validation, {len(mnist.x_test)} test images")
 
     seed_everything(args.seed)
+    if args.framework == "torch":
+        return fit_torch(args, recipe, mnist, splits)
     model = build_model(args.arch)
     print(format_summary(summarize_model(model)))
     print(f"recipe: {recipe}")
@@ -221,15 +242,90 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     print(f"\ntraining took {seconds:.1f} s")
     print(f"Test loss: {evaluation.loss:.4f}\nTest accuracy: {evaluation.accuracy:.4f}\n")
     print(format_per_class(evaluation))
+    metadata = build_metadata(args, recipe, mnist, splits, model, evaluation, history, seconds)
+    folder = export_version(model, args.models_dir / args.name, metadata,
+                            plot_writer(history, evaluation, mnist))
+    print(f"\nexported {folder}")
+    return 0
 
+
+def plot_writer(history: dict[str, list[float]], evaluation: Evaluation, mnist: Mnist
+                ) -> Callable[[Path], None]:
+    """The export's ``write_artifacts``: the three plots every version carries."""
     def write_plots(folder: Path) -> None:
         plot_history(history, folder / "history.png")
         plot_confusion(evaluation.confusion, folder / "confusion.png")
         plot_samples(mnist.x_test, mnist.y_test, evaluation.predictions,
                      folder / "samples.png")
+    return write_plots
 
-    metadata = build_metadata(args, recipe, mnist, splits, model, evaluation, history, seconds)
-    folder = export_version(model, args.models_dir / args.name, metadata, write_plots)
+
+class EquivalenceError(RuntimeError):
+    """The converted Keras network does not compute what the PyTorch net computes."""
+
+
+def fit_torch(args: argparse.Namespace, recipe: Recipe, mnist: Mnist,
+              splits: dict[str, np.ndarray]) -> int:
+    """Train with PyTorch, carry the weights into the Keras twin, prove they agree, export.
+
+    The metadata's test figures are the Keras twin's (what is served); the export is
+    refused if its probabilities differ from PyTorch's by more than the tolerance.
+    """
+    try:
+        import torch
+    except ModuleNotFoundError:
+        print("error: --framework torch needs PyTorch: pip install -r requirements-torch.txt "
+              "(make install does)", file=sys.stderr)
+        return 2
+    from training import torch_cnn, torch_train
+
+    torch_train.seed_torch(args.seed)
+    model = torch_cnn.keras_twin(args.arch)
+    summary = summarize_model(model)
+    notes = [torch_cnn.SEQUENTIAL_QUIRK] if args.arch == "sequential" else []
+    print(format_summary(summary), *notes, sep="\n")
+    print(f"recipe: {recipe}\nPyTorch {torch.__version__}, {torch.get_num_threads()} threads")
+    started = time.perf_counter()
+    run = torch_train.train(args.arch, recipe, splits, args.seed)
+    seconds = time.perf_counter() - started
+    print(run.net)
+    model.set_weights(torch_cnn.keras_weights(run.net))
+    test_input = to_model_input(mnist.x_test)
+    torch_probabilities = torch_cnn.predict_probabilities(run.net, test_input)
+    keras_probabilities = model.predict(test_input, batch_size=512, verbose=0)
+    difference = float(np.abs(torch_probabilities - keras_probabilities).max())
+    torch_accuracy = float((torch_probabilities.argmax(axis=1) == mnist.y_test).mean())
+    if not difference <= EQUIVALENCE_TOLERANCE:
+        raise EquivalenceError(f"the Keras network differs from the PyTorch net by "
+                               f"{difference:.3g} > {EQUIVALENCE_TOLERANCE} on the test set")
+    evaluation = evaluate(model, mnist.x_test, mnist.y_test)
+    print(f"\ntraining took {seconds:.1f} s")
+    print(f"Test loss: {evaluation.loss:.4f}\nTest accuracy: {evaluation.accuracy:.4f}\n")
+    print(format_per_class(evaluation))
+    print(f"\nKeras twin against PyTorch on the {len(test_input):,} test images: max abs "
+          f"difference {difference:.2e}, accuracy {evaluation.accuracy:.4f} against "
+          f"{torch_accuracy:.4f}")
+
+    metadata = build_metadata(args, recipe, mnist, splits, model, evaluation, run.history,
+                              seconds)
+    metadata["framework"] = "pytorch"
+    metadata["summary"]["notes"] = notes
+    metadata["libraries"]["torch"] = torch.__version__
+    metadata["torch"] = {
+        "arch": args.arch,
+        "state_dict": TORCH_FILE,
+        "build": f"training.torch_cnn.build_net({args.arch!r})",
+        "best_epoch": run.best_epoch,
+        "threads": torch.get_num_threads(),
+        "test_accuracy": torch_accuracy,
+        "max_abs_difference": difference,
+    }
+
+    def write_state_dict(folder: Path) -> None:
+        torch.save(run.net.state_dict(), folder / TORCH_FILE)
+
+    folder = export_version(model, args.models_dir / args.name, metadata,
+                            plot_writer(run.history, evaluation, mnist), write_state_dict)
     print(f"\nexported {folder}")
     return 0
 

@@ -14,8 +14,13 @@ NUM_CLASSES = 10
 INPUT_SHAPE = (28, 28, 1)
 
 
-def build_sequential(num_classes: int = NUM_CLASSES) -> keras.Model:
-    """The article's CNN with the Sequential API (1,199,882 parameters)."""
+def build_sequential(num_classes: int = NUM_CLASSES, hidden_activation: str | None = "relu"
+                     ) -> keras.Model:
+    """The article's CNN with the Sequential API (1,199,882 parameters).
+
+    ``hidden_activation=None`` makes ``dense_1`` linear: the twin of the PyTorch
+    article's nn.Sequential, which has no ReLU after its first Linear layer.
+    """
     return keras.Sequential(
         [
             keras.Input(shape=INPUT_SHAPE, name="image"),
@@ -24,7 +29,7 @@ def build_sequential(num_classes: int = NUM_CLASSES) -> keras.Model:
             layers.MaxPooling2D(2, name="max_pooling2d_1"),
             layers.Dropout(0.25, name="dropout_1"),
             layers.Flatten(name="flatten_1"),
-            layers.Dense(128, activation="relu", name="dense_1"),
+            layers.Dense(128, activation=hidden_activation, name="dense_1"),
             layers.Dropout(0.5, name="dropout_2"),
             layers.Dense(num_classes, activation="softmax", name="dense_2"),
         ],
