@@ -13,10 +13,13 @@ export MODELS_DIR MODEL_NAME PORT
 TRAIN_ARGS ?=
 
 # System tools from Debian that the tests and the benchmark drive, as command:package.
-SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver
+# Two are named by their path: nginx is in /usr/sbin (not on every user's PATH), and
+# Debian's docker-compose (1.29) is not .venv/bin/docker-compose (Compose v2).
+SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
+	/usr/sbin/nginx:nginx /usr/bin/docker-compose:docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve run test lint bench bench-protocols clean
+.PHONY: install system-tools train train-if-missing digits serve serve-proxy run test lint bench bench-protocols clean
 
 install: $(STAMP)
 
@@ -42,6 +45,11 @@ digits: install
 # gunicorn on 0.0.0.0:$(PORT) with app/gunicorn.conf.py; Ctrl-C stops it.
 serve: install
 	$(BIN)/gunicorn -c app/gunicorn.conf.py 'app:create_app()'
+
+# nginx on 0.0.0.0:$(PORT) (deploy/nginx/) in front of gunicorn on a private unix socket,
+# as in production: slow clients wait in nginx, not in gunicorn. Ctrl-C stops both.
+serve-proxy: install system-tools
+	GUNICORN=$(BIN)/gunicorn deploy/nginx/serve-proxy.sh
 
 run: train-if-missing digits
 	@$(MAKE) --no-print-directory serve
