@@ -346,9 +346,8 @@ def stop(process: subprocess.Popen) -> None:
     process.log_handle.close()
 
 
-def probe_port(spec: dict, probe: dict) -> int:
+def probe_port(spec: dict, port: int | str) -> int:
     """The number a probe's port names, through the container's named ports."""
-    port = probe["httpGet"]["port"]
     if isinstance(port, int):
         return port
     (number,) = [p["containerPort"] for p in spec["ports"] if p["name"] == port]
@@ -368,15 +367,42 @@ def test_container_answers_its_probes_on_its_port(manifest, base, fit_run, tmp_p
     mounts["/tmp"].mkdir()
     probes = [spec[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")
               if name in spec]
-    assert {probe_port(spec, probe) for probe in probes} == {int(environment(spec)["PORT"])}
+    ports = {probe_port(spec, probe["httpGet"]["port"]) for probe in probes}
+    assert ports == {int(environment(spec)["PORT"])}
     port = str(free_port())
     process, env = run_as_container(spec, mounts, port, tmp_path / "server.log")
     try:
         for probe in probes:
             probe_until_ok(process, f"http://127.0.0.1:{port}{probe['httpGet']['path']}")
         assert os.listdir(env["PROMETHEUS_MULTIPROC_DIR"])  # the metrics went to the emptyDir
+        if manifest == "deployment":
+            check_proxy_pod_in_front(base, port, tmp_path)
     finally:
         stop(process)
+
+
+def check_proxy_pod_in_front(base: dict, api_port: str, tmp_path: Path) -> None:
+    """The nginx pod's command, with its env and its ConfigMap (= deploy/nginx/), in front
+    of the api: its probe port answers, and /ready comes through it."""
+    deployment = base["Deployment", "mnist-proxy"]
+    spec = container(deployment)
+    (config,) = [m for m in spec["volumeMounts"] if m["name"] == "config"]
+    env = environment(spec)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert probe_port(spec, spec[probe]["tcpSocket"]["port"]) == int(env["PORT"])
+    (tmp_path / "proxy-tmp").mkdir()
+    port = str(free_port())
+    env.update(PORT=port, UPSTREAM=f"127.0.0.1:{api_port}",  # the Service, here on loopback
+               NGINX_PREFIX=env["NGINX_PREFIX"].replace("/tmp", str(tmp_path / "proxy-tmp"), 1))
+    command = [spec["command"][0].replace(config["mountPath"], str(ROOT / "deploy" / "nginx"))]
+    with open(tmp_path / "proxy.log", "wb") as log:
+        nginx = subprocess.Popen(command, env={**os.environ, **env}, stdout=log,
+                                 stderr=subprocess.STDOUT)
+        try:
+            probe_until_ok(nginx, f"http://127.0.0.1:{port}/ready", seconds=30)
+        finally:
+            nginx.terminate()
+            nginx.wait(timeout=30)
 
 
 def test_training_job_command_finds_the_model_already_on_the_claim(base, fit_run, tmp_path):
