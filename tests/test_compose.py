@@ -1,9 +1,10 @@
 """docker-compose.yml and the Dockerfile, verified without a Docker engine.
 
-The compose file is resolved by the real Compose binary (`docker-compose config`), the
-Dockerfile is linted by hadolint, and what each service would run in its container is
-run here on the host: same command, same environment, the same paths mapped onto a
-scratch folder. A renamed variable or a wrong path in either file fails these tests.
+The compose file is resolved by the real Compose binaries, Debian's 1.29 and v2
+(`docker-compose config`), the Dockerfile is linted by hadolint and its build stage run
+with a pip that only records what it installs, and what each service would run in its
+container is run here on the host: same command, same environment, the same paths mapped
+onto a scratch folder. A renamed variable or a wrong path in either file fails these tests.
 """
 
 from __future__ import annotations
