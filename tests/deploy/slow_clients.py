@@ -54,7 +54,9 @@ def start_proxy(models_dir: Path, log_path: Path, **env: str) -> Proxy:
                    "WORKERS": "2", "GUNICORN": str(Path(sys.executable).parent / "gunicorn"),
                    **env}
     environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    handle = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    # Append mode: nginx opens /dev/stdout (this file) again with O_APPEND; gunicorn writes
+    # through the inherited descriptor, which must append too or it overwrites nginx's lines.
+    handle = open(log_path, "ab")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen([str(SERVE_PROXY)], cwd=ROOT, env=environment, stdout=handle,
                                stderr=subprocess.STDOUT, start_new_session=True)
     proxy = Proxy(f"http://127.0.0.1:{port}", process, log_path, handle)
