@@ -55,6 +55,18 @@ def access_log(proxy) -> list[dict]:
     return [line for line in lines if "upstream_seconds" in line]
 
 
+def logged(proxy, request_ids: set[str], seconds: float = 30) -> dict[str, dict]:
+    """nginx's access lines by request id, once all of ``request_ids`` are there: nginx
+    writes a line when it has finished with the request, which for a refused body can be
+    after the client has read the 413."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answered = {line["request_id"]: line for line in access_log(proxy)}
+        if request_ids <= answered.keys() or time.monotonic() > deadline:
+            return answered
+        time.sleep(0.2)
+
+
 def test_predictions_through_the_proxy_equal_direct_ones(proxy, direct, digit, mnist):
     instances = {"instances": [(mnist.x_test[i] / 255).tolist() for i in range(3)]}
     for send in (
@@ -89,7 +101,7 @@ def test_a_body_over_the_limit_gets_413_from_nginx_in_the_apps_shape(proxy):
                           headers={"X-Request-ID": "big-2"})
     assert plain.status_code == 413
     assert plain.json() == {"error": f"request body is larger than the limit of {LIMIT} bytes"}
-    answered = {line["request_id"]: line for line in access_log(proxy)}
+    answered = logged(proxy, {"big-1", "big-2"})
     for request_id in ("big-1", "big-2"):  # nginx answered; gunicorn never saw them
         assert answered[request_id]["status"] == 413
         assert answered[request_id]["upstream_seconds"] == ""
