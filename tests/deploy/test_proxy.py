@@ -1,0 +1,207 @@
+"""Debian's real nginx (deploy/nginx/) in front of real gunicorn, as `make serve-proxy`
+runs them: same answers, nginx's body limit, and slow clients kept away from gunicorn."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, start_server, stop_server
+from tests.deploy.slow_clients import (
+    SLOW_BODY_HEAD,
+    attack,
+    digit_png,
+    interrupt,
+    open_sockets,
+    start_proxy,
+    stop_proxy,
+)
+
+LIMIT = 200_000  # MAX_CONTENT_LENGTH for both nginx and the app in these tests
+PER_CLIENT = int(re.search(r"limit_conn per_client (\d+);", (
+    ROOT / "deploy" / "nginx" / "nginx.conf.template").read_text()).group(1))
+
+
+@pytest.fixture(scope="module")
+def digit() -> bytes:
+    return digit_png()
+
+
+@pytest.fixture(scope="module")
+def proxy(fit_run, tmp_path_factory):
+    running = start_proxy(fit_run.models_dir, tmp_path_factory.mktemp("proxy") / "proxy.log",
+                          MAX_CONTENT_LENGTH=str(LIMIT))
+    yield running
+    stop_proxy(running)
+
+
+@pytest.fixture(scope="module")
+def direct(fit_run, tmp_path_factory):
+    running = start_server(fit_run.models_dir, tmp_path_factory.mktemp("direct") / "g.log",
+                           MAX_CONTENT_LENGTH=str(LIMIT))
+    yield running
+    stop_server(running)
+
+
+def access_log(proxy) -> list[dict]:
+    """nginx's JSON access lines (the app's own lines have no "upstream_seconds")."""
+    lines = (json.loads(line) for line in proxy.log().splitlines() if line.startswith("{"))
+    return [line for line in lines if "upstream_seconds" in line]
+
+
+def logged(proxy, request_ids: set[str], seconds: float = 30) -> dict[str, dict]:
+    """nginx's access lines by request id, once all of ``request_ids`` are there: nginx
+    writes a line when it has finished with the request, which for a refused body can be
+    after the client has read the 413."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answered = {line["request_id"]: line for line in access_log(proxy)}
+        if request_ids <= answered.keys() or time.monotonic() > deadline:
+            return answered
+        time.sleep(0.2)
+
+
+def test_predictions_through_the_proxy_equal_direct_ones(proxy, direct, digit, mnist):
+    instances = {"instances": [(mnist.x_test[i] / 255).tolist() for i in range(3)]}
+    for send in (
+        lambda url: requests.post(f"{url}/predict", data=digit, timeout=30,
+                                  headers={"Content-Type": "image/png"}),
+        lambda url: requests.post(f"{url}/predict", json=instances, timeout=30),
+        lambda url: requests.post(f"{url}/v1/models/mnist_cnn:predict", json=instances,
+                                  timeout=30),
+    ):
+        through, alone = send(proxy.url), send(direct.url)
+        assert through.status_code == alone.status_code == 200, through.text
+        assert through.json() == alone.json()
+
+
+def test_a_body_at_the_limit_reaches_the_app(proxy):
+    response = requests.post(f"{proxy.url}/predict", data=b"\0" * LIMIT, timeout=30,
+                             headers={"Content-Type": "image/png"})
+    assert response.status_code == 400, response.text  # the app's verdict on the bytes
+    assert response.json()["error"]["code"] == "invalid_input"
+
+
+def test_a_body_over_the_limit_gets_413_from_nginx_in_the_apps_shape(proxy):
+    too_big = b"\0" * (LIMIT + 1)
+    response = requests.post(f"{proxy.url}/predict", data=too_big, timeout=30,
+                             headers={"Content-Type": "image/png", "X-Request-ID": "big-1"})
+    assert response.status_code == 413
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json() == {"error": {
+        "code": "payload_too_large",
+        "message": f"request body is larger than the limit of {LIMIT} bytes"}}
+    plain = requests.post(f"{proxy.url}/v2/models/mnist_cnn/infer", data=too_big, timeout=30,
+                          headers={"X-Request-ID": "big-2"})
+    assert plain.status_code == 413
+    assert plain.json() == {"error": f"request body is larger than the limit of {LIMIT} bytes"}
+    answered = logged(proxy, {"big-1", "big-2"})
+    for request_id in ("big-1", "big-2"):  # nginx answered; gunicorn never saw them
+        assert answered[request_id]["status"] == 413
+        assert answered[request_id]["upstream_seconds"] == ""
+
+
+def baseline(url: str, digit: bytes) -> float:
+    """The slowest of ten normal requests with nothing else going on, in seconds."""
+    slowest = 0.0
+    for _ in range(10):
+        started = time.monotonic()
+        response = requests.post(f"{url}/predict", data=digit, timeout=30,
+                                 headers={"Content-Type": "image/png"})
+        assert response.status_code == 200
+        slowest = max(slowest, time.monotonic() - started)
+    return slowest
+
+
+@pytest.fixture(scope="module")
+def attacked_proxy(proxy, digit):
+    """15 s of 40 headers and 80 bodies at one byte per second and 300 idle connections
+    through nginx, with normal requests sent one after another meanwhile."""
+    bound = max(2.0, 10 * baseline(proxy.url, digit))
+    return bound, attack(proxy.url, digit, seconds=15, timeout=bound + 5)
+
+
+def test_slow_clients_do_not_starve_normal_requests_through_the_proxy(attacked_proxy):
+    bound, result = attacked_proxy
+    assert result.opened == {"headers": 40, "bodies": 80, "idle": 300}, result.summary()
+    assert not result.failures, result.summary()
+    # Requests were sent one after another for the whole attack; each one was answered.
+    assert result.latencies and set(result.statuses) == {200}, result.summary()
+    assert max(result.latencies) < bound, result.summary()
+    # The attack lasted throughout: every trickled body was still held open by nginx.
+    assert result.open_at_end["bodies"] == 80, result.summary()
+
+
+def test_nginx_closes_idle_and_slow_header_connections(attacked_proxy):
+    _, result = attacked_proxy  # client_header_timeout is 10 s; the attack lasted 15 s
+    assert result.open_at_end["headers"] == 0 and result.open_at_end["idle"] == 0, \
+        result.summary()
+
+
+def test_without_the_proxy_the_same_attack_starves_gunicorn(direct, digit):
+    """The control: gunicorn's gthread workers give each connection a thread, so the
+    attack above is one the proxy must absorb (RELIABILITY.md has the figures)."""
+    result = attack(direct.url, digit, seconds=8, timeout=3)
+    assert result.failures and not result.latencies, result.summary()
+
+
+def test_requests_past_the_per_client_limit_get_429_in_the_apps_shape(proxy, digit):
+    host, port = proxy.url.removeprefix("http://").split(":")
+    held = open_sockets(host, int(port), PER_CLIENT, SLOW_BODY_HEAD)  # each one in progress
+    try:
+        assert len(held) == PER_CLIENT
+        response = post_until(proxy.url, digit, lambda r: r.status_code == 429)
+        assert response.json() == {"error": {
+            "code": "too_many_requests",
+            "message": "too many requests in progress from this address"}}
+    finally:
+        for sock in held:
+            sock.close()
+    assert post_until(proxy.url, digit, lambda r: r.status_code == 200).status_code == 200
+
+
+def post_until(url: str, digit: bytes, wanted, seconds: float = 20) -> requests.Response:
+    """POST a digit until the answer is ``wanted`` (nginx may still be reading the held
+    connections' headers, or closing them); the last answer either way."""
+    deadline = time.monotonic() + seconds
+    while True:
+        response = requests.post(f"{url}/predict", data=digit, timeout=30,
+                                 headers={"Content-Type": "image/png"})
+        if wanted(response) or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
+
+
+def processes_in_group(group: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[2]) == group:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_ctrl_c_stops_nginx_and_gunicorn_and_cleans_up(fit_run, tmp_path):
+    running = start_proxy(fit_run.models_dir, tmp_path / "proxy.log", WORKERS="1")
+    folder = Path(re.search(r"gunicorn on unix:(\S+)/gunicorn.sock", running.log()).group(1))
+    assert (folder / "nginx" / "nginx.conf").is_file()
+    group = running.process.pid
+    assert len(processes_in_group(group)) >= 4  # script, gunicorn and worker, nginx
+    assert interrupt(running) == 130, running.log()
+    deadline = time.monotonic() + 30
+    while processes_in_group(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_in_group(group) == []
+    assert not folder.exists()  # socket, config and nginx's folders removed
+    with pytest.raises(OSError), socket.create_connection(
+            ("127.0.0.1", int(running.url.rsplit(":", 1)[1])), timeout=2):
+        pass
