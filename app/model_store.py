@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from app.batching import MicroBatcher
+from app.batching import Deadline, MicroBatcher, run_direct
 from app.errors import ModelNotFound, ModelNotReady
 from app.version_policy import VersionPolicy
 
@@ -107,9 +107,15 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class _Direct:
-    """Batching off: run calls the model at once, in the request's thread."""
+    """Batching off: run calls the model at once, in the request's thread, with the same
+    deadline and failure handling as a batch (app/batching.py)."""
 
-    run: Any
+    predict: Any
+
+    def run(self, images: np.ndarray, deadline: Deadline | None = None,
+            max_queue: int | None = None) -> np.ndarray:
+        """``max_queue`` is accepted for the batcher's interface; nothing queues here."""
+        return run_direct(self.predict, images, deadline)
 
 
 def padded_size(count: int) -> int:
