@@ -37,10 +37,12 @@ Predict = Callable[[np.ndarray], np.ndarray]
 _death_handlers: list[Callable[[], None]] = []
 
 
-def on_batcher_death(handler: Callable[[], None]) -> None:
+def on_batcher_death(handler: Callable[[], None]) -> Callable[[], None]:
     """Run ``handler`` (once per death) when any batcher thread dies: a worker whose
-    batcher is gone can only refuse requests, so it should be replaced."""
+    batcher is gone can only refuse requests, so it should be replaced. Returns the
+    function that unregisters it."""
     _death_handlers.append(handler)
+    return lambda: _death_handlers.remove(handler)
 
 
 class Deadline:
@@ -237,8 +239,8 @@ class MicroBatcher:
                 try:
                     self._execute(batch)
                 finally:
-                    self._running = []
                     self._idle()
+                self._running = []  # kept when the batch killed the thread: _die answers it
         except BaseException:  # whatever killed it, no request may wait for it
             log.critical("the batcher of %r died; refusing its requests", self.name,
                          exc_info=True)
