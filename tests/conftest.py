@@ -216,3 +216,13 @@ def pinning_server(two_versions, tmp_path_factory):
                            MODEL_NAME="digits", MODEL_VERSION_POLICY="all", WORKERS="1")
     yield running
     stop_server(running)
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until true; fail (never hang) if it is not within ``timeout`` s,
+    a bound so far above the wait expected that only a real fault reaches it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.01)

@@ -15,10 +15,10 @@ import zlib
 import numpy as np
 import pytest
 import requests
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tests.conftest import png_chunk, start_server, stop_server
-from tests.restyle import encode, ink_on_paper
+from tests.restyle import canvas_seven, encode, ink_on_paper
 
 V2_INFER = "/v2/models/mnist_cnn/infer"
 V1_PREDICT = "/v1/models/mnist_cnn:predict"
@@ -230,17 +230,9 @@ def test_invented_methods_are_counted_as_other(url):
     assert float(line.split()[-1]) == 30
 
 
-def drawn_seven(side: int) -> Image.Image:
-    image = Image.new("RGBA", (side, side), (255, 255, 255, 0))
-    ImageDraw.Draw(image).line([(side // 4, side // 8), (3 * side // 4, side // 8),
-                                (side // 3, 7 * side // 8)], fill=(0, 0, 0, 255),
-                               width=side // 20)
-    return image
-
-
 def test_a_large_transparent_canvas_png_still_gives_its_digit(url):
     # 3000² RGBA goes through shrink()'s strips; the answer must be the drawn 7.
-    response = requests.post(url + "/predict", data=encode(drawn_seven(3000), "PNG"),
+    response = requests.post(url + "/predict", data=encode(canvas_seven(3000), "PNG"),
                              timeout=60, headers={"Content-Type": "image/png"})
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["digit"] == 7

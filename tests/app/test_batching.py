@@ -12,6 +12,7 @@ import pytest
 from app.batching import Deadline, MicroBatcher, on_batcher_death
 from app.errors import DeadlineExceeded, ModelFailed, ModelNotReady, Overloaded
 from app.model_store import ModelStore, _Direct
+from tests.conftest import wait_until
 from training.data import to_model_input
 
 
@@ -88,8 +89,7 @@ def test_an_arriving_request_is_waited_for_and_joins_the_batch(model, requests_)
     with patient.arriving() as ticket:
         other = threading.Thread(target=lambda: results.update(b=patient.run(requests_[1])))
         other.start()
-        while patient.queued() < 1:
-            time.sleep(0.01)
+        wait_until(lambda: patient.queued() >= 1, "1 queued")
         assert other.is_alive()  # held: a request it knows of is still arriving
         results["a"] = ticket.run(requests_[0])
     other.join(60)
@@ -122,11 +122,9 @@ def test_a_poisoned_request_fails_alone(model, requests_):
     inputs = [requests_[0], *requests_[1:8], poison, *requests_[8:16]]
     with ThreadPoolExecutor(17) as pool:
         futures = [pool.submit(batcher.run, inputs[0])]
-        while not calls:
-            time.sleep(0.01)
+        wait_until(lambda: calls, "the first model call")
         futures += [pool.submit(batcher.run, images) for images in inputs[1:]]
-        while batcher.queued() < len(inputs) - 1:
-            time.sleep(0.01)
+        wait_until(lambda: batcher.queued() >= len(inputs) - 1, "every request queued")
         gate.set()
     batcher.close()
     queued_images = sum(len(images) for images in inputs[1:])
@@ -153,8 +151,7 @@ def occupy(batcher: MicroBatcher, images, seen: list) -> threading.Thread:
     """Start a lone request, which runs at once and holds the (gated) model."""
     first = threading.Thread(target=batcher.run, args=(images,))
     first.start()
-    while not seen:
-        time.sleep(0.01)
+    wait_until(lambda: seen, "the first model call")
     return first
 
 
@@ -176,8 +173,7 @@ def test_a_full_queue_is_overloaded_at_once(requests_):
     first = occupy(batcher, requests_[0], seen)
     with ThreadPoolExecutor(2) as pool:
         queued = [pool.submit(batcher.run, requests_[i], max_queue=2) for i in (1, 2)]
-        while batcher.queued() < 2:
-            time.sleep(0.01)
+        wait_until(lambda: batcher.queued() >= 2, "2 queued")
         with pytest.raises(Overloaded, match="QUEUE_MAX_REQUESTS") as refused:
             batcher.run(requests_[3], max_queue=2)
         gate.set()
@@ -220,8 +216,7 @@ def test_a_dead_batcher_refuses_at_once_and_calls_its_death_handlers(requests_):
     try:
         with batcher.arriving():  # keeps the next request off the lone path: it queues
             waiting = ThreadPoolExecutor(1).submit(batcher.run, requests_[0])
-            while batcher.queued() < 1:
-                time.sleep(0.01)
+            wait_until(lambda: batcher.queued() >= 1, "1 queued")
         with pytest.raises(ModelNotReady, match="stopped"):
             waiting.result(timeout=60)  # answered at once, not after 30 s
         assert not batcher.alive and deaths == [1]
