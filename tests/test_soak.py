@@ -28,6 +28,7 @@ def server(fit_run, tmp_path):
     yield running
     if running.process.poll() is None:
         stop_server(running)
+    running.log_handle.close()  # stop_server's job, when a test stopped it itself
 
 
 def test_a_mixed_soak_gets_only_expected_statuses_and_holds_memory_and_latency(server, kinds):
@@ -45,7 +46,8 @@ def test_a_killed_worker_fails_only_its_own_requests_and_is_replaced(server, kin
     assert report["requests"] == 2000
     # At most the requests the dead worker held: one per client connection it had.
     assert report["failed_total"] <= CONCURRENCY, report
-    assert all(status.endswith("ConnectionError") for status in report["failed"]), report
+    # Each failure is a broken connection, never an HTTP error from a living worker.
+    assert not any(status.rsplit(" ", 1)[1].isdigit() for status in report["failed"]), report
     assert report["killed"] not in report["workers_after"]
     assert len(report["workers_after"]) == 2
 
