@@ -39,6 +39,7 @@ from training.data import load_mnist
 RSS_GROWTH_MB = 50
 P99_RATIO = 1.5
 WARM_UP = 500  # requests sent before memory and latency are first measured
+TERMINATE_MAX_REQUESTS = 100_000  # far more than 5 s of load plus the shutdown can send
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,9 @@ def terminate_master(server: Server, kinds: list[Kind], concurrency: int) -> dic
     stop = threading.Event()
     results_box: dict = {}
     loader = threading.Thread(target=lambda: results_box.update(
-        r=send_load(server.url, kinds, 10 ** 9, concurrency, stop)))
+        r=send_load(server.url, kinds, TERMINATE_MAX_REQUESTS, concurrency, stop)))
     loader.start()
-    time.sleep(5)
+    time.sleep(5)  # clients are sending steadily by now
     server.process.send_signal(signal.SIGTERM)
     server.process.wait(timeout=60)
     stop.set()

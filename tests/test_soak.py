@@ -55,5 +55,5 @@ def test_a_killed_worker_fails_only_its_own_requests_and_is_replaced(server, kin
 def test_sigterm_under_load_drops_no_request_it_accepted(server, kinds):
     report = terminate_master(server, kinds, CONCURRENCY)
     assert report["exit_code"] == 0
-    assert report["requests"] > CONCURRENCY
+    assert report["requests"] - report["refused_after_close"] > 10 * CONCURRENCY  # under load
     assert report["dropped"] == 0, report
