@@ -22,7 +22,7 @@ SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
 	/usr/sbin/nginx:nginx /usr/bin/docker-compose:docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test lint bench bench-protocols clean
+.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test lint bench bench-protocols fuzz soak clean
 
 install: $(STAMP)
 
@@ -78,6 +78,15 @@ bench: install system-tools train-if-missing
 # What each protocol's wire format costs against /predict (BENCHMARKS.md, "Protocols").
 bench-protocols: install system-tools train-if-missing
 	$(BIN)/python -m tests.bench.protocols
+
+# The long fuzz profiles (make test runs the short ones): see RELIABILITY.md.
+fuzz: install
+	FUZZ_PROFILE=long $(BIN)/python -m pytest tests/test_fuzz.py -q
+
+# 100,000 mixed requests at concurrency 64, then a worker SIGKILLed and the master
+# SIGTERMed under load, against gunicorn on loopback (RELIABILITY.md has the figures).
+soak: install
+	$(BIN)/python -m tests.soak --requests 100000 --concurrency 64
 
 lint: install
 	$(BIN)/ruff check .

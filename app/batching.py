@@ -8,8 +8,14 @@ request wait for company that never comes. Here the batcher knows which requests
 ``timeout_ms``, only for those. A lone request — nobody arriving, nothing queued, the
 model idle — runs at once in its own thread, without even a hand-over to the batcher.
 
-Every wait has a deadline; a batch that fails is re-run one request at a time, so a
-poisoned request fails alone and the others still get their answers.
+Overload is answered, not absorbed: every request carries a ``Deadline``
+(REQUEST_TIMEOUT_MS); the queue holds at most ``max_queue`` requests and refuses more
+with ``Overloaded`` (503), as TF Serving, Triton and Ray do; work whose deadline passed
+while it waited is dropped before it reaches the model, and its client gets
+``DeadlineExceeded`` (504). A batch that fails is re-run one request at a time, so a
+poisoned request fails alone. If the batcher thread itself dies, every waiting and later
+request is refused at once and the registered death handlers run (under gunicorn: the
+worker stops taking requests and is replaced, see app/gunicorn.conf.py).
 """
 
 from __future__ import annotations
@@ -24,14 +30,62 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.errors import BatchTimeout, ModelFailed, ModelNotReady
+from app.errors import DeadlineExceeded, ModelFailed, ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
+Predict = Callable[[np.ndarray], np.ndarray]
+_death_handlers: list[Callable[[], None]] = []
+
+
+def on_batcher_death(handler: Callable[[], None]) -> Callable[[], None]:
+    """Run ``handler`` (once per death) when any batcher thread dies: a worker whose
+    batcher is gone can only refuse requests, so it should be replaced. Returns the
+    function that unregisters it."""
+    _death_handlers.append(handler)
+    return lambda: _death_handlers.remove(handler)
+
+
+class Deadline:
+    """The moment a request must be answered by, on the monotonic ``perf_counter`` clock
+    (the one app/logs.py stamps requests with), so every stage checks the same budget."""
+
+    def __init__(self, seconds: float, start: float | None = None):
+        self.seconds = seconds
+        self.expires = (time.perf_counter() if start is None else start) + seconds
+
+    def remaining(self) -> float:
+        return self.expires - time.perf_counter()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+    def error(self, stage: str) -> DeadlineExceeded:
+        return DeadlineExceeded(f"no answer within {self.seconds * 1000:.0f} ms "
+                                f"(REQUEST_TIMEOUT_MS): the deadline passed {stage}")
+
+    def check(self, stage: str) -> None:
+        """Raise DeadlineExceeded if the deadline has passed."""
+        if self.expired():
+            raise self.error(stage)
+
+
+def run_direct(predict: Predict, images: np.ndarray, deadline: Deadline | None) -> np.ndarray:
+    """One model call in the caller's thread: refused (504) if the request's deadline
+    already passed, since its client has stopped waiting; a model failure on valid
+    input is a ModelFailed (500), logged once with its traceback."""
+    if deadline is not None:
+        deadline.check("before the model ran")
+    try:
+        return predict(images)
+    except Exception:
+        log.exception("model call failed")
+        raise ModelFailed("the model failed on this input") from None
 
 
 @dataclass
 class _Job:
     images: np.ndarray
+    deadline: Deadline
     done: threading.Event = field(default_factory=threading.Event)
     result: np.ndarray | None = None
     error: BaseException | None = None
@@ -44,20 +98,29 @@ class _Job:
 class MicroBatcher:
     """Queues requests for one model and runs them in batches on one thread."""
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_size: int,
-                 timeout_ms: float, deadline_s: float = 30.0, name: str = "model"):
+    def __init__(self, predict: Predict, max_size: int, timeout_ms: float,
+                 deadline_s: float = 30.0, name: str = "model"):
         self.predict = predict
         self.max_size = max_size
         self.timeout = timeout_ms / 1000.0
-        self.deadline = deadline_s
+        self.deadline = deadline_s  # for callers that bring no Deadline of their own
+        self.name = name
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent sizes, for tests and metrics
+        self.expired_dropped = 0  # queued requests dropped unrun: their deadline had passed
         self._queue: deque[_Job] = deque()
+        self._running: list[_Job] = []
         self._arriving = 0
         self._busy = False  # a model call (batched or direct) is running
         self._closed = False
+        self._dead = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """False once the batcher thread has died or been closed: nothing can run."""
+        return self._thread.is_alive() and not (self._dead or self._closed)
 
     @contextmanager
     def arriving(self) -> Iterator[Ticket]:
@@ -76,26 +139,38 @@ class MicroBatcher:
                     self._arriving -= 1
                     self._cond.notify_all()
 
-    def run(self, images: np.ndarray, arrived: bool = False) -> np.ndarray:
+    def run(self, images: np.ndarray, arrived: bool = False, deadline: Deadline | None = None,
+            max_queue: int | None = None) -> np.ndarray:
         """Predict ``images`` at once if alone, else in the next batch; blocks until done
-        or, when queued behind others, until the deadline."""
-        job = _Job(images)
+        or until the deadline (DeadlineExceeded). Raises Overloaded when ``max_queue``
+        requests already wait, ModelNotReady when closed or dead."""
+        deadline = deadline or Deadline(self.deadline)
+        job = _Job(images, deadline)
         with self._cond:
             if arrived:  # it stops arriving the moment it is queued, in one step
                 self._arriving -= 1
+            self._cond.notify_all()
+            if self._dead:
+                raise ModelNotReady(f"the batcher of {self.name!r} has stopped; "
+                                    "this worker is being replaced")
             if self._closed:
-                self._cond.notify_all()
                 raise ModelNotReady("the server is shutting down")
             alone = not (self._busy or self._queue or self._arriving)
             if alone:
                 self._busy = True
+            elif max_queue is not None and len(self._queue) >= max_queue:
+                raise Overloaded(f"{len(self._queue)} requests already wait for model "
+                                 f"{self.name!r} (QUEUE_MAX_REQUESTS); retry later")
             else:
                 self._queue.append(job)
-            self._cond.notify_all()
         if alone:
-            return self._direct(images)
-        if not job.done.wait(self.deadline):
-            raise BatchTimeout(f"no answer from the model within {self.deadline:.0f} s")
+            try:
+                self.batch_sizes.append(len(images))
+                return run_direct(self.predict, images, deadline)
+            finally:
+                self._idle()
+        if not job.done.wait(max(0.0, deadline.remaining())):
+            raise deadline.error("while the request waited for the model")
         if job.error is not None:
             raise job.error
         return job.result
@@ -112,17 +187,6 @@ class MicroBatcher:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    def _direct(self, images: np.ndarray) -> np.ndarray:
-        """A lone request's call, in its own thread; the batcher waits until it is done."""
-        try:
-            self.batch_sizes.append(len(images))
-            return self.predict(images)
-        except Exception:
-            log.exception("model call failed")
-            raise ModelFailed("the model failed on this input") from None
-        finally:
-            self._idle()
-
     def _idle(self) -> None:
         with self._cond:
             self._busy = False
@@ -130,33 +194,70 @@ class MicroBatcher:
 
     def _take(self) -> list[_Job]:
         """Wait for work and an idle model, then for arriving requests (bounded), then
-        pop one batch and mark the model busy."""
+        pop one batch of requests still within their deadlines and mark the model busy;
+        [] once closed and drained."""
         with self._cond:
-            while (not self._queue or self._busy) and not (self._closed and not self._busy):
-                self._cond.wait()
-            if not self._queue:
-                return []
-            limit = time.monotonic() + self.timeout
-            while (self._arriving and self._queued_images() < self.max_size
-                   and (left := limit - time.monotonic()) > 0):
-                self._cond.wait(left)
-            batch = [self._queue.popleft()]
-            size = len(batch[0].images)
-            while self._queue and size + len(self._queue[0].images) <= self.max_size:
-                size += len(self._queue[0].images)
-                batch.append(self._queue.popleft())
-            self._busy = True
-            return batch
+            while True:
+                while (not self._queue or self._busy) and not (self._closed and not self._busy):
+                    self._cond.wait()
+                if not self._queue:
+                    return []
+                limit = time.monotonic() + self.timeout
+                while (self._arriving and self._queued_images() < self.max_size
+                       and (left := limit - time.monotonic()) > 0):
+                    self._cond.wait(left)
+                batch = self._pop_batch()
+                if batch:
+                    self._busy = True
+                    self._running = batch
+                    return batch
+
+    def _pop_batch(self) -> list[_Job]:
+        """Up to max_size images of queued requests, in order; expired ones are answered
+        DeadlineExceeded here, so the model never computes an answer nobody awaits."""
+        batch: list[_Job] = []
+        size = 0
+        while self._queue:
+            job = self._queue[0]
+            if job.deadline.expired():
+                self._queue.popleft()
+                self.expired_dropped += 1
+                job.finish(error=job.deadline.error("while the request was queued"))
+                continue
+            if batch and size + len(job.images) > self.max_size:
+                break
+            batch.append(self._queue.popleft())
+            size += len(job.images)
+        return batch
 
     def _queued_images(self) -> int:
         return sum(len(job.images) for job in self._queue)
 
     def _loop(self) -> None:
-        while batch := self._take():
-            try:
-                self._execute(batch)
-            finally:
-                self._idle()
+        try:
+            while batch := self._take():
+                try:
+                    self._execute(batch)
+                finally:
+                    self._idle()
+                self._running = []  # kept when the batch killed the thread: _die answers it
+        except BaseException:  # whatever killed it, no request may wait for it
+            log.critical("the batcher of %r died; refusing its requests", self.name,
+                         exc_info=True)
+            self._die()
+
+    def _die(self) -> None:
+        """Answer every request still waiting, refuse later ones, tell the handlers."""
+        with self._cond:
+            self._dead = True
+            waiting = [*self._running, *self._queue]
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in waiting:
+            if not job.done.is_set():
+                job.finish(error=ModelNotReady(f"the batcher of {self.name!r} stopped"))
+        for handler in _death_handlers:
+            handler()
 
     def _execute(self, batch: list[_Job]) -> None:
         self.batch_sizes.append(sum(len(job.images) for job in batch))
@@ -183,6 +284,7 @@ class Ticket:
         self.batcher = batcher
         self.used = False
 
-    def run(self, images: np.ndarray) -> np.ndarray:
+    def run(self, images: np.ndarray, deadline: Deadline | None = None,
+            max_queue: int | None = None) -> np.ndarray:
         self.used = True
-        return self.batcher.run(images, arrived=True)
+        return self.batcher.run(images, arrived=True, deadline=deadline, max_queue=max_queue)

@@ -37,6 +37,9 @@ class Config:
     log_level: str = "INFO"
     batch_max_size: int = 64  # images per model call; 1 turns micro-batching off
     batch_timeout_ms: int = 2  # longest wait for requests already arriving
+    request_timeout_ms: int = 30_000  # a request's deadline (TF Serving's REST default)
+    queue_max_requests: int = 64  # requests waiting for one model; more get 503
+    decode_budget_pixels: int = 40_000_000  # decoded image pixels in flight per worker
     tf_threads: int = 1  # TensorFlow intra-op threads per worker (workers × this ≤ cores)
     workers: int = 2  # gunicorn worker processes
     threads: int = 16  # gunicorn threads per worker (gthread): room for a batch to form
@@ -57,7 +60,8 @@ class Config:
     def validated(self) -> Config:
         """Raise ConfigError for values the service cannot run with."""
         for name in ("port", "max_content_length", "max_batch", "max_image_pixels",
-                     "max_request_pixels", "batch_max_size",
+                     "max_request_pixels", "batch_max_size", "request_timeout_ms",
+                     "queue_max_requests", "decode_budget_pixels",
                      "tf_threads", "workers", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be a positive integer, "

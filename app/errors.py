@@ -15,6 +15,8 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
+DRAIN_FACTOR = 4  # an over-limit body up to 4 × MAX_CONTENT_LENGTH is read, then answered
+DRAIN_CHUNK = 1 << 16
 
 
 class ApiError(Exception):
@@ -22,6 +24,7 @@ class ApiError(Exception):
 
     status = 500
     code = "internal_error"
+    retry_after: int | None = None  # seconds, sent as Retry-After when set
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -58,10 +61,18 @@ class ModelNotReady(ApiError):
     status, code = 503, "model_not_ready"
 
 
-class BatchTimeout(ApiError):
-    """The model did not answer within the request's deadline."""
+class Overloaded(ApiError):
+    """The model's queue is full: shed the request now, as TF Serving, Triton and Ray do,
+    rather than answer it late; ``Retry-After`` tells clients to back off."""
 
-    status, code = 503, "timeout"
+    status, code = 503, "overloaded"
+    retry_after = 1
+
+
+class DeadlineExceeded(ApiError):
+    """The request's deadline (REQUEST_TIMEOUT_MS) passed before it could be answered."""
+
+    status, code = 504, "deadline_exceeded"
 
 
 class ModelFailed(ApiError):
@@ -78,19 +89,44 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
+def drain_body(most: int) -> bool:
+    """Read and discard the rest of an over-limit body of at most ``most`` bytes; False
+    (nothing read) for a larger or unsized one.
+
+    A server that answers 413 and closes while the client is still sending makes the
+    client's kernel see a reset, and most clients (Python's urllib and requests among
+    them) then report a broken connection, never the 413. Reading a bounded amount costs
+    network time, no memory; past that bound the connection is closed, as HTTP allows.
+    """
+    length = request.content_length
+    stream = request.environ.get("wsgi.input")
+    if length is None or length > most or stream is None:
+        return False
+    while stream.read(DRAIN_CHUNK):
+        pass
+    return True
+
+
 def register(app: Flask) -> None:
     """Attach the handlers; called once by the app factory."""
 
     @app.errorhandler(ApiError)
     def handle_api_error(err: ApiError):
-        return jsonify(error_body(err.code, err.message)), err.status
+        response = jsonify(error_body(err.code, err.message))
+        response.status_code = err.status
+        if err.retry_after is not None:
+            response.headers["Retry-After"] = str(err.retry_after)
+        return response
 
     @app.errorhandler(RequestEntityTooLarge)
     def handle_too_large(err: RequestEntityTooLarge):
         limit = app.config.get("MAX_CONTENT_LENGTH")
-        return jsonify(error_body(
-            PayloadTooLarge.code, f"request body is larger than the limit of {limit} bytes"
-        )), 413
+        response = jsonify(error_body(
+            PayloadTooLarge.code, f"request body is larger than the limit of {limit} bytes"))
+        response.status_code = 413
+        if not drain_body(DRAIN_FACTOR * (limit or 0)):
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(HTTPException)
     def handle_http_error(err: HTTPException):

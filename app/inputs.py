@@ -21,6 +21,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,23 +29,34 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from app.batching import Deadline
 from app.errors import InvalidInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
-from app.preprocess import SIDE, peek_size, prepare
+from app.preprocess import SIDE, DecodeBudget, peek_size, prepare
 
 JSON_TYPES = {"application/json"}
 MULTIPART_TYPE = "multipart/form-data"
 NPY_TYPES = {"application/x-npy", "application/npy"}
 GZIP_CHUNK = 1 << 16
+GZIP_MAGIC = b"\x1f\x8b"  # the start of every gzip member
+SLOW_JSON_BYTES = 1 << 20  # largest body the standard library's JSON parser may re-read
+NPY_HEADER_BYTES = 10_000  # NumPy's own default cap on an .npy header
 WBITS = {"gzip": 31, "deflate": 15}  # zlib's window bits for each Content-Encoding
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may hold."""
+    """What one request may hold, and what its decoding may wait for."""
 
     max_batch: int
     max_image_pixels: int
     max_request_pixels: int
+    budget: DecodeBudget | None = None  # the worker's decoded pixels in flight
+    deadline: Deadline | None = None  # the request's (REQUEST_TIMEOUT_MS)
+
+    @property
+    def max_values(self) -> int:
+        """Numbers a request's digits may hold: MAX_BATCH × 784."""
+        return self.max_batch * SIDE * SIDE
 
 
 def _check_batch(count: int, limits: Limits) -> None:
@@ -72,7 +84,8 @@ def from_images(blobs: Iterable[bytes], limits: Limits, preprocess: bool) -> np.
     digits = []
     for index, blob in enumerate(blobs):
         try:
-            digits.append(prepare(blob, limits.max_image_pixels, preprocess))
+            digits.append(prepare(blob, limits.max_image_pixels, preprocess, limits.budget,
+                                  limits.deadline))
         except (InvalidInput, UnprocessableInput) as err:
             if len(blobs) > 1:
                 err.message = f"image {index}: {err.message}"
@@ -84,7 +97,7 @@ def from_array(instance: object, index: int) -> np.ndarray:
     """One JSON array instance → (28, 28) float32, checked for shape, NaN and range."""
     try:
         array = np.asarray(instance, dtype=np.float64)
-    except (ValueError, TypeError, RecursionError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise UnprocessableInput(f"instance {index}: expected a 28×28 array of numbers") from None
     if array.shape == (SIDE, SIDE, 1):
         array = array[..., 0]
@@ -95,21 +108,27 @@ def from_array(instance: object, index: int) -> np.ndarray:
 
 
 def _b64(instance: dict, index: int) -> bytes:
+    """``{"b64": "<base64>"}`` → the image bytes; raises InvalidInput."""
+    value = instance.get("b64")
+    if set(instance) != {"b64"} or not isinstance(value, str):
+        raise InvalidInput(f'instance {index}: an encoded image is {{"b64": "<base64 '
+                           f'string>"}}, got keys {", ".join(map(repr, instance)) or "none"}')
     try:
-        return base64.b64decode(instance["b64"], validate=True)
-    except (binascii.Error, TypeError, ValueError):
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
         raise InvalidInput(f"instance {index}: 'b64' is not valid base64") from None
 
 
 def _unwrap(instance: object, index: int, input_name: str) -> object:
-    """TF Serving's named form ``{"<input>": value}`` → value; other instances as they are."""
-    if not isinstance(instance, dict) or "b64" in instance:
-        return instance
-    if set(instance) != {input_name}:
-        names = ", ".join(map(repr, instance)) or "no key"
-        raise InvalidInput(f"instance {index}: expected the model's input {input_name!r} "
-                           f'or {{"b64": ...}}, got {names}')
-    return instance[input_name]
+    """TF Serving's named form ``{"<input>": value}`` → value; other instances as they are
+    (a dict left after unwrapping is checked as ``{"b64": ...}`` by ``_b64``)."""
+    if isinstance(instance, dict) and "b64" not in instance:
+        if set(instance) != {input_name}:
+            names = ", ".join(map(repr, instance)) or "no key"
+            raise InvalidInput(f"instance {index}: expected the model's input {input_name!r} "
+                               f'or {{"b64": ...}}, got {names}')
+        instance = instance[input_name]
+    return instance
 
 
 def from_instances(instances: object, limits: Limits, preprocess: bool,
@@ -131,7 +150,8 @@ def from_instances(instances: object, limits: Limits, preprocess: bool,
     for index, instance in enumerate(instances):
         if index in encoded:
             try:
-                digits.append(prepare(encoded[index], limits.max_image_pixels, preprocess))
+                digits.append(prepare(encoded[index], limits.max_image_pixels, preprocess,
+                                      limits.budget, limits.deadline))
             except (InvalidInput, UnprocessableInput) as err:
                 err.message = f"instance {index}: {err.message}"
                 raise
@@ -146,12 +166,15 @@ def parse_json(body: bytes) -> object:
     orjson first: it reads a batch of 64 digits as numbers ~8× faster than the standard
     library (2.4 vs 21 ms). The standard library then gets what orjson refuses, because
     TF Serving's REST API allows the ``NaN`` and ``Infinity`` tokens strict JSON lacks
-    (they then get the clear 422 any NaN gets), and for its error messages.
+    (they then get the clear 422 any NaN gets) — but only bodies up to SLOW_JSON_BYTES:
+    re-parsing megabytes that orjson already refused would cost seconds per request.
     """
     try:
         return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
+    except orjson.JSONDecodeError as err:
+        if len(body) > SLOW_JSON_BYTES:
+            raise InvalidInput(f"malformed JSON: {err} (NaN and Infinity are read only in "
+                               f"bodies up to {SLOW_JSON_BYTES} bytes)") from None
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
@@ -168,33 +191,65 @@ def from_json(body: bytes, limits: Limits, preprocess: bool) -> np.ndarray:
 
 def decompress(data: bytes, encoding: str, limit: int) -> bytes:
     """Undo ``Content-Encoding`` gzip or deflate (zlib, as HTTP defines it), refusing
-    (413) as soon as the output passes ``limit``."""
-    inflater = zlib.decompressobj(wbits=WBITS[encoding])
-    parts, size = [], 0
+    (413) as soon as the output passes ``limit``. A gzip body may hold several members
+    (RFC 1952; ``cat a.gz b.gz``), each inflated; bytes after the last member, or after
+    a deflate stream, are an InvalidInput rather than silently dropped."""
+    parts, size, pending = [], 0, data
+    while True:
+        inflater = zlib.decompressobj(wbits=WBITS[encoding])
+        try:
+            while pending and not inflater.eof:
+                chunk = inflater.decompress(pending, GZIP_CHUNK)
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body decompresses to more than {limit} "
+                                          "bytes (MAX_CONTENT_LENGTH)")
+                parts.append(chunk)
+                pending = inflater.unconsumed_tail
+        except zlib.error as err:
+            raise InvalidInput(f"Content-Encoding is {encoding} but the body is not: "
+                               f"{err}") from None
+        if not inflater.eof:
+            raise InvalidInput(f"the {encoding} body is truncated")
+        pending = inflater.unused_data
+        if not pending:
+            return b"".join(parts)
+        if encoding != "gzip" or not pending.startswith(GZIP_MAGIC):
+            raise InvalidInput(f"{len(pending)} bytes follow the end of the {encoding} data")
+
+
+def read_npy(body: bytes, max_values: int) -> np.ndarray:
+    """An .npy file → the array, a view of ``body``; its header is checked before
+    anything is allocated: a numeric dtype, at most ``max_values`` elements, and exactly
+    the bytes that shape × itemsize needs (a header that declares 10¹² elements must not
+    reach NumPy's allocator). Raises InvalidInput, UnprocessableInput or PayloadTooLarge."""
+    stream = io.BytesIO(body)
     try:
-        pending = data
-        while pending and not inflater.eof:
-            chunk = inflater.decompress(pending, GZIP_CHUNK)
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the body decompresses to more than {limit} bytes "
-                                      "(MAX_CONTENT_LENGTH)")
-            parts.append(chunk)
-            pending = inflater.unconsumed_tail
-    except zlib.error as err:
-        raise InvalidInput(f"Content-Encoding is {encoding} but the body is not: "
-                           f"{err}") from None
-    if not inflater.eof:
-        raise InvalidInput(f"the {encoding} body is truncated")
-    return b"".join(parts)
+        major, _ = np.lib.format.read_magic(stream)
+        if major not in (1, 2):  # 3.0 exists only for structured dtypes' unicode names
+            raise ValueError(f"format version {major} is not read here")
+        read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(stream, max_header_size=NPY_HEADER_BYTES)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
+        raise InvalidInput(f"not a readable .npy array: {err}") from None
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.itemsize == 0:
+        raise UnprocessableInput(f"the array must hold numbers, not {dtype}")
+    count = math.prod(shape)
+    if count > max_values or any(dim > max_values for dim in shape):
+        raise PayloadTooLarge(f"the array's shape {'×'.join(map(str, shape))} holds more than "
+                              f"{max_values:,} values (MAX_BATCH × 784)")
+    data = body[stream.tell():]
+    if len(data) != count * dtype.itemsize:
+        raise InvalidInput(f"not a readable .npy array: its header declares "
+                           f"{count * dtype.itemsize} bytes of data, the body has {len(data)}")
+    array = np.frombuffer(data, dtype=dtype, count=count)
+    return array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)
 
 
 def from_npy(body: bytes, limits: Limits) -> np.ndarray:
     """An .npy array of MNIST-form digits → (N, 28, 28, 1) float32."""
-    try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise InvalidInput(f"not a readable .npy array: {err}") from None
+    array = read_npy(body, limits.max_values)
     if array.ndim == 2 and array.shape[1] != SIDE * SIDE:
         array = array[np.newaxis]  # one digit
     return from_numbers(array, limits, "the array")

@@ -19,7 +19,9 @@ def _json(schema: dict, description: str) -> dict:
 def _errors(*statuses: int) -> dict:
     reasons = {400: "Unreadable input", 404: "Unknown model", 413: "Body or batch too large",
                415: "Unsupported media type", 422: "Invalid image or array",
-               503: "Model not loaded"}
+               500: "The model failed on valid input",
+               503: "Model not loaded, or its queue is full (Retry-After)",
+               504: "No answer within REQUEST_TIMEOUT_MS"}
     return {str(s): _json(_ref("Error"), reasons[s]) for s in statuses}
 
 
@@ -108,9 +110,12 @@ def _predict_operation(summary: str, parameters: list) -> dict:
             "multipart/form-data": {"schema": {"type": "object", "additionalProperties": {
                 "type": "string", "format": "binary"}}},
             "application/json": {"schema": _ref("Instances")},
+            "application/x-npy": {"schema": {"type": "string", "format": "binary",
+                                             "description": "N×28×28 digits, .npy"}},
         }},
         "responses": {"200": _json(_ref("PredictResponse"), "One prediction per image, "
-                                   "in order"), **_errors(400, 404, 413, 415, 422, 503)},
+                                   "in order"),
+                      **_errors(400, 404, 413, 415, 422, 500, 503, 504)},
     }}
 
 
@@ -122,7 +127,8 @@ def _get(summary: str, schema: dict, parameters: list | None = None, errors=(404
 def _protocol(method: str, summary: str, docs: dict, parameters: list,
               body: bool = False) -> dict:
     """An endpoint of another server's protocol: its documentation is the schema."""
-    plain = {str(s): _json(_ref("PlainError"), "Error") for s in (400, 404, 413, 422, 503)}
+    plain = {str(s): _json(_ref("PlainError"), "Error")
+             for s in (400, 404, 413, 415, 422, 500, 503, 504)}
     operation = {"summary": summary, "externalDocs": docs, "parameters": parameters,
                  "responses": {"200": _json({"type": "object"}, "As the protocol defines"),
                                **plain}}

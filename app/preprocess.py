@@ -4,15 +4,19 @@ MNIST's digits are white on black, cropped to the ink, scaled so the longer side
 pixels (antialiased), and placed in a 28×28 field by their centre of mass. Photos, scans,
 browser-canvas PNGs and phone JPEGs are none of that, so each step is redone here:
 
-1. decode safely: the pixel count is checked from the header before any decoding
-   (decompression bombs), EXIF orientation is honoured, the first frame of an animation
-   is used;
+1. decode safely: only the six documented formats are opened; the pixel count is
+   checked from the header before any decoding (decompression bombs); JPEGs are reduced
+   while decoding; a per-worker budget bounds the decoded pixels in flight; EXIF
+   orientation is honoured, the first frame of an animation is used;
 2. flatten alpha onto the background the ink stands out from (a transparent canvas with
    black strokes is black ink on white paper);
 3. grayscale, then detect the background from the border and invert dark-on-light;
 4. subtract the background, crop to the ink (ignoring specks that hold a tiny share of it);
 5. scale the longer side to 20 px with a Lanczos filter, keep the aspect ratio;
 6. place in 28×28 by centre of mass, scale to [0, 1].
+
+A 28×28 digit that already is in MNIST's form (see ``mnist_form``) skips steps 3–6: it
+is only scaled to [0, 1] — what the model was trained on, at a fraction of the cost.
 
 Errors are raised as InvalidInput (unreadable) or UnprocessableInput (readable but not
 usable); nothing here knows about HTTP.
@@ -21,56 +25,131 @@ usable); nothing here knows about HTTP.
 from __future__ import annotations
 
 import io
+import logging
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app.batching import Deadline
 from app.errors import InvalidInput, UnprocessableInput
+
+log = logging.getLogger(__name__)
+# The formats the README documents; Pillow's other openers (ICO, FITS, PSD, …) are never
+# tried, so their decoders' costs and bugs are not ours.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP or TIFF"
 
 SIDE = 28
 BOX = 20
 CENTRE = 14
+FRAME = (SIDE - BOX) // 2  # MNIST's empty frame around the 20×20 box: 4 pixels
+FRAME_DARKEST = 8  # grey levels: a frame no brighter than this is MNIST's black
+CENTRE_TOLERANCE = 2.0  # pixels between a digit's centre of mass and MNIST's (14, 14)
 INK_SHARE_TRIMMED = 0.005  # share of ink mass ignored at each edge when cropping
 MIN_CONTRAST = 24  # grey levels between background and ink below which an image is blank
 WORKING_SIDE = 512  # larger images are reduced to about this before any float copy
+STRIP_PIXELS = 2_000_000  # pixels of one strip shrink() copies at a time
 REDUCE_MODES = {"P": "RGBA", "1": "L", "I;16": "I", "I;16B": "I", "I;16L": "I"}
+
+
+def open_image(data: bytes, formats: tuple[str, ...] = FORMATS) -> Image.Image:
+    """Parse the header only, with Pillow's openers limited to ``formats``: an ICO, FITS
+    or any of Pillow's ~20 other formats is refused here, before any decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=formats)
 
 
 def peek_size(data: bytes) -> tuple[int, int]:
     """Width and height from the header alone, or (0, 0) if it cannot be read (the full
     decode then reports why)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
+        with open_image(data) as image:
+            return image.size
     except Exception:  # noqa: BLE001 - any unreadable header is judged by decode()
         return (0, 0)
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes → a loaded, upright PIL image. Raises InvalidInput or UnprocessableInput."""
+class DecodeBudget:
+    """Decoded pixels one worker may hold at once (DECODE_BUDGET_PIXELS).
+
+    Each image holds its pixel count, as its header declares it after any reduction
+    while decoding, from the decode until it is 28×28; an image larger than the whole
+    budget waits until it is alone. Sixteen concurrent 40-megapixel images thus decode a
+    few at a time instead of all at once (3 GB), and a request that cannot get its turn
+    before its deadline gets DeadlineExceeded.
+    """
+
+    def __init__(self, pixels: int):
+        self.capacity = pixels
+        self.in_use = 0
+        self.peak = 0  # the most held at once, for tests and RELIABILITY.md
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int, deadline: Deadline | None = None) -> Iterator[None]:
+        """Wait for room for ``pixels`` (at most until ``deadline``), hold it inside."""
+        cost = min(pixels, self.capacity)
+        with self._cond:
+            while self.in_use + cost > self.capacity:
+                left = None if deadline is None else deadline.remaining()
+                if left is not None and left <= 0:
+                    raise deadline.error("while the image waited for decoding memory "
+                                         "(DECODE_BUDGET_PIXELS)")
+                self._cond.wait(left)
+            self.in_use += cost
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= cost
+                self._cond.notify_all()
+
+
+@contextmanager
+def decode(data: bytes, max_pixels: int, budget: DecodeBudget | None = None,
+           deadline: Deadline | None = None, reduce_to: int | None = None
+           ) -> Iterator[Image.Image]:
+    """Bytes → a loaded, upright PIL image, yielded while the decode budget holds it.
+
+    ``reduce_to``: a JPEG is decoded at the smallest DCT scale (1/2 … 1/8) that keeps
+    both sides at least this long (libjpeg's draft mode), so a 40-megapixel photo costs
+    a fraction of its pixels. Raises InvalidInput or UnprocessableInput.
+    """
     if not data:
         raise InvalidInput("empty image: the request carried no image bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            _check_size(image, max_pixels)
-            image.load()
+        image = open_image(data)
+        _check_size(image, max_pixels)
+        if reduce_to is not None and image.format == "JPEG":
+            image.draft(image.mode, (reduce_to, reduce_to))
     except Image.DecompressionBombError:  # Pillow's own guard, hit before ours can be
         raise UnprocessableInput(f"image too large: over Pillow's decompression-bomb limit, "
                                  f"far above {max_pixels:,} pixels (MAX_IMAGE_PIXELS)") from None
     except UnidentifiedImageError:
-        raise InvalidInput("not a readable image: the bytes are not PNG, JPEG, GIF, BMP, "
-                           "WebP, TIFF or another format Pillow can decode") from None
+        raise InvalidInput(f"not a readable image: the bytes are not {FORMAT_NAMES}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise InvalidInput(f"corrupt or truncated image: {err}") from None
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the image
-        return image
+    width, height = image.size
+    with budget.hold(width * height, deadline) if budget else nullcontext():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image.load()
+        # Pillow's decoders raise many types on malformed bytes (struct.error, IndexError,
+        # …); its own fuzzers catch Exception for that reason.
+        except Exception as err:  # noqa: BLE001
+            raise InvalidInput(f"corrupt or truncated image: {err}") from None
+        try:  # in place: without an Orientation tag a copy (160 MB at 40 MP) is returned
+            ImageOps.exif_transpose(image, in_place=True)
+        except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the image
+            log.debug("EXIF orientation unreadable; image used as stored")
+        yield image
 
 
 def _check_size(image: Image.Image, max_pixels: int) -> None:
@@ -85,8 +164,10 @@ def _check_size(image: Image.Image, max_pixels: int) -> None:
 
 def to_gray(image: Image.Image) -> np.ndarray:
     """Any mode → float32 grayscale in [0, 255], alpha flattened onto the right background."""
+    if image.mode == "LAB":  # CIELab TIFF: its L band is the lightness itself
+        return np.asarray(image.getchannel("L"), dtype=np.float32)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        gray = np.asarray(image, dtype=np.float32)
+        gray = np.nan_to_num(np.asarray(image, dtype=np.float32), posinf=0.0, neginf=0.0)
         top = 65535.0 if gray.max() > 255 else 255.0
         return np.clip(gray * (255.0 / top), 0, 255)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
@@ -159,19 +240,56 @@ def centre_by_mass(digit: np.ndarray) -> np.ndarray:
 
 def shrink(image: Image.Image) -> Image.Image:
     """Reduce a large photo by whole-block averaging first: the digit ends up 20 pixels
-    high anyway, and float copies of a 40-megapixel image would cost gigabytes."""
+    high anyway, and float copies of a 40-megapixel image would cost gigabytes.
+
+    Strip by strip: Pillow's ``reduce`` of an RGBA image, and converting a palette image
+    to RGBA, each make a full-size copy (another 160 MB at 40 MP); a strip's copy is a
+    few MB. Strips are whole blocks high, so the result is the one-piece reduction's.
+    """
     factor = max(image.size) // WORKING_SIDE
     if factor < 2:
         return image
-    if image.mode in REDUCE_MODES:
-        image = image.convert(REDUCE_MODES[image.mode])
-    return image.reduce(factor)
+    width, height = image.size
+    mode = REDUCE_MODES.get(image.mode, image.mode)
+    reduced = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    if mode == image.mode:
+        reduced.info = dict(image.info)  # e.g. the transparent colour of an RGB PNG
+    step = factor * max(1, STRIP_PIXELS // (width * factor))
+    for top in range(0, height, step):
+        strip = image.crop((0, top, width, min(top + step, height)))
+        reduced.paste(strip.convert(mode).reduce(factor), (0, top // factor))
+    return reduced
+
+
+def mnist_form(gray: np.ndarray) -> bool:
+    """True for a 28×28 grayscale digit that already is in MNIST's form: a black frame
+    around the central 20×20 box, ink inside it, centred by mass within 2 px. Cropping,
+    scaling and re-centring such a digit can only blur it, so it is taken as it is."""
+    if gray.shape != (SIDE, SIDE) or gray.max() < MIN_CONTRAST:
+        return False
+    frame = np.ones(gray.shape, dtype=bool)
+    frame[FRAME:-FRAME, FRAME:-FRAME] = False
+    if gray[frame].max() > FRAME_DARKEST:
+        return False
+    rows, cols = np.indices(gray.shape)
+    total = gray.sum()
+    offset = max(abs((rows * gray).sum() / total - CENTRE),
+                 abs((cols * gray).sum() / total - CENTRE))
+    return bool(offset <= CENTRE_TOLERANCE)
+
+
+def reshape_to_mnist(gray: np.ndarray) -> np.ndarray:
+    """Grayscale in [0, 255] → MNIST form: polarity, crop, 20-pixel box, centre of mass."""
+    ink = white_on_black(gray)
+    return np.clip(centre_by_mass(fit_box(crop_to_ink(ink))), 0.0, 1.0)
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
     """A decoded image → float32 (28, 28) in [0, 1], white digit on black."""
-    ink = white_on_black(to_gray(shrink(image)))
-    return np.clip(centre_by_mass(fit_box(crop_to_ink(ink))), 0.0, 1.0)
+    gray = to_gray(shrink(image))
+    if mnist_form(gray):  # the fast path: digits already as MNIST made them
+        return (gray / 255.0).astype(np.float32)
+    return reshape_to_mnist(gray)
 
 
 def as_is(image: Image.Image) -> np.ndarray:
@@ -182,7 +300,18 @@ def as_is(image: Image.Image) -> np.ndarray:
     return to_gray(image) / 255.0
 
 
-def prepare(data: bytes, max_pixels: int, preprocess: bool = True) -> np.ndarray:
-    """Image bytes → float32 (28, 28) model input."""
-    image = decode(data, max_pixels)
-    return to_mnist(image) if preprocess else as_is(image).astype(np.float32)
+def prepare(data: bytes, max_pixels: int, preprocess: bool = True,
+            budget: DecodeBudget | None = None, deadline: Deadline | None = None
+            ) -> np.ndarray:
+    """Image bytes → float32 (28, 28) model input; any image Pillow decodes but cannot
+    convert (an unusual mode) is an UnprocessableInput, never a server error."""
+    with decode(data, max_pixels, budget, deadline,
+                reduce_to=WORKING_SIDE if preprocess else None) as image:
+        mode = image.mode
+        try:
+            return to_mnist(image) if preprocess else as_is(image).astype(np.float32)
+        except (InvalidInput, UnprocessableInput):
+            raise
+        except (ValueError, OSError, TypeError, KeyError) as err:
+            raise UnprocessableInput(f"image mode {mode} cannot be read as grayscale: "
+                                     f"{err}") from None

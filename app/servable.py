@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from app.batching import MicroBatcher
+from app.batching import Deadline, MicroBatcher, run_direct
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,13 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class _Direct:
-    """Batching off (or the version retired): run calls the model in the request's thread."""
+    """Batching off (or the version retired): run calls the model at once, in the
+    request's thread, with the same deadline and failure handling as a batch
+    (app/batching.py)."""
 
-    run: Any
+    predict: Any
+
+    def run(self, images: np.ndarray, deadline: Deadline | None = None,
+            max_queue: int | None = None) -> np.ndarray:
+        """``max_queue`` is accepted for the batcher's interface; nothing queues here."""
+        return run_direct(self.predict, images, deadline)

@@ -149,6 +149,20 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def worker_pids(self) -> list[int]:
+        """The gunicorn master's children: its workers, now."""
+        pid = self.process.pid
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    def worker_rss_mb(self, field: str = "VmRSS") -> dict[int, float]:
+        """Each worker's resident memory (VmRSS), or its peak so far (``VmHWM``), in MB."""
+        sizes = {}
+        for pid in self.worker_pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    sizes[pid] = int(line.split()[1]) / 1024
+        return sizes
+
 
 def start_server(models_dir: Path, log_path: Path, **env: str) -> Server:
     """Start gunicorn exactly as `make serve` does and wait until /ready answers 200."""
@@ -238,3 +252,13 @@ def foreign_exports(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("foreign")
     return {name: export_version(model, root / name, {"summary": summarize_model(model)})
             for name, model in (("wrong_shape", wrong_shape), ("nan_outputs", nan_outputs))}
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until true; fail (never hang) if it is not within ``timeout`` s,
+    a bound so far above the wait expected that only a real fault reaches it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.01)

@@ -116,3 +116,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def canvas_seven(side: int) -> Image.Image:
+    """A browser-canvas-like RGBA image of side×side: a black 7 on transparent white."""
+    image = Image.new("RGBA", (side, side), (255, 255, 255, 0))
+    ImageDraw.Draw(image).line([(side // 4, side // 8), (3 * side // 4, side // 8),
+                                (side // 3, 7 * side // 8)], fill=(0, 0, 0, 255),
+                               width=side // 20)
+    return image

@@ -6,7 +6,7 @@ from flask import Request, current_app
 from werkzeug.datastructures import ImmutableMultiDict
 
 from app.config import Config
-from app.errors import InvalidInput
+from app.errors import InvalidInput, ModelNotReady
 from app.metrics import Metrics
 from app.model_store import ModelStore
 
@@ -21,6 +21,21 @@ def settings() -> Config:
 
 def metrics() -> Metrics:
     return current_app.extensions["metrics"]
+
+
+def ready_store() -> ModelStore:
+    """The store when this worker can answer predictions: the default model loaded and
+    no batcher dead (a dead one makes readiness fail while the worker is replaced);
+    raises ModelNotReady (503)."""
+    models = store()
+    if not models.ready:
+        raise ModelNotReady(f"default model {models.default_name!r} is not loaded")
+    stopped = [f"{model.name} version {model.version}"
+               for versions in models.versions.values() for model in versions.values()
+               if model.batcher is not None and not model.batcher.alive]
+    if stopped:
+        raise ModelNotReady(f"the batcher of {', '.join(stopped)} has stopped")
+    return models
 
 
 def int_arg(args, name: str, default: int, minimum: int = 1, maximum: int = 1_000_000) -> int:

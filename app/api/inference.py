@@ -8,19 +8,23 @@ body limits, decompression, micro-batching and metrics are here, once.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
-from flask import request
+from flask import current_app, g, request
 from werkzeug.formparser import FormDataParser
 
 from app.api.common import ArrivalOrderMultiDict, metrics, settings
+from app.batching import Deadline
 from app.errors import InvalidInput, UnsupportedMediaType
 from app.inputs import MULTIPART_TYPE, WBITS, Limits, decompress
+from app.preprocess import DecodeBudget
 from app.servable import LoadedModel
 
 PREPROCESS_VALUES = {"auto": True, "none": False}
+_budget_lock = threading.Lock()
 
 
 class Parsed(NamedTuple):
@@ -43,9 +47,28 @@ def preprocess_flag() -> bool:
     return PREPROCESS_VALUES[value]
 
 
+def request_deadline() -> Deadline:
+    """This request's deadline, REQUEST_TIMEOUT_MS from when it started (app/logs.py
+    stamps ``g.started``), made once so every stage shares it."""
+    if "deadline" not in g:
+        g.deadline = Deadline(settings().request_timeout_ms / 1000.0, g.get("started"))
+    return g.deadline
+
+
+def decode_budget() -> DecodeBudget:
+    """The worker's one DecodeBudget (DECODE_BUDGET_PIXELS), made on first use."""
+    extensions = current_app.extensions
+    if "decode_budget" not in extensions:
+        with _budget_lock:
+            extensions.setdefault("decode_budget",
+                                  DecodeBudget(settings().decode_budget_pixels))
+    return extensions["decode_budget"]
+
+
 def limits() -> Limits:
     config = settings()
-    return Limits(config.max_batch, config.max_image_pixels, config.max_request_pixels)
+    return Limits(config.max_batch, config.max_image_pixels, config.max_request_pixels,
+                  decode_budget(), request_deadline())
 
 
 def multipart_files(body: bytes) -> list[bytes]:
@@ -77,10 +100,14 @@ def infer(model: LoadedModel, read: Reader) -> tuple[Parsed, np.ndarray]:
 
     The body is read inside the model's batching slot, so that requests still
     uploading count as arriving and a forming batch waits for them (app/batching.py).
+    The request's deadline bounds the wait for decoding memory and for the model; a
+    full queue is an Overloaded (503).
     """
+    deadline = request_deadline()
     with model.slot() as slot:
         body, files = body_and_files(settings().max_content_length)
         parsed = read(body, files)
-        probabilities = slot.run(parsed.images)
+        probabilities = slot.run(parsed.images, deadline=deadline,
+                                 max_queue=settings().queue_max_requests)
     metrics().images.labels(model.name, str(model.version)).inc(len(parsed.images))
     return parsed, probabilities

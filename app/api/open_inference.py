@@ -6,9 +6,9 @@ import orjson
 from flask import Blueprint, Response, jsonify, request
 
 from app import SERVICE_NAME, __version__
-from app.api.common import store
+from app.api.common import ready_store, store
 from app.api.inference import Parsed, infer, limits, preprocess_flag
-from app.errors import InvalidInput, ModelNotReady
+from app.errors import InvalidInput
 from app.inputs import parse_json
 from app.protocols import open_inference
 
@@ -29,9 +29,7 @@ def live():
 def ready():
     """Ready when the default model is loaded; 503 before, as KServe's own server answers
     (the protocol asks only for a non-200; probes and tritonclient read it so)."""
-    models = store()
-    if not models.ready:
-        raise ModelNotReady(f"default model {models.default_name!r} is not loaded")
+    ready_store()
     return jsonify({"ready": True})
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from app.api.common import metrics, settings, store
-from app.errors import ModelNotReady
+from app.api.common import metrics, ready_store, settings
 from app.openapi import openapi_spec
 
 bp = Blueprint("operations", __name__)
@@ -19,10 +18,8 @@ def health():
 
 @bp.get("/ready")
 def ready():
-    """Readiness: 200 only when the default model is loaded, else 503."""
-    models = store()
-    if not models.ready:
-        raise ModelNotReady(f"default model {models.default_name!r} is not loaded")
+    """Readiness: 200 only when the default model is loaded and its batcher runs, else 503."""
+    models = ready_store()
     return jsonify({"status": "ready", "default": models.default_name,
                     "models": {name: m.version for name, m in sorted(models.models.items())}})
 

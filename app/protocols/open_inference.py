@@ -21,13 +21,14 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from app.errors import InvalidInput
+from app.errors import InvalidInput, PayloadTooLarge
 from app.inputs import Limits, from_images, from_numbers, parse_json
 from app.servable import LoadedModel
 from training.export_format import SIGNATURE
@@ -37,6 +38,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMERIC = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "UINT8": "u1"}
 FROM_TF = {"DT_FLOAT": "FP32", "DT_DOUBLE": "FP64", "DT_HALF": "FP16", "DT_UINT8": "UINT8",
            "DT_INT32": "INT32", "DT_INT64": "INT64", "DT_STRING": "BYTES", "DT_BOOL": "BOOL"}
+HEADER_DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII only: int() also takes "²" and "٣"
+MAX_RANK = 4  # [N, 28, 28, 1] is the deepest shape a digit tensor has
 LENGTH = struct.Struct("<I")  # BYTES elements in binary: 4-byte little-endian length first
 
 
@@ -73,11 +76,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """The JSON header and the binary tensor data after it (empty without the extension)."""
     if header_length is None:
         size = len(body)
-    elif header_length.isdigit() and int(header_length) <= len(body):
+    elif HEADER_DIGITS.fullmatch(header_length) and int(header_length) <= len(body):
         size = int(header_length)
     else:
         raise InvalidInput(f"{HEADER_LENGTH} must be a whole number no larger than the "
-                           f"body ({len(body)} bytes), got {header_length!r}")
+                           f"body ({len(body)} bytes), got {header_length[:20]!r}")
     document = parse_json(body[:size])
     if not isinstance(document, dict):
         raise InvalidInput("the inference request must be a JSON object")
@@ -92,11 +95,18 @@ def _object(value: object, what: str) -> dict:
     return value
 
 
-def _shape(tensor: dict, name: str) -> list[int]:
+def _shape(tensor: dict, name: str, max_values: int) -> list[int]:
+    """The tensor's shape, refused (413) before anything is sized by it when it holds
+    more than ``max_values`` (MAX_BATCH × 784) elements or has a larger dimension."""
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"input {name!r}: shape must be a list of whole numbers")
+    if len(shape) > MAX_RANK or any(d > max_values for d in shape) or \
+            math.prod(shape) > max_values:
+        raise PayloadTooLarge(f"input {name!r}: shape {shape[:MAX_RANK + 1]} is larger than "
+                              f"{max_values:,} values (MAX_BATCH × 784) in at most "
+                              f"{MAX_RANK} dimensions")
     return shape
 
 
@@ -127,12 +137,19 @@ def _numbers(tensor: dict, datatype: str, raw: bytes | None, shape: list[int], n
             raise InvalidInput(f"input {name!r}: shape {shape} of {datatype} needs "
                                f"{count * dtype.itemsize} bytes, got {len(raw)}")
         return np.frombuffer(raw, dtype).reshape(shape)
+    wrong = InvalidInput(f"input {name!r}: data must be {datatype} numbers, "
+                         "flat or nested in row-major order")
     try:
-        with np.errstate(over="ignore", invalid="ignore"):  # infinities get their own 422
-            array = np.asarray(tensor.get("data"), dtype=dtype)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f"input {name!r}: data must be {datatype} numbers, "
-                           "flat or nested in row-major order") from None
+        values = np.asarray(tensor.get("data"))
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise wrong from None
+    # Strings ("0.5"), booleans and integers past 64 bits are not numbers to the protocol,
+    # though NumPy would convert the first two; UINT8 must not wrap 300 round to 44.
+    if values.dtype.kind not in "iuf" or (datatype == "UINT8" and values.size and (
+            values.dtype.kind == "f" or values.min() < 0 or values.max() > 255)):
+        raise wrong
+    with np.errstate(over="ignore", invalid="ignore"):  # infinities get their own 422
+        array = values.astype(dtype)
     if array.size != count:
         raise InvalidInput(f"input {name!r}: shape {shape} holds {count} values, "
                            f"data has {array.size}")
@@ -156,7 +173,11 @@ def _split_bytes(raw: bytes, name: str) -> list[bytes]:
 
 def _json_bytes(data: object, name: str) -> list[bytes]:
     """JSON BYTES tensor: base64 strings (JSON cannot carry raw image bytes)."""
-    flat = np.asarray(data, dtype=object).ravel().tolist() if isinstance(data, list) else None
+    try:
+        flat = np.asarray(data, dtype=object).ravel().tolist() if isinstance(data, list) \
+            else None
+    except (ValueError, RecursionError):
+        flat = None
     if not flat or not all(isinstance(item, str) for item in flat):
         raise InvalidInput(f"input {name!r}: BYTES data must be a list of base64 strings")
     try:
@@ -167,7 +188,7 @@ def _json_bytes(data: object, name: str) -> list[bytes]:
 
 def _images(tensor: dict, raw: bytes | None, limits: Limits, preprocess: bool) -> np.ndarray:
     name, datatype = tensor.get("name"), str(tensor.get("datatype"))
-    shape = _shape(tensor, name)
+    shape = _shape(tensor, name, limits.max_values)
     if datatype in NUMERIC:
         return from_numbers(_numbers(tensor, datatype, raw, shape, name), limits,
                             f"input {name!r}")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import struct
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from app.errors import InvalidInput, UnprocessableInput
-from app.preprocess import prepare, to_mnist
+from app.batching import Deadline
+from app.errors import DeadlineExceeded, InvalidInput, UnprocessableInput
+from app.preprocess import WORKING_SIDE, DecodeBudget, prepare, shrink, to_mnist
+from tests.conftest import png_chunk
 from tests.restyle import encode, ink_on_paper, transparent_strokes
 
 MAX_PIXELS = 40_000_000
@@ -128,9 +133,77 @@ def test_a_truncated_png_is_invalid(digits):
         prepare(data[: len(data) // 2], MAX_PIXELS)
 
 
-def test_a_pixel_bomb_is_refused_before_decoding(png_bomb):
-    with pytest.raises(UnprocessableInput, match="image too large"):
-        prepare(png_bomb, MAX_PIXELS)
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header says width×height and whose pixel data is garbage: decoding
+    it could only fail as corrupt, so "too large" proves nothing was decoded."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", b"not zlib data" * 10) + png_chunk(b"IEND", b""))
+
+
+def test_a_pixel_bomb_is_refused_by_our_limit_before_decoding():
+    # 6400² is over MAX_IMAGE_PIXELS yet under Pillow's own limit: our check decides.
+    with pytest.raises(UnprocessableInput, match="6400×6400 = 40,960,000 pixels"):
+        prepare(png_header_only(6400, 6400), MAX_PIXELS)
+    with pytest.raises(InvalidInput, match="corrupt"):  # the same garbage, within limits
+        prepare(png_header_only(100, 100), MAX_PIXELS)
+
+
+def test_shrink_in_strips_equals_one_reduction():
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (1537, 2049, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA")
+    np.testing.assert_array_equal(np.asarray(shrink(image)),
+                                  np.asarray(image.reduce(2049 // WORKING_SIDE)))
+
+
+def test_the_decode_budget_holds_concurrent_large_images_to_its_size():
+    budget = DecodeBudget(3_000_000)
+    big = encode(Image.new("L", (1500, 1500), 255).point(lambda v: v), "PNG")  # 2.25 MP
+    with ThreadPoolExecutor(8) as pool:
+        errors = list(pool.map(lambda _: _error_of(prepare, big, MAX_PIXELS, True, budget),
+                               range(8)))
+    assert errors == ["no digit found"] * 8  # all decoded (blank), one at a time
+    assert budget.peak == 2_250_000 and budget.in_use == 0
+
+
+def _error_of(function, *args) -> str:
+    try:
+        function(*args)
+    except (InvalidInput, UnprocessableInput) as err:
+        return err.message.split(":")[0]
+    return "no error"
+
+
+def test_an_image_that_cannot_get_decode_budget_before_its_deadline_is_refused():
+    budget = DecodeBudget(1_000_000)
+    with budget.hold(1_000_000), pytest.raises(DeadlineExceeded, match="DECODE_BUDGET"):
+        prepare(encode(Image.new("L", (200, 200)), "PNG"), MAX_PIXELS, True, budget,
+                Deadline(0.05))
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(digits):
+    photo = ink_on_paper(digits[0], np.random.default_rng(9)).convert("L").resize(
+        (4096, 4096))
+    budget = DecodeBudget(MAX_PIXELS)
+    out = prepare(encode(photo, "JPEG", quality=90), MAX_PIXELS, True, budget)
+    assert budget.peak == 512 * 512  # libjpeg's 1/8 scale, not 16.8 megapixels
+    assert similarity(out, prepare(encode(photo.resize((512, 512)), "PNG"),
+                                   MAX_PIXELS)) > 0.95
+
+
+def test_only_the_documented_formats_are_opened(digits):
+    image = Image.fromarray(digits[0])
+    for fmt in ("ICO", "PCX", "TGA", "PPM"):
+        with pytest.raises(InvalidInput, match="not a readable image"):
+            prepare(encode(image, fmt), MAX_PIXELS)
+
+
+def test_a_float_tiff_with_nan_gives_no_nan(digits):
+    pixels = digits[0].astype(np.float32)
+    pixels[0, 0] = np.nan
+    out = prepare(encode(Image.fromarray(pixels, "F"), "TIFF"), MAX_PIXELS)
+    assert np.isfinite(out).all()
 
 
 def test_an_image_over_the_configured_pixel_limit_is_refused(digits):
