@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from app.saved_model import check_signature
 from app.servable import VersionRejected
 from training.export_format import SIGNATURE, TFLITE_FILE
 
@@ -65,6 +66,7 @@ def load_litert(folder: Path, metadata: dict[str, Any], warm_up_to: int, threads
     if "signature_defs" not in metadata:
         raise VersionRejected("metadata.json has no signature_defs (exported before "
                               f"{TFLITE_FILE} existed?)")
+    check_signature(metadata["signature_defs"])  # what the metadata endpoints will describe
     try:
         runtime = LiteRtRuntime(folder / TFLITE_FILE, metadata["signature_defs"], threads)
     except VersionRejected:

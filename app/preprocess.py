@@ -46,8 +46,7 @@ FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP or TIFF"
 SIDE = 28
 BOX = 20
 CENTRE = 14
-FRAME = (SIDE - BOX) // 2  # MNIST's empty frame around the 20×20 box: 4 pixels
-FRAME_DARKEST = 8  # grey levels: a frame no brighter than this is MNIST's black
+BLACK = 8  # grey levels: no brighter than this is MNIST's black background
 CENTRE_TOLERANCE = 2.0  # pixels between a digit's centre of mass and MNIST's (14, 14)
 INK_SHARE_TRIMMED = 0.005  # share of ink mass ignored at each edge when cropping
 MIN_CONTRAST = 24  # grey levels between background and ink below which an image is blank
@@ -262,19 +261,19 @@ def shrink(image: Image.Image) -> Image.Image:
 
 
 def mnist_form(gray: np.ndarray) -> bool:
-    """True for a 28×28 grayscale digit that already is in MNIST's form: a black frame
-    around the central 20×20 box, ink inside it, centred by mass within 2 px. Cropping,
-    scaling and re-centring such a digit can only blur it, so it is taken as it is."""
+    """True for a 28×28 grayscale digit that already is in MNIST's form: white ink on
+    black, the ink within a 20×20 box (MNIST's size; centring by mass may shift the box
+    off the middle), its centre of mass within 2 px of MNIST's. Cropping, scaling and
+    re-centring such a digit can only blur it, so it is taken as it is."""
     if gray.shape != (SIDE, SIDE) or gray.max() < MIN_CONTRAST:
         return False
-    frame = np.ones(gray.shape, dtype=bool)
-    frame[FRAME:-FRAME, FRAME:-FRAME] = False
-    if gray[frame].max() > FRAME_DARKEST:
-        return False
-    rows, cols = np.indices(gray.shape)
+    rows, cols = np.nonzero(gray > BLACK)
+    if rows.size > gray.size // 2 or np.ptp(rows) >= BOX or np.ptp(cols) >= BOX:
+        return False  # more "ink" than background (not white on black), or too large
+    weights = np.indices(gray.shape)
     total = gray.sum()
-    offset = max(abs((rows * gray).sum() / total - CENTRE),
-                 abs((cols * gray).sum() / total - CENTRE))
+    offset = max(abs((weights[0] * gray).sum() / total - CENTRE),
+                 abs((weights[1] * gray).sum() / total - CENTRE))
     return bool(offset <= CENTRE_TOLERANCE)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from training.export_format import parse_version, valid_model_name
 
-Fingerprint = tuple[tuple[str, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,30 @@ class Snapshot:
 
 
 def fingerprint(folder: Path) -> Fingerprint:
-    """(relative path, size, mtime in ns) of every entry below ``folder``, sorted."""
+    """(relative path, size, inode, mtime and ctime in ns) of every entry below
+    ``folder``, sorted. ctime and inode change with any write, copy or chmod, even one
+    that restores an old mtime (``cp -p``). Hidden entries (an editor's ``.#file``
+    lock, ``.DS_Store``) are no part of an export and are left out, links are not
+    followed, and an entry that vanishes while the folder is read is skipped (the next
+    scan sees the folder as it then is)."""
     entries = []
     for root, dirs, files in os.walk(folder, onerror=_raise):
-        dirs.sort()
-        for name in sorted(dirs) + sorted(files):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in dirs + sorted(f for f in files if not f.startswith(".")):
             path = Path(root, name)
-            stat = path.stat()
-            size = 0 if name in dirs else stat.st_size
-            entries.append((path.relative_to(folder).as_posix(), size, stat.st_mtime_ns))
+            try:
+                stat = path.lstat()
+            except FileNotFoundError:
+                continue
+            entries.append((printable(path.relative_to(folder).as_posix()), stat.st_size,
+                            stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns))
     return tuple(entries)
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not (Python keeps them as
+    surrogates) become ``\\xff`` escapes, so the name can be logged and sent as JSON."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _raise(error: OSError) -> None:
@@ -69,7 +83,7 @@ def scan(models_dir: Path) -> Snapshot:
     models, odd = {}, {}
     for name in entries:
         if not valid_model_name(name):
-            odd[name] = ("not a model name (letters, digits, '_', '-', '.'; "
+            odd[printable(name)] = ("not a model name (letters, digits, '_', '-', '.'; "
                          "not only digits)")
             continue
         models[name] = scan_model(models_dir / name)
@@ -86,7 +100,7 @@ def scan_model(model_dir: Path) -> ModelFolder:
     for name in names:
         version = parse_version(name)
         if version is None:
-            odd[name] = "not a version number (ASCII digits only)"
+            odd[printable(name)] = "not a version number (ASCII digits only)"
             continue
         path = model_dir / name
         try:

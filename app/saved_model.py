@@ -100,15 +100,20 @@ class SavedModelRuntime:
 def check_signature(signature_defs: dict[str, Any]) -> None:
     """One float input of [N, 28, 28, 1] and one output of [N, 10], else VersionRejected."""
     serving = signature_defs.get(SIGNATURE)
-    if serving is None:
+    if not isinstance(serving, dict):
         raise VersionRejected(f"no {SIGNATURE!r} signature")
-    inputs, outputs = serving.get("inputs", {}), serving.get("outputs", {})
-    if len(inputs) != 1 or len(outputs) != 1:
+    inputs, outputs = serving.get("inputs"), serving.get("outputs")
+    if not (isinstance(inputs, dict) and isinstance(outputs, dict)
+            and len(inputs) == 1 == len(outputs)
+            and all(isinstance(t, dict) for t in (*inputs.values(), *outputs.values()))):
         raise VersionRejected(f"the {SIGNATURE!r} signature must have one input (images) "
                               "and one output (probabilities)")
     for role, tensor, expected in (("input", *inputs.values(), INPUT_SHAPE),
                                    ("output", *outputs.values(), OUTPUT_SHAPE)):
-        shape = [int(d.get("size", -1)) for d in tensor.get("tensor_shape", {}).get("dim", [])]
+        try:
+            shape = [int(d.get("size", -1)) for d in tensor.get("tensor_shape", {})["dim"]]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            shape = None
         if tensor.get("dtype") != "DT_FLOAT" or shape != expected:
             raise VersionRejected(f"{SIGNATURE} {role} is {tensor.get('dtype')} {shape}, "
                                   f"expected DT_FLOAT {expected}")

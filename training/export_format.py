@@ -57,7 +57,7 @@ _VERSION_NAME = re.compile(r"0|[1-9][0-9]{0,17}")  # int64; "01" would alias "1"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # URL- and label-safe
 _HASH_CHUNK = 1 << 20
 
-_COUNT = {"type": "integer", "minimum": 0}
+_COUNT = {"type": "integer", "minimum": 0, "maximum": 10**12}  # memory sums stay in int64
 METADATA_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "metadata.json of one exported version (only what the server reads)",
@@ -79,7 +79,8 @@ METADATA_SCHEMA: dict[str, Any] = {
                 "totals": {"type": "object",
                            "required": ["params", "param_bytes", "activations_per_image"],
                            "properties": {"params": _COUNT, "param_bytes": _COUNT,
-                                          "activations_per_image": _COUNT}},
+                                          "activations_per_image": {
+                                              **_COUNT, "maximum": 10**9}}},
             },
         },
         "test": {"type": "object", "properties": {
@@ -193,7 +194,7 @@ def complete(folder: Path) -> Check:
 
 def _file_problem(folder: Path, name: str, expected: dict[str, Any]) -> str | None:
     path = folder / name
-    if ".." in Path(name).parts or not path.is_file():
+    if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
         return f"{name} is missing"
     size = path.stat().st_size
     if size != expected["bytes"]:
@@ -229,9 +230,11 @@ def staging(model_dir: Path) -> Iterator[Path]:
     reclaim_staging(model_dir)
     folder = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
     folder.chmod(0o755)  # mkdtemp's 0700 would hide the version from a server's other uid
-    lock = os.open(folder / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    # Locked before it gets its name: a reclaimer never finds the lock file unlocked.
+    lock = os.open(folder / f"{LOCK_FILE}.new", os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        os.rename(folder / f"{LOCK_FILE}.new", folder / LOCK_FILE)
         yield folder
     finally:
         if folder.exists():

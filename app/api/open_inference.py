@@ -53,7 +53,8 @@ def repository_index():
 def model_metadata(name: str, version: int | None = None):
     models = store()
     model = models.get(name, version)
-    return jsonify(open_inference.model_metadata(model, list(models.versions[name])))
+    versions = models.versions.get(name, {model.version: model})  # may change meanwhile
+    return jsonify(open_inference.model_metadata(model, list(versions)))
 
 
 @bp.get("/models/<name>/ready")

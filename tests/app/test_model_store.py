@@ -421,3 +421,56 @@ def test_ten_load_and_retire_cycles_keep_memory_flat(tmp_path, fit_run):
     print(f"RSS growth over 10 load/retire cycles: {growth:.1f} MB")
     store.close()
     assert growth <= 50
+
+
+def test_a_dangling_link_in_a_served_version_leaves_it_served(watched):
+    """An editor's lock file (``.#metadata.json``) is a link to nowhere."""
+    model = watched.get()
+    (model.path / ".#metadata.json").symlink_to("nobody@host.1234")
+    watched.refresh()
+    assert watched.get() is model and not model.retired
+
+
+def test_a_repair_that_restores_old_timestamps_is_retried(watched, fit_run):
+    """``cp -p`` and ``rsync -a`` keep mtimes; the change still shows in ctime."""
+    broken = shutil.copytree(fit_run.version_dir, watched.models_dir / "digits" / "2")
+    (data,) = (broken / "variables").glob("variables.data-*")
+    good, stamp = data.read_bytes(), data.stat()
+    flipped = bytearray(good)
+    flipped[100] ^= 0xFF
+    data.write_bytes(bytes(flipped))
+    os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    watched.refresh()
+    assert watched.get().version == 1
+    data.write_bytes(good)
+    os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    watched.refresh()
+    assert watched.get().version == 2
+
+
+def test_folder_names_that_are_not_utf8_are_listed_not_fatal(watched):
+    from app import create_app
+    from app.config import Config
+
+    os.mkdir(os.fsencode(watched.models_dir) + b"/\xff\xfe")
+    os.mkdir(os.fsencode(watched.models_dir / "digits") + b"/\xff")
+    app = create_app(Config(models_dir=watched.models_dir, model_name="digits",
+                            model_poll_seconds=0))
+    client = app.test_client()
+    assert client.get("/models").get_json()["rejected"]["\\xff\\xfe"].startswith("not a model")
+    assert client.get("/models/digits").get_json()["rejected"] == {
+        "\\xff": "not a version number (ASCII digits only)"}
+    index = client.post("/v2/repository/index").get_json()
+    assert {"name": "digits", "version": "\\xff", "state": "UNAVAILABLE",
+            "reason": "not a version number (ASCII digits only)"} in index
+
+
+def test_litert_refuses_signature_defs_that_describe_no_tensors(watched, fit_run):
+    folder = shutil.copytree(fit_run.version_dir, watched.models_dir / "digits" / "2")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["signature_defs"] = {"serving_default": {}}
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    store = ModelStore(watched.models_dir, "digits", prefer_tflite=True)
+    store.load()
+    assert store.get().version == 1
+    assert "must have one input" in store.rejected_versions("digits")["2"]

@@ -11,7 +11,16 @@ from PIL import Image
 
 from app.batching import Deadline
 from app.errors import DeadlineExceeded, InvalidInput, UnprocessableInput
-from app.preprocess import WORKING_SIDE, DecodeBudget, prepare, shrink, to_mnist
+from app.preprocess import (
+    WORKING_SIDE,
+    DecodeBudget,
+    mnist_form,
+    prepare,
+    reshape_to_mnist,
+    shrink,
+    to_gray,
+    to_mnist,
+)
 from tests.conftest import png_chunk
 from tests.restyle import encode, ink_on_paper, transparent_strokes
 
@@ -221,3 +230,44 @@ def test_a_blank_image_has_no_digit(colour):
 def test_a_fully_transparent_image_has_no_digit():
     with pytest.raises(UnprocessableInput, match="transparent"):
         prepare(encode(Image.new("RGBA", (50, 50), (0, 0, 0, 0)), "PNG"), MAX_PIXELS)
+
+
+# The fast path: digits already in MNIST form are taken as they are.
+
+def test_every_real_test_digit_takes_the_fast_path_as_it_is(mnist):
+    for digit in mnist.x_test:
+        out = prepare(encode(Image.fromarray(digit), "PNG"), MAX_PIXELS)
+        np.testing.assert_array_equal(out, digit.astype(np.float32) / 255.0)
+
+
+def test_the_fast_path_reads_the_10000_test_pngs_as_the_full_path_does(mnist, fit_run):
+    """Same digits from the served CNN either way; the full path only re-blurs them.
+    (With the default recipe's 99.4% model 9,997 of 10,000 agree; BENCHMARKS.md.)"""
+    from app.saved_model import load_saved_model
+    from training.export_format import read_metadata
+
+    runtime = load_saved_model(fit_run.version_dir, read_metadata(fit_run.version_dir), 1)
+    fast = np.stack([prepare(encode(Image.fromarray(d), "PNG"), MAX_PIXELS)
+                     for d in mnist.x_test])
+    full = np.stack([reshape_to_mnist(d.astype(np.float32)) for d in mnist.x_test])
+    answers = [np.concatenate([runtime.predict(batch[i:i + 500, ..., None])
+                               for i in range(0, 10_000, 500)]).argmax(axis=1)
+               for batch in (fast, full)]
+    agreement = (answers[0] == answers[1]).mean()
+    accuracy = [(a == mnist.y_test).mean() for a in answers]
+    print(f"\nfast path agrees on {agreement:.2%}; accuracy fast {accuracy[0]:.2%}, "
+          f"full {accuracy[1]:.2%}")
+    assert agreement >= 0.99
+    assert accuracy[0] >= accuracy[1] - 0.002
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: 255 - d,  # black on white
+    lambda d: np.roll(d, 5, axis=1),  # off centre by 5 px
+    lambda d: np.kron(d, np.ones((2, 2), d.dtype))[14:42, 14:42],  # a 40-pixel digit cut
+])
+def test_a_28x28_image_not_in_mnist_form_takes_the_full_path(digits, change):
+    image = change(digits[0]).astype(np.uint8)
+    assert not mnist_form(to_gray(Image.fromarray(image)))
+    np.testing.assert_array_equal(to_mnist(Image.fromarray(image)),
+                                  reshape_to_mnist(image.astype(np.float32)))

@@ -112,6 +112,11 @@ def edit_metadata(change):
     (lambda f: (f / "model.keras").unlink(), "model.keras is missing"),
     (edit_metadata(lambda m: m["files"].update({"../escape": {"bytes": 0, "sha256": "0" * 64}})),
      "../escape is missing"),
+    (edit_metadata(lambda m: m["files"].update({"/etc/hostname": {"bytes": 0,
+                                                                  "sha256": "0" * 64}})),
+     "/etc/hostname is missing"),
+    (edit_metadata(lambda m: m["summary"]["totals"].update(activations_per_image=10**20)),
+     "invalid at summary/totals/activations_per_image"),
 ])
 def test_an_incomplete_version_says_why(version, mutilate, reason):
     mutilate(version)
