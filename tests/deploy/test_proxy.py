@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.deploy.slow_clients import (
     open_sockets,
     start_proxy,
     stop_proxy,
+    trickle,
 )
 
 LIMIT = 200_000  # MAX_CONTENT_LENGTH for both nginx and the app in these tests
@@ -154,13 +156,20 @@ def test_without_the_proxy_the_same_attack_starves_gunicorn(direct, digit):
 def test_requests_past_the_per_client_limit_get_429_in_the_apps_shape(proxy, digit):
     host, port = proxy.url.removeprefix("http://").split(":")
     held = open_sockets(host, int(port), PER_CLIENT, SLOW_BODY_HEAD)  # each one in progress
+    alive, stop = {"bodies": set(held)}, threading.Event()
+    # A byte a second keeps each body under client_body_timeout for as long as this lasts.
+    trickler = threading.Thread(target=trickle, args=({"bodies": held}, stop, alive))
+    trickler.start()
     try:
         assert len(held) == PER_CLIENT
         response = post_until(proxy.url, digit, lambda r: r.status_code == 429)
         assert response.json() == {"error": {
             "code": "too_many_requests",
             "message": "too many requests in progress from this address"}}
+        assert alive["bodies"] == set(held)
     finally:
+        stop.set()
+        trickler.join()
         for sock in held:
             sock.close()
     assert post_until(proxy.url, digit, lambda r: r.status_code == 200).status_code == 200
