@@ -78,8 +78,8 @@ class DecodeBudget:
 
     Each image holds its pixel count, as its header declares it after any reduction
     while decoding, from the decode until it is 28×28; an image larger than the whole
-    budget waits until it is alone. Sixteen concurrent 40-megapixel images thus decode a
-    few at a time instead of all at once (3 GB), and a request that cannot get its turn
+    budget waits until it is alone. Sixteen concurrent 40-megapixel images thus decode in
+    turn instead of all at once (3 GB), and a request that cannot get its turn
     before its deadline gets DeadlineExceeded.
     """
 
