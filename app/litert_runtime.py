@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from app.saved_model import check_signature
-from app.servable import VersionRejected
+from app.servable import VersionRejected, check_warm_up
 from training.export_format import SIGNATURE, TFLITE_FILE
 
 
@@ -52,12 +52,7 @@ class LiteRtRuntime:
         """One call at 1 and at ``largest`` images (each new size reallocates tensors);
         the answers must be finite probabilities, else the version is rejected."""
         for size in sorted({1, largest}):
-            outputs = self.predict(np.zeros((size, 28, 28, 1), np.float32))
-            if outputs.shape != (size, 10):
-                raise VersionRejected(f"warm-up gave outputs of shape {outputs.shape}, "
-                                      f"expected ({size}, 10)")
-            if not np.all(np.isfinite(outputs)):
-                raise VersionRejected("warm-up on blank images gave NaN or infinite outputs")
+            check_warm_up(self.predict, size)
 
 
 def load_litert(folder: Path, metadata: dict[str, Any], warm_up_to: int, threads: int = 1

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from app.servable import VersionRejected
+from app.servable import VersionRejected, check_warm_up
 from training.export_format import SIGNATURE, read_signature_defs
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,7 @@ class SavedModelRuntime:
         probabilities, else the version is rejected."""
         size = 1
         while size <= padded_size(largest):
-            outputs = self.predict(np.zeros((size, 28, 28, 1), np.float32))
-            if outputs.shape != (size, 10):
-                raise VersionRejected(f"warm-up gave outputs of shape {outputs.shape}, "
-                                      f"expected ({size}, 10)")
-            if not np.all(np.isfinite(outputs)):
-                raise VersionRejected("warm-up on blank images gave NaN or infinite outputs")
+            check_warm_up(self.predict, size)
             size *= 2
 
     def parameter_count(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,17 @@ class Runtime(Protocol):
     def predict(self, images: np.ndarray) -> np.ndarray: ...
 
     def warm_up(self, largest: int) -> None: ...
+
+
+def check_warm_up(predict: Callable[[np.ndarray], np.ndarray], size: int) -> None:
+    """Run ``size`` blank images; anything but finite (size, 10) probabilities rejects
+    the version before a request can meet it."""
+    outputs = predict(np.zeros((size, 28, 28, 1), np.float32))
+    if outputs.shape != (size, 10):
+        raise VersionRejected(f"warm-up gave outputs of shape {outputs.shape}, "
+                              f"expected ({size}, 10)")
+    if not np.all(np.isfinite(outputs)):
+        raise VersionRejected("warm-up on blank images gave NaN or infinite outputs")
 
 
 @dataclass(eq=False)
