@@ -11,7 +11,8 @@ import pytest
 
 from app.batching import Deadline, MicroBatcher, on_batcher_death
 from app.errors import DeadlineExceeded, ModelFailed, ModelNotReady, Overloaded
-from app.model_store import ModelStore, _Direct
+from app.model_store import ModelStore
+from app.servable import _Direct
 from tests.conftest import wait_until
 from training.data import to_model_input
 
