@@ -386,8 +386,8 @@ def test_bad_npy_arrays_are_refused(url, array, status, code, words):
 def test_a_pickled_npy_is_refused(url):
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    assert_error(post_image(url, buffer.getvalue(), "application/x-npy"), 400,
-                 "invalid_input", "npy")
+    assert_error(post_image(url, buffer.getvalue(), "application/x-npy"), 422,
+                 "unprocessable_input", "numbers", "object")
 
 
 def test_get_on_predict_is_405_with_allow(url):

@@ -19,6 +19,9 @@ from training.torch_cnn import SEQUENTIAL_QUIRK, TORCH_ARCHITECTURES, build_net
 
 LIMIT = 2000
 SEED = 42
+# `make test` exports MODEL_NAME=mnist_cnn, which would win over the torch default name
+# these runs check; an empty value means "not set", as for the service.
+DEFAULT_NAME = {"MODEL_NAME": ""}
 
 
 @pytest.fixture(scope="module", params=TORCH_ARCHITECTURES)
@@ -26,7 +29,7 @@ def torch_run(request, tmp_path_factory) -> FitRun:
     """Each PyTorch variant trained for two epochs on 2,000 real images and exported."""
     models_dir = tmp_path_factory.mktemp(f"torch_{request.param}")
     result = run_fit("--framework", "torch", "--arch", request.param, "--limit", str(LIMIT),
-                     "--epochs", "2", "--models-dir", str(models_dir))
+                     "--epochs", "2", "--models-dir", str(models_dir), env=DEFAULT_NAME)
     assert result.returncode == 0, result.stderr[-3000:]
     return FitRun(models_dir, models_dir / "mnist_torch" / "1", result.stdout)
 
@@ -107,7 +110,8 @@ def test_the_same_seed_repeats_a_pytorch_run_exactly(tmp_path):
     runs = []
     for folder in ("a", "b"):
         result = run_fit("--framework", "torch", "--limit", "600", "--epochs", "1",
-                         "--seed", "3", "--models-dir", str(tmp_path / folder))
+                         "--seed", "3", "--models-dir", str(tmp_path / folder),
+                         env=DEFAULT_NAME)
         assert result.returncode == 0, result.stderr[-2000:]
         runs.append(tmp_path / folder / "mnist_torch" / "1")
     first, second = (json.loads((run / "metadata.json").read_text()) for run in runs)
