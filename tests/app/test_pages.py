@@ -144,12 +144,12 @@ def test_the_model_page_shows_parameters_memory_accuracy_and_plots(browser, serv
         By.CSS_SELECTOR, "#plots img")) == 3 and all(
         img.get_property("naturalWidth") > 0 for img in d.find_elements(
             By.CSS_SELECTOR, "#plots img")))
-    first = browser.find_element(By.ID, "memory").text
     size = browser.find_element(By.ID, "batch-size")
     size.clear()
     size.send_keys("64")
-    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "memory").text != first)
-    assert "21.29 MiB" in browser.find_element(By.ID, "memory").text  # 64 × 348,776 bytes
+    # Each keystroke recomputes the table ("6", then "64"): wait for the final figure.
+    WebDriverWait(browser, 10).until(  # 64 × 348,776 bytes
+        lambda d: "21.29 MiB" in d.find_element(By.ID, "memory").text)
     screenshot(browser, tmp_path, "model.png")
     assert console_errors(browser) == []
 
