@@ -7,6 +7,7 @@ from the real test set (or real fonts on this machine), never drawn by hand.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,39 +65,133 @@ def printed_digit(digit: int, font: ImageFont.FreeTypeFont, canvas: int = 200
     return paper
 
 
+def tight_crop(digit: np.ndarray) -> np.ndarray:
+    """The digit cut to its ink's bounding box: strokes touch every edge, as a form
+    scanner's or a segmentation step's crops do."""
+    rows, cols = np.nonzero(digit)
+    return digit[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
+def low_resolution(crop: np.ndarray, side: int, shown: int = 32) -> np.ndarray:
+    """A small scan of the crop: its longer side fills ``side`` pixels (the aspect kept,
+    the shorter side centred, as NIST's own normalisation does), area-averaged,
+    quantised to 17 grey levels (the UCI/scikit-learn 8×8 digits' depth), then scaled
+    back up to ``shown``×``shown`` bilinear, as such scans are viewed and sent."""
+    height, width = crop.shape
+    square = np.zeros((max(height, width),) * 2, dtype=np.uint8)
+    top, left = (square.shape[0] - height) // 2, (square.shape[1] - width) // 2
+    square[top:top + height, left:left + width] = crop
+    small = np.asarray(Image.fromarray(square).resize((side, side), Image.Resampling.BOX),
+                       dtype=np.float32)
+    levels = np.round(small * (16 / 255)) * (255 / 16)
+    shown_image = Image.fromarray(levels.astype(np.uint8)).resize(
+        (shown, shown), Image.Resampling.BILINEAR)
+    return np.asarray(shown_image)
+
+
+def polarity(image: np.ndarray, index: int) -> np.ndarray:
+    """Both polarities in one set: even items white on black, odd ones black on white."""
+    return image if index % 2 == 0 else 255 - image
+
+
+def png(image: np.ndarray) -> bytes:
+    return encode(Image.fromarray(image), "PNG")
+
+
+def jpeg50(image: np.ndarray) -> bytes:
+    return encode(Image.fromarray(image), "JPEG", quality=50)
+
+
 def restyled_sets(images: np.ndarray, labels: np.ndarray, seed: int = 0
                   ) -> dict[str, list[tuple[bytes, int]]]:
     """The test sets the README reports: (encoded image, true digit) pairs."""
     rng = np.random.default_rng(seed)
     pairs = list(zip(images, (int(v) for v in labels), strict=True))
     return {
-        "MNIST 28×28 PNG (as published)": [
-            (encode(Image.fromarray(d), "PNG"), y) for d, y in pairs],
+        MNIST_SET: [(encode(Image.fromarray(d), "PNG"), y) for d, y in pairs],
         "black ink on white 280×280, off-centre, JPEG": [
             (encode(ink_on_paper(d, rng).convert("RGB"), "JPEG", quality=85), y)
             for d, y in pairs],
         "transparent RGBA PNG, black strokes (browser canvas)": [
             (encode(transparent_strokes(d, rng), "PNG"), y) for d, y in pairs],
-        "printed digits, every font on the machine": [
+        PRINTED_SET: [
             (encode(printed_digit(digit, font), "PNG"), digit)
             for font in fonts() for digit in range(10)],
     }
 
 
-def http_accuracy(url: str, items: list[tuple[bytes, int]], batch: int = 100) -> float:
-    """Post the images in multipart batches to /predict; the share classified right."""
+def frame_filling_sets(images: np.ndarray, labels: np.ndarray
+                       ) -> dict[str, list[tuple[bytes, int]]]:
+    """Digits that fill their frame and low-resolution scans of them (issue 15's sets):
+    tight crops in both polarities, 8×8, 12×12 and 16×16 scans shown at 32×32, and
+    each of those again as JPEG quality 50."""
+    crops = [(tight_crop(d), int(y)) for d, y in zip(images, labels, strict=True)]
+    sets = {
+        "tight crop to the ink, white on black, PNG": [(png(c), y) for c, y in crops],
+        "tight crop to the ink, black on white, PNG": [(png(255 - c), y) for c, y in crops],
+        "tight crop, JPEG quality 50, both polarities": [
+            (jpeg50(polarity(c, i)), y) for i, (c, y) in enumerate(crops)],
+    }
+    for side in LOW_RESOLUTIONS:
+        scans = [(polarity(low_resolution(c, side), i), y)
+                 for i, (c, y) in enumerate(crops)]
+        sets[scan_set(side)] = [(png(s), y) for s, y in scans]
+        sets[scan_set(side, "JPEG quality 50")] = [(jpeg50(s), y) for s, y in scans]
+    return sets
+
+
+LOW_RESOLUTIONS = (8, 12, 16)
+MNIST_SET = "MNIST 28×28 PNG (as published)"
+PRINTED_SET = "printed digits, every font on the machine"
+
+
+def scan_set(side: int, encoding: str = "PNG") -> str:
+    """The name of a low-resolution set, as the README's table and the tests use it."""
+    return (f"{side}×{side} scan, 17 grey levels, shown at 32×32, {encoding}, "
+            "both polarities")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One set's result over HTTP: the share read right, and how many were refused."""
+
+    accuracy: float
+    refused: int
+
+
+def _post(url: str, chunk: list[tuple[bytes, int]]):
     import requests
 
-    correct = 0
+    files = [("image", (f"{i}.img", blob, "application/octet-stream"))
+             for i, (blob, _) in enumerate(chunk)]
+    return requests.post(f"{url}/predict", files=files, timeout=120)
+
+
+def http_score(url: str, items: list[tuple[bytes, int]], batch: int = 100) -> Score:
+    """Post the images in multipart batches to /predict. A batch with a refused image is
+    answered 422 as a whole, so it is re-sent one image at a time to count refusals
+    (each counts as a miss)."""
+    correct = refused = 0
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
-        files = [("image", (f"{i}.img", blob, "application/octet-stream"))
-                 for i, (blob, _) in enumerate(chunk)]
-        response = requests.post(f"{url}/predict", files=files, timeout=120)
+        response = _post(url, chunk)
+        if response.status_code == 422 and len(chunk) > 1:
+            singles = [http_score(url, [item], 1) for item in chunk]
+            correct += round(sum(s.accuracy for s in singles))
+            refused += sum(s.refused for s in singles)
+            continue
+        if response.status_code == 422:
+            refused += 1
+            continue
         response.raise_for_status()
         digits = [p["digit"] for p in response.json()["predictions"]]
         correct += sum(d == y for d, (_, y) in zip(digits, chunk, strict=True))
-    return correct / len(items)
+    return Score(correct / len(items), refused)
+
+
+def http_accuracy(url: str, items: list[tuple[bytes, int]], batch: int = 100) -> float:
+    """The share of the images /predict classifies right (refusals count as misses)."""
+    return http_score(url, items, batch).accuracy
 
 
 def main() -> None:
@@ -108,10 +203,12 @@ def main() -> None:
     url = sys.argv[1].rstrip("/")
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
     mnist = load_mnist(download=None)
-    sets = restyled_sets(mnist.x_test[:count], mnist.y_test[:count])
-    print("| test set | images | accuracy over HTTP |\n| --- | ---: | ---: |")
+    digits, labels = mnist.x_test[:count], mnist.y_test[:count]
+    sets = restyled_sets(digits, labels) | frame_filling_sets(digits, labels)
+    print("| test set | images | accuracy over HTTP | refused |\n| --- | ---: | ---: | ---: |")
     for name, items in sets.items():
-        print(f"| {name} | {len(items):,} | {100 * http_accuracy(url, items):.2f}% |")
+        score = http_score(url, items)
+        print(f"| {name} | {len(items):,} | {100 * score.accuracy:.2f}% | {score.refused} |")
 
 
 if __name__ == "__main__":

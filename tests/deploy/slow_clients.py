@@ -46,6 +46,10 @@ class Proxy:
         return self.log_path.read_text(errors="replace")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_proxy(models_dir: Path, log_path: Path, **env: str) -> Proxy:
     """Start the script as `make serve-proxy` does, in its own process group (as a
     terminal would), and wait until /ready answers 200 through nginx."""
@@ -57,8 +61,11 @@ def start_proxy(models_dir: Path, log_path: Path, **env: str) -> Proxy:
     # Append mode: nginx opens /dev/stdout (this file) again with O_APPEND; gunicorn writes
     # through the inherited descriptor, which must append too or it overwrites nginx's lines.
     handle = open(log_path, "ab")  # noqa: SIM115 - closed with the process
+    # Ctrl-C's SIGINT as a terminal delivers it: a shell whose parent ignored SIGINT (a
+    # background job, nohup) would inherit that and could not trap it.
     process = subprocess.Popen([str(SERVE_PROXY)], cwd=ROOT, env=environment, stdout=handle,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+                               stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=_default_sigint)
     proxy = Proxy(f"http://127.0.0.1:{port}", process, log_path, handle)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
