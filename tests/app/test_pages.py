@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import os
 import shutil
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
@@ -16,7 +19,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.restyle import encode, ink_on_paper
+from tests.restyle import encode, ink_on_paper, low_resolution, png, tight_crop
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -117,6 +120,27 @@ def test_uploading_a_real_digit_photo_predicts_it(browser, server, mnist, tmp_pa
     browser.get(server.url + "/")
     browser.find_element(By.ID, "file").send_keys(str(path))
     assert wait_for_digit(browser) == "7"
+    assert console_errors(browser) == []
+
+
+def test_a_frame_filling_scan_is_read_and_the_page_shows_what_the_model_saw(
+        browser, server, mnist, tmp_path):
+    """A 12×12 black-on-white scan of a test 7, cropped to its ink: the page shows the
+    digit and, beside it, the 28×28 white-on-black digit the model received."""
+    path = tmp_path / "scan.png"
+    path.write_bytes(png(255 - low_resolution(tight_crop(mnist.x_test[0]), 12)))
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    assert wait_for_digit(browser) == "7"
+    seen = browser.find_element(By.ID, "seen")
+    WebDriverWait(browser, 10).until(lambda d: seen.is_displayed())
+    source = seen.get_attribute("src")
+    with Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))) as image:
+        pixels = np.asarray(image, dtype=np.float64)
+    rows, cols = np.indices(pixels.shape)
+    centre = ((rows * pixels).sum() / pixels.sum(), (cols * pixels).sum() / pixels.sum())
+    assert pixels.shape == (28, 28) and pixels[0, 0] == 0 and pixels.max() == 255
+    assert np.allclose(centre, (14, 14), atol=1.0)
     assert console_errors(browser) == []
 
 
