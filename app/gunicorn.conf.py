@@ -13,7 +13,8 @@ _settings = Config.from_env()  # not "config": gunicorn reads that name as a set
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.workers
-worker_class = "gthread"
+# gthread, with a graceful stop that serves its listen backlog (app/worker.py).
+worker_class = "app.worker.DrainingThreadWorker"
 threads = _settings.threads
 # Never preload: the app (and TensorFlow with it) must be created in each worker after
 # the fork. TensorFlow starts thread pools at import; a forked copy of them deadlocks.
