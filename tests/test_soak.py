@@ -52,12 +52,12 @@ def test_a_killed_worker_fails_only_its_own_requests_and_is_replaced(server, kin
     assert len(report["workers_after"]) == 2
 
 
-def test_sigterm_under_load_stops_cleanly_with_no_wrong_answer(server, kinds):
+def test_sigterm_under_load_stops_cleanly_and_drops_no_request_it_was_sent(server, kinds):
+    """Every request the server was sent before it closed its listener is answered,
+    rightly; the rest are refused connections, which a client knows it may retry.
+    (gunicorn's own gthread worker resets its listen backlog: ~30 of ~2,200 here.)"""
     report = terminate_master(server, kinds, CONCURRENCY)
     assert report["exit_code"] == 0
     assert report["requests"] - report["refused_after_close"] > 10 * CONCURRENCY  # under load
-    # Every request that got an answer got the right one; the failures are broken
-    # connections only. Some are requests gunicorn had accepted (keep-alive connections it
-    # closed, the listen backlog): `dropped` is reported in RELIABILITY.md, not yet 0.
     assert not any(status.rsplit(" ", 1)[1].isdigit() for status in report["failed"]), report
-    assert report["dropped"] <= 2 * CONCURRENCY, report
+    assert report["dropped"] == 0, report
