@@ -96,7 +96,8 @@ SCHEMAS = {
                     "layers": {"type": "array", "items": {"type": "object"}},
                     "totals": {"type": "object"}, "memory": {"type": "object"},
                     "test_accuracy": {"type": "number"},
-                    "per_class_accuracy": {"type": "array", "items": {"type": "object"}}}},
+                    "per_class_accuracy": {"type": "array", "items": {"type": "object"}},
+                    "notes": {"type": "array", "items": {"type": "string"}}}},
 }
 
 

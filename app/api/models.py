@@ -71,6 +71,8 @@ def summary(name: str | None = None):
         "memory": memory_estimate(figures["totals"], batch_size),
         "test_accuracy": test.get("accuracy"),
         "per_class_accuracy": test.get("per_class"),
+        # What the table alone does not say, e.g. the article's Sequential quirk.
+        "notes": figures.get("notes", []),
     })
 
 

@@ -45,6 +45,13 @@ function showSummary(summary) {
   document.getElementById("accuracy").textContent = summary.test_accuracy == null ? "unknown"
     : `${(100 * summary.test_accuracy).toFixed(2)}% on the 10,000 MNIST test images`;
   showMemory(summary.memory);
+  const notes = document.getElementById("notes");
+  (summary.notes || []).forEach((text) => {
+    const item = document.createElement("li");
+    item.textContent = text;
+    notes.append(item);
+  });
+  notes.hidden = !(summary.notes || []).length;
   const layers = document.getElementById("layers");
   summary.layers.forEach((l) => cells(layers.insertRow(), [
     l.name, l.type, l.output_shape.slice(1).join("×"), fmt.format(l.weights),

@@ -153,6 +153,7 @@ def test_the_app_serves_the_pytorch_model(torch_run, metadata, mnist, tmp_path):
         assert summary["totals"]["params"] == 1_199_882
         assert [row["name"] for row in summary["layers"]][-1] == "dense_2"
         assert summary["test_accuracy"] == metadata["test"]["accuracy"]
+        assert summary["notes"] == metadata["summary"]["notes"]  # the Sequential quirk
 
         described = requests.get(server.url + "/models/mnist_torch", timeout=10).json()
         assert len(described["plots"]) == 3  # what the /model page shows
