@@ -84,7 +84,8 @@ fuzz: install
 	FUZZ_PROFILE=long $(BIN)/python -m pytest tests/test_fuzz.py -q
 
 # 100,000 mixed requests at concurrency 64, then a worker SIGKILLed and the master
-# SIGTERMed under load, against gunicorn on loopback (RELIABILITY.md has the figures).
+# SIGTERMed under load, against gunicorn on loopback; then 100,000 more through nginx
+# (make serve-proxy). RELIABILITY.md has the figures.
 soak: install
 	$(BIN)/python -m tests.soak --requests 100000 --concurrency 64
 

@@ -151,17 +151,25 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         """The gunicorn master's children: its workers, now."""
-        pid = self.process.pid
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return child_pids(self.process.pid)
 
     def worker_rss_mb(self, field: str = "VmRSS") -> dict[int, float]:
         """Each worker's resident memory (VmRSS), or its peak so far (``VmHWM``), in MB."""
-        sizes = {}
-        for pid in self.worker_pids():
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    sizes[pid] = int(line.split()[1]) / 1024
-        return sizes
+        return rss_mb(self.worker_pids(), field)
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def rss_mb(pids: list[int], field: str = "VmRSS") -> dict[int, float]:
+    """Each process's resident memory (or ``VmHWM``, its peak so far) in MB."""
+    sizes = {}
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                sizes[pid] = int(line.split()[1]) / 1024
+    return sizes
 
 
 def start_server(models_dir: Path, log_path: Path, **env: str) -> Server:

@@ -1,5 +1,6 @@
 """Soak and chaos against a real gunicorn: mixed valid and bad requests at concurrency,
-then a worker SIGKILLed and the master SIGTERMed under load.
+then a worker SIGKILLed and the master SIGTERMed under load; then the same soak through
+nginx in front of gunicorn (``make serve-proxy``).
 
 ``python -m tests.soak --requests 100000 --concurrency 64`` (``make soak``) trains a quick
 model if none is given, starts gunicorn on loopback, and prints one JSON report;
@@ -24,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,8 @@ import numpy as np
 import requests
 from PIL import Image
 
-from tests.conftest import ROOT, Server, start_server, stop_server
+from tests.conftest import ROOT, Server, child_pids, rss_mb, start_server, stop_server
+from tests.deploy.slow_clients import Proxy, start_proxy, stop_proxy
 from tests.restyle import canvas_seven, encode, ink_on_paper
 from training.data import load_mnist
 
@@ -142,14 +145,16 @@ def p99(values: list[float]) -> float:
     return float(np.percentile(values, 99))
 
 
-def soak(server: Server, kinds: list[Kind], count: int, concurrency: int) -> dict:
-    """The soak: warm-up, then ``count`` requests; figures as one dict."""
-    send_load(server.url, kinds, WARM_UP, concurrency)
-    before = server.worker_rss_mb()
+def soak(url: str, worker_rss_mb: Callable[[], dict[int, float]], kinds: list[Kind],
+         count: int, concurrency: int) -> dict:
+    """The soak: warm-up, then ``count`` requests to ``url``; figures as one dict.
+    ``worker_rss_mb`` reads each gunicorn worker's resident memory."""
+    send_load(url, kinds, WARM_UP, concurrency)
+    before = worker_rss_mb()
     started = time.perf_counter()
-    results = send_load(server.url, kinds, count, concurrency)
+    results = send_load(url, kinds, count, concurrency)
     elapsed = time.perf_counter() - started
-    after = server.worker_rss_mb()
+    after = worker_rss_mb()
     tenth = max(1, len(results.seconds) // 10)
     expected = {kind.name: kind.status for kind in kinds}
     return {
@@ -203,6 +208,26 @@ def terminate_master(server: Server, kinds: list[Kind], concurrency: int) -> dic
             "dropped": sum(failed.values()) - refused, "refused_after_close": refused}
 
 
+def proxied_worker_rss_mb(proxy: Proxy) -> dict[int, float]:
+    """The resident memory of the gunicorn workers behind ``make serve-proxy``: the
+    children of the script's gunicorn child."""
+    for pid in child_pids(proxy.process.pid):
+        if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return rss_mb(child_pids(pid))
+    return {}
+
+
+def soak_through_proxy(models: Path, log_path: Path, kinds: list[Kind], count: int,
+                       concurrency: int) -> dict:
+    """The same soak through nginx (``make serve-proxy``, deploy/nginx/)."""
+    proxy = start_proxy(models, log_path)
+    try:
+        return soak(proxy.url, lambda: proxied_worker_rss_mb(proxy), kinds, count,
+                    concurrency)
+    finally:
+        stop_proxy(proxy)
+
+
 def quick_model(folder: Path) -> Path:
     """A one-epoch CNN on 2,000 images, exported into ``folder``: the soak measures the
     server, not the model."""
@@ -217,6 +242,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--models-dir", type=Path)
+    parser.add_argument("--direct-only", action="store_true",
+                        help="skip the soak through nginx (make serve-proxy)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="soak-"))
     models = args.models_dir or quick_model(scratch / "models")
@@ -224,13 +251,17 @@ def main() -> None:
     report = {}
     server = start_server(models, scratch / "soak.log")
     try:
-        report["soak"] = soak(server, kinds, args.requests, args.concurrency)
+        report["soak"] = soak(server.url, server.worker_rss_mb, kinds, args.requests,
+                              args.concurrency)
         report["sigkill_worker"] = kill_a_worker(server, kinds, 3000, args.concurrency)
         report["sigterm_master"] = terminate_master(server, kinds, args.concurrency)
     finally:
         if server.process.poll() is None:
             stop_server(server)
         server.log_handle.close()
+    if not args.direct_only:
+        report["soak_through_nginx"] = soak_through_proxy(
+            models, scratch / "proxy.log", kinds, args.requests, args.concurrency)
     print(json.dumps(report, indent=2))
 
 

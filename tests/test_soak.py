@@ -11,6 +11,7 @@ from tests.soak import (
     kill_a_worker,
     request_kinds,
     soak,
+    soak_through_proxy,
     terminate_master,
 )
 
@@ -32,13 +33,25 @@ def server(fit_run, tmp_path):
 
 
 def test_a_mixed_soak_gets_only_expected_statuses_and_holds_memory_and_latency(server, kinds):
-    report = soak(server, kinds, 3000, CONCURRENCY)
+    report = soak(server.url, server.worker_rss_mb, kinds, 3000, CONCURRENCY)
     assert report["requests"] == 3000
     assert report["unexpected"] == {}, report
     assert report["rss_growth_mb"] <= RSS_GROWTH_MB, report
     # Latency drift (last 10% against the first 10%) is judged by `make soak`, over
     # 100,000 requests: 300 samples a side on a shared 2-core machine measure the
     # neighbours' load, not the service.
+
+
+def test_the_same_soak_through_nginx_gets_the_same_statuses_and_holds_memory(
+        fit_run, kinds, tmp_path):
+    """nginx in front (``make serve-proxy``): each kind still gets its one status, no
+    502/504 from the proxy, and the workers behind it hold their memory."""
+    report = soak_through_proxy(fit_run.models_dir, tmp_path / "proxy.log", kinds, 1500,
+                                CONCURRENCY)
+    assert report["requests"] == 1500
+    assert report["unexpected"] == {}, report
+    assert len(report["rss_mb_before"]) == 2  # both workers behind nginx were measured
+    assert report["rss_growth_mb"] <= RSS_GROWTH_MB, report
 
 
 def test_a_killed_worker_fails_only_its_own_requests_and_is_replaced(server, kinds):
