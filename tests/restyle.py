@@ -176,9 +176,10 @@ def http_score(url: str, items: list[tuple[bytes, int]], batch: int = 100) -> Sc
         chunk = items[start:start + batch]
         response = _post(url, chunk)
         if response.status_code == 422 and len(chunk) > 1:
-            singles = [http_score(url, [item], 1) for item in chunk]
-            correct += round(sum(s.accuracy for s in singles))
-            refused += sum(s.refused for s in singles)
+            for item in chunk:
+                single = http_score(url, [item])
+                correct += single.accuracy == 1.0
+                refused += single.refused
             continue
         if response.status_code == 422:
             refused += 1
@@ -187,11 +188,6 @@ def http_score(url: str, items: list[tuple[bytes, int]], batch: int = 100) -> Sc
         digits = [p["digit"] for p in response.json()["predictions"]]
         correct += sum(d == y for d, (_, y) in zip(digits, chunk, strict=True))
     return Score(correct / len(items), refused)
-
-
-def http_accuracy(url: str, items: list[tuple[bytes, int]], batch: int = 100) -> float:
-    """The share of the images /predict classifies right (refusals count as misses)."""
-    return http_score(url, items, batch).accuracy
 
 
 def main() -> None:
