@@ -68,6 +68,31 @@ def test_a_request_larger_than_the_maximum_runs_alone(model, mnist):
     assert list(small.batch_sizes) == [10]
 
 
+def test_a_request_that_fills_a_batch_runs_at_once_beside_a_held_batch(model, mnist,
+                                                                        requests_):
+    gate, seen = threading.Event(), []
+
+    def small_ones_held(images):
+        if len(images) < 4:
+            seen.append(len(images))
+            gate.wait(60)
+        return model.predict(images)
+
+    batcher = MicroBatcher(small_ones_held, max_size=4, timeout_ms=600_000)
+    first = occupy(batcher, requests_[0], seen)  # holds the model until the gate opens
+    full = to_model_input(mnist.x_test[:4])
+    try:
+        result = {}
+        assert finishes(lambda: result.update(full=batcher.run(full)))
+        np.testing.assert_allclose(result["full"], model.predict(full), atol=1e-5)
+        assert first.is_alive() and batcher.queued() == 0  # it never queued behind it
+    finally:
+        gate.set()
+        first.join(60)
+        batcher.close()
+    assert list(batcher.batch_sizes) == [len(requests_[0]), 4]
+
+
 def finishes(target, *args, within: float = 60.0) -> bool:
     """Whether ``target(*args)`` returns within ``within`` s: far below the 10-minute
     batch timeouts these tests set, so a slow machine cannot make them pass or fail."""
@@ -170,7 +195,7 @@ def test_a_request_waiting_behind_others_has_a_deadline_and_is_never_computed(re
 
 def test_a_full_queue_is_overloaded_at_once(requests_):
     gate, seen = threading.Event(), []
-    batcher = MicroBatcher(held_model(gate, seen), max_size=1, timeout_ms=1)
+    batcher = MicroBatcher(held_model(gate, seen), max_size=64, timeout_ms=1)
     first = occupy(batcher, requests_[0], seen)
     with ThreadPoolExecutor(2) as pool:
         queued = [pool.submit(batcher.run, requests_[i], max_queue=2) for i in (1, 2)]
@@ -183,7 +208,9 @@ def test_a_full_queue_is_overloaded_at_once(requests_):
     first.join()
     batcher.close()
     assert refused.value.status == 503 and refused.value.retry_after == 1
-    assert len(seen) == 3  # the refused request never reached the model
+    # the two queued ones ran as one batch; the refused request never reached the model
+    assert [len(images) for images in seen] == [len(requests_[0]),
+                                                len(requests_[1]) + len(requests_[2])]
 
 
 def test_a_lone_request_past_its_deadline_never_reaches_the_model(requests_):
