@@ -81,7 +81,7 @@ bench-protocols: install system-tools train-if-missing
 
 # The long fuzz profiles (make test runs the short ones): see RELIABILITY.md.
 fuzz: install
-	FUZZ_PROFILE=long $(BIN)/python -m pytest tests/test_fuzz.py -q
+	FUZZ_PROFILE=long $(BIN)/python -m pytest tests/test_fuzz.py -q -rP
 
 # 100,000 mixed requests at concurrency 64, then a worker SIGKILLed and the master
 # SIGTERMed under load, against gunicorn on loopback; then 100,000 more through nginx

@@ -13,6 +13,7 @@ import json
 import os
 import struct
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -80,6 +81,7 @@ def test_generated_requests_get_no_5xx_and_match_the_schema(fuzz_server):
         fuzz_operation(operation, cases)
     assert set(cases) == {operation.label for operation in operations}  # all 26
     assert sum(cases.values()) >= SCHEMA_CASES_WANTED, cases
+    print(f"schemathesis: {sum(cases.values())} cases over {len(cases)} operations")
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +160,7 @@ def test_mutated_real_files_get_only_typed_answers_in_bounded_time_and_memory(
         assert seconds < SLOWEST_S, (kind, seconds)
 
     check()
+    print(f"{kind}: {len(statuses)} answers, statuses {dict(sorted(Counter(statuses).items()))}")
     assert len(statuses) >= MUTATIONS // 2  # hypothesis really ran the cases
     assert max(fuzz_server.worker_rss_mb().values()) - before < RSS_GROWTH_MB
     assert requests.get(fuzz_server.url + "/ready", timeout=10).status_code == 200

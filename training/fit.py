@@ -31,7 +31,7 @@ from training.export_format import complete, list_versions, valid_model_name
 from training.models import ARCHITECTURES, DEFAULT_ARCH, build_model
 from training.pipeline import evaluation_dataset, training_dataset
 from training.plots import plot_confusion, plot_history, plot_samples
-from training.recipes import DEFAULT_PRESET, PRESETS, Recipe, make_optimizer
+from training.recipes import DEFAULT_PRESET, PRESETS, Recipe, make_optimizer, recipe_for
 from training.summary import format_summary, summarize_model
 
 DEFAULT_MODELS_DIR = "models"
@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                              "--framework torch either PyTorch style) or the tiny net")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                         help="recipe: 'seed' is the article's (Adam, batch 256, 5 epochs), "
-                             "'default' is ours (one-cycle Adam, augmentation)")
+                             "'default' is ours (one-cycle Adam, augmentation; 16 epochs "
+                             "at 1e-3 for the PyTorch sequential net)")
     parser.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
     parser.add_argument("--batch-size", type=positive_int,
                         help="override the preset's batch size")
@@ -121,7 +122,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
 
 
 def make_recipe(args: argparse.Namespace) -> Recipe:
-    return PRESETS[args.preset].with_overrides(
+    return recipe_for(args.preset, args.framework, args.arch).with_overrides(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from tests.conftest import FitRun, run_fit, start_server, stop_server
 from training.data import split_validation, to_model_input
+from training.recipes import PRESETS
 from training.torch_cnn import SEQUENTIAL_QUIRK, TORCH_ARCHITECTURES, build_net
 
 LIMIT = 2000
@@ -67,6 +68,9 @@ def test_metadata_says_pytorch_and_which_variant(metadata):
     assert metadata["torch"]["state_dict"] == "model.pt"
     assert metadata["summary"]["totals"]["params"] == 1_199_882
     assert metadata["recipe"]["seed"] == SEED and metadata["recipe"]["epochs"] == 2
+    # the network's own version of the default preset (NETWORK_PRESETS) is the one used
+    rate = {"sequential": 1e-3, "functional": PRESETS["default"].learning_rate}
+    assert metadata["recipe"]["learning_rate"] == rate[metadata["arch"]]
     quirk = [SEQUENTIAL_QUIRK] if metadata["arch"] == "sequential" else []
     assert metadata["summary"]["notes"] == quirk
 
