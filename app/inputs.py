@@ -231,7 +231,10 @@ def read_npy(body: bytes, max_values: int) -> np.ndarray:
         read_header = (np.lib.format.read_array_header_1_0 if major == 1
                        else np.lib.format.read_array_header_2_0)
         shape, fortran_order, dtype = read_header(stream, max_header_size=NPY_HEADER_BYTES)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - every way NumPy's header parser fails
+        # The header is a Python literal from the client, read by ast and tokenize: besides
+        # ValueError and SyntaxError they raise TokenError (unbalanced brackets), and
+        # RecursionError or MemoryError on deep nesting. None of that is the server's fault.
         raise InvalidInput(f"not a readable .npy array: {err}") from None
     if dtype.hasobject or dtype.kind not in "biuf" or dtype.itemsize == 0:
         raise UnprocessableInput(f"the array must hold numbers, not {dtype}")

@@ -117,6 +117,22 @@ def test_an_npy_with_a_structured_dtype_is_422(url):
     assert "numbers" in error_of(post_npy(url, body), 422)
 
 
+def npy_with_raw_header(header: str) -> bytes:
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin-1")
+
+
+@pytest.mark.parametrize("header", [
+    # found by make fuzz: NumPy's header tokenizer raises TokenError, not a SyntaxError
+    "{'descr': '|u1', 'fortran_order': False, 'shape': (4, \x93NUMPY\x00\n",
+    "{'dewcrdewcrdewcrde\n",
+    "{'descr': '|u1', 'fortran_order': False, 'shape': " + "(" * 300 + "\n",
+    "{'descr': '|u1', 'fortran_order': False, 'shape': (4, 28, 28), 'x': 1e999999}\n",
+])
+def test_an_npy_header_that_is_not_a_python_literal_is_400(url, header):
+    assert "not a readable .npy array" in error_of(post_npy(url, npy_with_raw_header(header)),
+                                                   400)
+
+
 def test_a_fortran_order_npy_is_read_as_numpy_reads_it(url, mnist):
     digits = np.asfortranarray(mnist.x_test[:3])
     buffer = io.BytesIO()
