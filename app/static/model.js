@@ -86,7 +86,12 @@ async function load() {
   }
 }
 
+// Each keystroke asks the server again ("6", then "64"); answers can arrive out of
+// order, so only the answer to the latest question is shown.
+let latestMemoryQuery = 0;
+
 document.getElementById("batch-size").addEventListener("input", async (event) => {
+  const query = ++latestMemoryQuery;
   const size = Number(event.target.value);
   if (!Number.isInteger(size) || size < 1) {
     errorBox.textContent = "The batch size must be a whole number of at least 1.";
@@ -94,9 +99,12 @@ document.getElementById("batch-size").addEventListener("input", async (event) =>
     return;
   }
   try {
-    showMemory((await getJson(`/summary?batch_size=${size}`)).memory);
+    const memory = (await getJson(`/summary?batch_size=${size}`)).memory;
+    if (query !== latestMemoryQuery) return;
+    showMemory(memory);
     errorBox.hidden = true;
   } catch (err) {
+    if (query !== latestMemoryQuery) return;
     errorBox.textContent = `Could not compute memory: ${err.message}`;
     errorBox.hidden = false;
   }

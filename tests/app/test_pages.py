@@ -178,6 +178,45 @@ def test_the_model_page_shows_parameters_memory_accuracy_and_plots(browser, serv
     assert console_errors(browser) == []
 
 
+HOLD_BATCH_SIX = """
+// Hold the page's request for batch size 6 until the test releases it; once its body has
+// been read, a macrotask (after every microtask of the page's handler) sets staleDone.
+const realFetch = window.fetch;
+window.staleDone = false;
+let release;
+window.releaseStale = () => release();
+window.fetch = (url, ...rest) => {
+  if (!String(url).endsWith("batch_size=6")) return realFetch(url, ...rest);
+  return new Promise((resolve) => { release = resolve; })
+    .then(() => realFetch(url, ...rest))
+    .then((response) => {
+      const json = response.json.bind(response);
+      response.json = () => json().then((body) => {
+        setTimeout(() => { window.staleDone = true; }, 0);
+        return body;
+      });
+      return response;
+    });
+};
+"""
+
+
+def test_a_late_answer_for_an_earlier_keystroke_never_replaces_the_latest(browser, server):
+    browser.get(server.url + "/model")
+    WebDriverWait(browser, 15).until(
+        lambda d: "1,199,882" in d.find_element(By.ID, "params").text)
+    browser.execute_script(HOLD_BATCH_SIX)
+    size = browser.find_element(By.ID, "batch-size")
+    size.clear()
+    size.send_keys("64")  # asks for 6 (held), then 64 (answered)
+    WebDriverWait(browser, 10).until(
+        lambda d: "21.29 MiB" in d.find_element(By.ID, "memory").text)
+    browser.execute_script("window.releaseStale()")  # now the answer for 6 arrives
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return window.staleDone"))
+    assert "21.29 MiB" in browser.find_element(By.ID, "memory").text
+    assert console_errors(browser) == []
+
+
 def test_the_pages_fit_a_phone_screen(browser, server, tmp_path):
     browser.set_window_size(390, 844)
     try:
