@@ -8,8 +8,7 @@ request wait for company that never comes. Here the batcher knows which requests
 ``timeout_ms``, only for those. A lone request — nobody arriving, nothing queued, the
 model idle — runs at once in its own thread, without even a hand-over to the batcher.
 A request that fills a batch by itself (``max_size`` images or more) runs at once too,
-beside whatever batch is running: queueing it would only serialise two full model calls
-(a 256-image ``.npy`` batch ran at 0.66× of batching off before, see BENCHMARKS.md).
+beside whatever batch is running: queueing it would only serialise two full model calls.
 
 Overload is answered, not absorbed: every request carries a ``Deadline``
 (REQUEST_TIMEOUT_MS); the queue holds at most ``max_queue`` requests and refuses more
