@@ -236,6 +236,9 @@ def read_npy(body: bytes, max_values: int) -> np.ndarray:
         # ValueError and SyntaxError they raise TokenError (unbalanced brackets), and
         # RecursionError or MemoryError on deep nesting. None of that is the server's fault.
         raise InvalidInput(f"not a readable .npy array: {err}") from None
+    if not all(type(dim) is int and dim >= 0 for dim in shape):  # (-1, -28, 28), (True, 28)
+        raise InvalidInput(f"not a readable .npy array: its shape {shape} is not a tuple of "
+                           "sizes (whole numbers, 0 or more)")
     if dtype.hasobject or dtype.kind not in "biuf" or dtype.itemsize == 0:
         raise UnprocessableInput(f"the array must hold numbers, not {dtype}")
     count = math.prod(shape)

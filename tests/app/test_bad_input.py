@@ -133,6 +133,15 @@ def test_an_npy_header_that_is_not_a_python_literal_is_400(url, header):
                                                    400)
 
 
+@pytest.mark.parametrize("shape, data_bytes", [
+    # found by a helper's attack: their products pass the size checks, reshape then fails
+    ((-1, -28, 28), 784), ((-1, 0, 28), 0), ((True, 28, 28), 784), ((False, 28, 28), 0),
+])
+def test_an_npy_shape_with_negative_or_boolean_sizes_is_400(url, shape, data_bytes):
+    body = npy_with_header(shape, descr="|u1", data=b"\0" * data_bytes)
+    assert "is not a tuple of sizes" in error_of(post_npy(url, body), 400)
+
+
 def test_a_fortran_order_npy_is_read_as_numpy_reads_it(url, mnist):
     digits = np.asfortranarray(mnist.x_test[:3])
     buffer = io.BytesIO()
