@@ -41,10 +41,14 @@ else:
 
 
 def child_exit(server, worker):
-    """Drop a dead worker's live gauges from the aggregate."""
+    """Drop a dead worker's live gauges from the aggregate, and free its slot in the
+    table of connections per worker (app/worker.py)."""
     from prometheus_client import multiprocess
 
+    from app.worker import TABLE
+
     multiprocess.mark_process_dead(worker.pid, _metrics_dir)
+    TABLE.release(getattr(worker, "slot", None))
 
 
 def worker_exit(server, worker):

@@ -252,11 +252,20 @@ def white_on_black(gray: np.ndarray) -> np.ndarray:
 
 
 def _span(mass: np.ndarray) -> tuple[int, int]:
-    """Indices holding the ink mass, trimming a tiny share at each end (specks)."""
+    """Indices holding the ink mass: a tiny share is trimmed at each end (specks), then
+    one inked row or column next to what is left is taken back: the faint antialiased
+    edge of the strokes themselves. Without it the crop cut into 42% of MNIST's own test
+    digits (2 of 10,000 then read as another digit by the default model); with it a
+    digit already in MNIST form keeps its box, and the full path reads it as the fast
+    path does."""
     cumulative = np.cumsum(mass) / mass.sum()
     start = int(np.searchsorted(cumulative, INK_SHARE_TRIMMED))
-    stop = int(np.searchsorted(cumulative, 1 - INK_SHARE_TRIMMED)) + 1
-    return start, max(stop, start + 1)
+    stop = max(int(np.searchsorted(cumulative, 1 - INK_SHARE_TRIMMED)) + 1, start + 1)
+    if start > 0 and mass[start - 1] > 0:
+        start -= 1
+    if stop < mass.size and mass[stop] > 0:
+        stop += 1
+    return start, stop
 
 
 def crop_to_ink(ink: np.ndarray) -> np.ndarray:

@@ -302,25 +302,24 @@ def test_every_real_test_digit_takes_the_fast_path_as_it_is(mnist):
         np.testing.assert_array_equal(out, digit.astype(np.float32) / 255.0)
 
 
-def test_the_fast_path_reads_the_10000_test_pngs_as_the_full_path_does(mnist, fit_run):
-    """Same digits from the served CNN either way; the full path only re-blurs them.
-    (With the default recipe's 99.4% model 9,997 of 10,000 agree; BENCHMARKS.md.)"""
+def test_the_fast_path_reads_the_10000_test_pngs_as_the_full_path_does(mnist, served_models):
+    """Same digit from the served CNN either way, for every one of the 10,000: the full
+    path keeps an MNIST digit's box (the crop takes back its antialiased edge), so it
+    changes only levels and sub-pixel placement. Before that fix 1 of 10,000 differed
+    with this model, 2 with the default one (BENCHMARKS.md)."""
     from app.saved_model import load_saved_model
     from training.export_format import read_metadata
 
-    runtime = load_saved_model(fit_run.version_dir, read_metadata(fit_run.version_dir), 1)
+    version = served_models / "mnist_cnn" / "1"
+    runtime = load_saved_model(version, read_metadata(version), 1)
     fast = np.stack([prepare(encode(Image.fromarray(d), "PNG"), MAX_PIXELS)
                      for d in mnist.x_test])
     full = np.stack([reshape_to_mnist(d.astype(np.float32)) for d in mnist.x_test])
     answers = [np.concatenate([runtime.predict(batch[i:i + 500, ..., None])
                                for i in range(0, 10_000, 500)]).argmax(axis=1)
                for batch in (fast, full)]
-    agreement = (answers[0] == answers[1]).mean()
-    accuracy = [(a == mnist.y_test).mean() for a in answers]
-    print(f"\nfast path agrees on {agreement:.2%}; accuracy fast {accuracy[0]:.2%}, "
-          f"full {accuracy[1]:.2%}")
-    assert agreement >= 0.99
-    assert accuracy[0] >= accuracy[1] - 0.002
+    differ = np.flatnonzero(answers[0] != answers[1])
+    assert differ.size == 0, f"the paths read {differ.size} test digits differently: {differ}"
 
 
 @pytest.mark.parametrize("change", [
