@@ -31,7 +31,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 ACCEPT_DELAY = 0.01  # seconds a busier worker leaves a connection to the least busy one
 SLOTS = 1024  # workers alive at once that the table can tell apart
-NOT_ACCEPTING = 1 << 62  # the count a stopping worker publishes
+NOT_ACCEPTING = 1 << 62  # the count of a worker that cannot accept: booting or stopping
 
 
 class ConnectionTable:
@@ -52,7 +52,9 @@ class ConnectionTable:
         if free.size == 0:
             return None
         slot = int(free[0])
-        self._table[slot] = (age, 0)
+        # Until its accept loop runs (the model takes seconds to load), the new worker
+        # reads as full: siblings must not wait for a worker that cannot accept yet.
+        self._table[slot] = (age, NOT_ACCEPTING)
         return slot
 
     def release(self, slot: int | None) -> None:
@@ -112,8 +114,9 @@ class DrainingThreadWorker(ThreadWorker):
             self.drain_and_close_listeners()
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
-        """Publish the count (requests finish and connections close between calls), and
-        wake when a wait for a sibling ends, to look at the backlog again."""
+        """Publish the count (requests finish and connections close between calls; the
+        first call, as the accept loop starts, ends the "full" of ``claim``), and wake
+        when a wait for a sibling ends, to look at the backlog again."""
         self.publish()
         left = None if self._accept_at is None else self._accept_at - time.monotonic()
         if left is not None and left > 0:

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from app.worker import ConnectionTable
+from app.worker import NOT_ACCEPTING, ConnectionTable
 from tests.conftest import wait_until
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -70,14 +70,14 @@ def answered_connection(url: str) -> socket.socket:
 def test_the_table_gives_each_worker_its_own_slot_and_the_fewest_held_elsewhere():
     table = ConnectionTable(slots=3)
     first, second = table.claim(age=1), table.claim(age=2)
-    assert table.fewest_elsewhere(first) == 0
+    assert table.fewest_elsewhere(first) == NOT_ACCEPTING  # booting: never waited for
     table.publish(first, 5)
     table.publish(second, 2)
     assert (table.fewest_elsewhere(first), table.fewest_elsewhere(second)) == (2, 5)
     table.release(second)
     assert table.fewest_elsewhere(first) is None  # alone: nothing to leave to
     third = table.claim(age=3)
-    assert third == second and table.fewest_elsewhere(first) == 0  # a fresh count
+    assert third == second and table.fewest_elsewhere(first) == NOT_ACCEPTING  # fresh
     assert table.claim(age=4) is not None and table.claim(age=5) is None  # full
 
 
