@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from app.affinity import MODES
 from app.version_policy import VersionPolicy
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -43,6 +44,7 @@ class Config:
     tf_threads: int = 1  # TensorFlow intra-op threads per worker (workers × this ≤ cores)
     workers: int = 2  # gunicorn worker processes
     threads: int = 16  # gunicorn threads per worker (gthread): room for a batch to form
+    cpu_affinity: str = "auto"  # pin each worker to one CPU: auto, on or off (app/affinity.py)
     prometheus_multiproc_dir: str = ""  # set by app/gunicorn.conf.py for multi-worker metrics
 
     @classmethod
@@ -77,6 +79,9 @@ class Config:
             VersionPolicy.parse(self.model_version_policy)
         except ValueError as err:
             raise ConfigError(f"MODEL_VERSION_POLICY: {err}") from None
+        if self.cpu_affinity not in MODES:
+            raise ConfigError(f"CPU_AFFINITY must be one of {', '.join(MODES)}, "
+                              f"got {self.cpu_affinity!r}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                               f"got {self.log_level!r}")

@@ -67,11 +67,19 @@ def on_exit(server):
 def post_fork(server, worker):
     """Hand the GIL over sooner: a request and the batcher pass work between threads,
     and the default 5 ms switch interval can hold either one up that long. Give large
-    allocations back to the system when freed (see ``_return_large_frees``)."""
+    allocations back to the system when freed (see ``_return_large_frees``). Pin the
+    worker to its CPU before it starts a thread (app/affinity.py)."""
     import sys
 
     sys.setswitchinterval(0.0005)
     _return_large_frees()
+    from app.affinity import pin
+
+    slot = getattr(worker, "slot", None)  # app/worker.py's: the lowest free, reused
+    cpu = pin(worker.age if slot is None else slot, server.num_workers, _settings.cpu_affinity)
+    if cpu is not None:
+        server.log.info("worker %s pinned to CPU %d (CPU_AFFINITY=%s)", worker.pid, cpu,
+                        _settings.cpu_affinity)
 
 
 def _return_large_frees():

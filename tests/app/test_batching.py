@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,26 @@ def test_shutdown_answers_requests_in_flight_then_refuses(model, requests_):
     assert [len(r) for r in results] == [len(images) for images in requests_[:12]]
     with pytest.raises(ModelNotReady, match="shutting down"):
         batcher.run(requests_[0])
+
+
+def context_switches(thread: threading.Thread) -> int:
+    """How often the kernel has switched ``thread`` out, from /proc."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return sum(int(line.split()[1]) for line in status.splitlines()
+               if "ctxt_switches:" in line)
+
+
+def test_a_lone_request_never_wakes_the_batcher_thread(model, requests_):
+    """The lone lane costs nothing: waking the batcher for each of a lone request's
+    steps cost it ~0.4 ms of GIL hand-offs (BENCHMARKS.md). The real model releases the
+    GIL while it computes, which is when a woken batcher thread would run."""
+    batcher = MicroBatcher(model.predict, max_size=8, timeout_ms=1)
+    wait_until(lambda: context_switches(batcher._thread) >= 1, "the batcher waits")
+    before = context_switches(batcher._thread)
+    for images in requests_ * 5:  # 300 requests, one at a time
+        with batcher.arriving() as ticket:
+            ticket.run(images)
+    woken = context_switches(batcher._thread) - before
+    batcher.close()
+    assert list(batcher.batch_sizes) == [len(images) for images in requests_ * 5]
+    assert woken <= 3, f"the batcher thread ran {woken} times for 300 lone requests"
