@@ -37,7 +37,10 @@ def cpu_for(index: int, workers: int, allowed: Collection[int], mode: str) -> in
 
 def pin(index: int, workers: int, mode: str) -> int | None:
     """Pin the calling process (a freshly forked worker, before it starts any thread:
-    threads inherit it) to its CPU; returns that CPU, or None when left floating."""
+    threads inherit it) to its CPU; returns that CPU, or None when left floating (also
+    where the system has no CPU affinity call, as on macOS)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
     cpu = cpu_for(index, workers, os.sched_getaffinity(0), mode)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})

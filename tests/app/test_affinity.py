@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.affinity import cpu_for
+from app.affinity import cpu_for, pin
 from app.config import Config, ConfigError
 from tests.conftest import start_server, stop_server, wait_until
 
@@ -31,6 +31,11 @@ def test_auto_leaves_uneven_or_sparse_workers_to_the_kernel():
 def test_on_pins_even_uneven_workers_and_off_never_pins():
     assert [cpu_for(i, 3, {0, 1}, "on") for i in range(3)] == [0, 1, 0]
     assert cpu_for(0, 2, {0, 1}, "off") is None
+
+
+def test_a_system_without_cpu_affinity_leaves_workers_floating(monkeypatch):
+    monkeypatch.delattr(os, "sched_setaffinity")
+    assert pin(0, 1, "on") is None
 
 
 def test_an_unknown_mode_is_a_config_error_naming_the_variable():
