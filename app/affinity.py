@@ -11,37 +11,50 @@ Pinning is only safe when the workers spread evenly over the CPUs this process m
 ``auto`` pins when the worker count is a whole multiple of them (2 workers on 2 CPUs,
 4 on 2), and otherwise leaves placement to the kernel — 3 workers on 2 CPUs would put
 two on one core, and 2 workers in a pod that may run on all 64 CPUs of its node would
-pile every replica onto CPUs 0 and 1.
+pile every replica onto CPUs 0 and 1. The master chooses each new worker's CPU from the
+CPUs its live workers hold (the least used), so replacements and reloads keep the spread
+even; the choice is made per spawn, so after TTIN/TTOU to an uneven count new workers
+float while the others stay where they are.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 MODES = ("auto", "on", "off")
 
 
-def cpu_for(index: int, workers: int, allowed: Collection[int], mode: str) -> int | None:
-    """The CPU worker number ``index`` (0, 1, …) should be pinned to, or None to float.
-
-    Workers take the allowed CPUs in turn, so ``workers`` a multiple of them puts the
-    same number on each."""
+def cpu_for(workers: int, allowed: Collection[int], taken: Iterable[int | None],
+            mode: str) -> int | None:
+    """The CPU for a new worker, or None to leave it floating: the allowed CPU that
+    the fewest live workers hold (``taken``: their CPUs), the lowest on a tie."""
     cpus = sorted(allowed)
     if mode == "off" or not cpus:
         return None
     if mode == "auto" and workers % len(cpus) != 0:
         return None
-    return cpus[index % len(cpus)]
+    load = dict.fromkeys(cpus, 0)
+    for cpu in taken:
+        if cpu in load:
+            load[cpu] += 1
+    return min(cpus, key=lambda cpu: (load[cpu], cpu))
 
 
-def pin(index: int, workers: int, mode: str) -> int | None:
+def allowed_cpus() -> set[int]:
+    """The CPUs this process may run on; none where the system cannot tell (macOS)."""
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return set()
+
+
+def pin(cpu: int) -> bool:
     """Pin the calling process (a freshly forked worker, before it starts any thread:
-    threads inherit it) to its CPU; returns that CPU, or None when left floating (also
-    where the system has no CPU affinity call, as on macOS)."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    cpu = cpu_for(index, workers, os.sched_getaffinity(0), mode)
-    if cpu is not None:
+    threads inherit it) to ``cpu``; False where the system refuses (the CPU left the
+    cpuset meanwhile, a sandbox forbids it), and the worker then floats."""
+    try:
         os.sched_setaffinity(0, {cpu})
-    return cpu
+    except (AttributeError, OSError):
+        return False
+    return True

@@ -73,13 +73,24 @@ def post_fork(server, worker):
 
     sys.setswitchinterval(0.0005)
     _return_large_frees()
-    from app.affinity import pin
+    if getattr(worker, "cpu", None) is not None:
+        from app.affinity import pin
 
-    slot = getattr(worker, "slot", None)  # app/worker.py's: the lowest free, reused
-    cpu = pin(worker.age if slot is None else slot, server.num_workers, _settings.cpu_affinity)
-    if cpu is not None:
-        server.log.info("worker %s pinned to CPU %d (CPU_AFFINITY=%s)", worker.pid, cpu,
-                        _settings.cpu_affinity)
+        if pin(worker.cpu):
+            server.log.info("worker %s pinned to CPU %d (CPU_AFFINITY=%s)", worker.pid,
+                            worker.cpu, _settings.cpu_affinity)
+        else:
+            server.log.warning("worker %s could not be pinned to CPU %d: left floating",
+                               worker.pid, worker.cpu)
+
+
+def pre_fork(server, worker):
+    """Choose the new worker's CPU here in the master, which knows the CPUs its live
+    workers hold (app/affinity.py); ``post_fork`` applies it in the worker."""
+    from app.affinity import allowed_cpus, cpu_for
+
+    taken = [getattr(live, "cpu", None) for live in server.WORKERS.values()]
+    worker.cpu = cpu_for(server.num_workers, allowed_cpus(), taken, _settings.cpu_affinity)
 
 
 def _return_large_frees():

@@ -1,10 +1,12 @@
 """app/affinity.py: each worker runs on its own CPU when the workers fill the CPUs evenly,
-and every thread it starts (request threads, the batcher, the model's) stays there."""
+every thread it starts (request threads, the batcher, the model's) stays there, and
+replacements and reloads keep the spread even."""
 
 from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,44 +15,45 @@ from app.affinity import cpu_for, pin
 from app.config import Config, ConfigError
 from tests.conftest import start_server, stop_server, wait_until
 
-ALLOWED = sorted(os.sched_getaffinity(0))
+CPUS = sorted(os.sched_getaffinity(0))[:2]  # the servers below run on at most two
 
 
-def test_workers_take_the_cpus_in_turn_when_they_fill_them_evenly():
-    assert [cpu_for(i, 2, {0, 1}, "auto") for i in range(2)] == [0, 1]
-    assert [cpu_for(i, 4, {2, 5}, "auto") for i in range(4)] == [2, 5, 2, 5]
-    assert [cpu_for(i, 3, {0, 1, 2}, "on") for i in range(3)] == [0, 1, 2]
+def test_workers_take_the_least_used_cpu_in_turn():
+    assert cpu_for(2, {0, 1}, [], "auto") == 0
+    assert cpu_for(2, {0, 1}, [0], "auto") == 1
+    assert cpu_for(4, {2, 5}, [2, 5, 2], "auto") == 5
+    assert cpu_for(3, {0, 1, 2}, [None, 1], "on") == 0  # a floating worker holds none
+
+
+def test_a_reload_then_a_replacement_keep_one_worker_per_cpu():
+    old = [0, 1]
+    new = []
+    for _ in range(2):  # a HUP starts the new workers while the old ones still run
+        new.append(cpu_for(2, {0, 1}, old + new, "auto"))
+    assert sorted(new) == [0, 1]
+    survivor = [cpu for cpu in new if cpu != new[1]]  # then one of the new ones dies
+    assert cpu_for(2, {0, 1}, survivor, "auto") == new[1]
 
 
 def test_auto_leaves_uneven_or_sparse_workers_to_the_kernel():
-    assert [cpu_for(i, 3, {0, 1}, "auto") for i in range(3)] == [None] * 3  # two on one core
-    assert cpu_for(0, 2, set(range(64)), "auto") is None  # a pod that may use a whole node
-    assert cpu_for(0, 1, {0, 1}, "auto") is None  # a lone worker keeps both cores
+    assert cpu_for(3, {0, 1}, [], "auto") is None  # two would share a core
+    assert cpu_for(2, set(range(64)), [], "auto") is None  # a pod that may use a whole node
+    assert cpu_for(1, {0, 1}, [], "auto") is None  # a lone worker keeps both cores
 
 
 def test_on_pins_even_uneven_workers_and_off_never_pins():
-    assert [cpu_for(i, 3, {0, 1}, "on") for i in range(3)] == [0, 1, 0]
-    assert cpu_for(0, 2, {0, 1}, "off") is None
+    assert cpu_for(3, {0, 1}, [0, 1], "on") == 0
+    assert cpu_for(2, {0, 1}, [], "off") is None
 
 
-def test_a_system_without_cpu_affinity_leaves_workers_floating(monkeypatch):
-    monkeypatch.delattr(os, "sched_setaffinity")
-    assert pin(0, 1, "on") is None
+def test_a_cpu_the_system_refuses_leaves_the_worker_floating():
+    assert pin(10_000) is False  # no such CPU: EINVAL, not a crash
+    assert os.sched_getaffinity(0) != {10_000}
 
 
 def test_an_unknown_mode_is_a_config_error_naming_the_variable():
     with pytest.raises(ConfigError, match="CPU_AFFINITY must be one of auto, on, off"):
         Config.from_env({"CPU_AFFINITY": "fast"})
-
-
-def allowed_cpus(pid: int) -> set[frozenset[int]]:
-    """The distinct CPU sets of every thread of a process, from /proc."""
-    found = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                found.add(frozenset(parse_cpu_list(line.split(":", 1)[1].strip())))
-    return found
 
 
 def parse_cpu_list(text: str) -> set[int]:
@@ -62,34 +65,71 @@ def parse_cpu_list(text: str) -> set[int]:
     return cpus
 
 
-def worker_cpus(server) -> list[set[frozenset[int]]]:
-    return [allowed_cpus(pid) for pid in sorted(server.worker_pids())]
+def thread_cpus(pid: int) -> set[frozenset[int]]:
+    """The distinct CPU sets of a process's threads, from /proc (threads that end while
+    they are read are skipped)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                found.add(frozenset(parse_cpu_list(line.split(":", 1)[1].strip())))
+    return found
 
 
-def test_each_worker_and_all_its_threads_run_on_its_own_cpu_even_after_a_restart(
-        fit_run, tmp_path):
-    server = start_server(fit_run.models_dir, tmp_path / "gunicorn.log",
-                          WORKERS=str(len(ALLOWED)), PREFER_TFLITE_MODEL="1")
+def worker_cpus(server) -> list[int]:
+    """Each worker's one CPU, asserting that every thread of it is there."""
+    cpus = []
+    for pid in sorted(server.worker_pids()):
+        (threads,) = thread_cpus(pid)  # all threads alike
+        assert len(threads) == 1, f"worker {pid} may run on {sorted(threads)}"
+        cpus.append(next(iter(threads)))
+    return cpus
+
+
+@contextmanager
+def on_cpus(cpus: list[int]):
+    """Start what is started inside on these CPUs only (children inherit the mask)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
     try:
-        expected = {frozenset({cpu}) for cpu in ALLOWED}
-        placed = worker_cpus(server)
-        assert all(len(threads) == 1 for threads in placed), placed  # no thread strays
-        assert {next(iter(threads)) for threads in placed} == expected
-        victim = server.worker_pids()[0]
-        os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: server.log().count("pinned to CPU") == len(ALLOWED) + 1
-                   and len(server.worker_pids()) == len(ALLOWED), "a replacement pinned")
-        replaced = worker_cpus(server)
-        assert {next(iter(threads)) for threads in replaced} == expected, replaced
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def workers_settled(server, count: int, pins: int) -> bool:
+    return (server.log().count("pinned to CPU") == pins
+            and len(server.worker_pids()) == count)
+
+
+def test_each_worker_runs_on_its_own_cpu_through_a_reload_and_a_replacement(
+        fit_run, tmp_path):
+    with on_cpus(CPUS):
+        server = start_server(fit_run.models_dir, tmp_path / "gunicorn.log",
+                              WORKERS=str(len(CPUS)), PREFER_TFLITE_MODEL="1")
+    try:
+        assert sorted(worker_cpus(server)) == CPUS
+        server.process.send_signal(signal.SIGHUP)  # new workers, then the old ones go
+        wait_until(lambda: workers_settled(server, len(CPUS), 2 * len(CPUS)), "a reload")
+        assert sorted(worker_cpus(server)) == CPUS
+        os.kill(max(server.worker_pids()), signal.SIGKILL)
+        wait_until(lambda: workers_settled(server, len(CPUS), 2 * len(CPUS) + 1),
+                   "a replacement pinned")
+        assert sorted(worker_cpus(server)) == CPUS
     finally:
         stop_server(server)
 
 
 def test_off_leaves_every_worker_on_every_cpu(fit_run, tmp_path):
-    server = start_server(fit_run.models_dir, tmp_path / "gunicorn.log",
-                          CPU_AFFINITY="off", PREFER_TFLITE_MODEL="1")
+    with on_cpus(CPUS):
+        server = start_server(fit_run.models_dir, tmp_path / "gunicorn.log",
+                              CPU_AFFINITY="off", PREFER_TFLITE_MODEL="1")
     try:
-        assert worker_cpus(server) == [{frozenset(ALLOWED)}] * 2
+        assert [thread_cpus(pid) for pid in server.worker_pids()] == [{frozenset(CPUS)}] * 2
     finally:
         stop_server(server)
     assert "pinned to CPU" not in server.log()

@@ -291,11 +291,19 @@ def test_shutdown_answers_requests_in_flight_then_refuses(model, requests_):
         batcher.run(requests_[0])
 
 
-def context_switches(thread: threading.Thread) -> int:
-    """How often the kernel has switched ``thread`` out, from /proc."""
+def sleeps(thread: threading.Thread) -> int:
+    """How often ``thread`` has gone to sleep in the kernel (voluntary context switches,
+    from /proc): once per wake-up of a thread that then waits again."""
     status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
-    return sum(int(line.split()[1]) for line in status.splitlines()
-               if "ctxt_switches:" in line)
+    return next(int(line.split()[1]) for line in status.splitlines()
+                if line.startswith("voluntary_ctxt_switches:"))
+
+
+def asleep(batcher: MicroBatcher) -> bool:
+    """The batcher thread waits on its condition and stays asleep for 50 ms."""
+    before = sleeps(batcher._thread)
+    time.sleep(0.05)
+    return bool(batcher._cond._waiters) and sleeps(batcher._thread) == before
 
 
 def test_a_lone_request_never_wakes_the_batcher_thread(model, requests_):
@@ -303,12 +311,12 @@ def test_a_lone_request_never_wakes_the_batcher_thread(model, requests_):
     steps cost it ~0.4 ms of GIL hand-offs (BENCHMARKS.md). The real model releases the
     GIL while it computes, which is when a woken batcher thread would run."""
     batcher = MicroBatcher(model.predict, max_size=8, timeout_ms=1)
-    wait_until(lambda: context_switches(batcher._thread) >= 1, "the batcher waits")
-    before = context_switches(batcher._thread)
+    wait_until(lambda: asleep(batcher), "the batcher asleep")
+    before = sleeps(batcher._thread)
     for images in requests_ * 5:  # 300 requests, one at a time
         with batcher.arriving() as ticket:
             ticket.run(images)
-    woken = context_switches(batcher._thread) - before
+    woken = sleeps(batcher._thread) - before
     batcher.close()
     assert list(batcher.batch_sizes) == [len(images) for images in requests_ * 5]
     assert woken <= 3, f"the batcher thread ran {woken} times for 300 lone requests"
