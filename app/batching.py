@@ -207,9 +207,9 @@ class MicroBatcher:
 
     def _wake(self) -> None:
         """Wake the batcher thread (``_cond`` held) only when it has something to do: a
-        queue to batch, or a close to finish. Waking it for a lone request's every step
-        cost that request ~0.4 ms of GIL hand-offs (measured; app/batching.py's lone lane
-        exists to cost nothing)."""
+        queue to batch, or a close to finish. Waking it at each step of a lone request
+        cost that request ~0.4 ms of GIL hand-offs (BENCHMARKS.md), the very cost the
+        lone lane exists to avoid."""
         if self._queue or self._closed:
             self._cond.notify_all()
 
