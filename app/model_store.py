@@ -28,7 +28,7 @@ from typing import Any
 
 from app.errors import ModelNotFound, ModelNotReady
 from app.litert_runtime import load_litert
-from app.repository import Fingerprint, ModelFolder, Snapshot, VersionFolder, scan
+from app.repository import Fingerprint, ModelFolder, Scanner, Snapshot, VersionFolder
 from app.saved_model import load_saved_model
 from app.servable import LoadedModel, VersionRejected
 from app.version_policy import VersionPolicy
@@ -91,6 +91,7 @@ class ModelStore:
         self.prefer_tflite = prefer_tflite
         # Replaced whole, never mutated: a reader that took it sees one consistent state.
         self.versions: dict[str, dict[int, LoadedModel]] = {}
+        self._scanner = Scanner(self.models_dir)
         self._snapshot = Snapshot({}, {})
         self._rejections: dict[tuple[str, str], tuple[Fingerprint, str]] = {}
         self._odd: dict[tuple[str, str], str] = {}  # (model, folder) → why it is no version
@@ -124,7 +125,7 @@ class ModelStore:
     def refresh(self) -> None:
         """One pass: scan MODELS_DIR, load what is new, swap, retire what is gone."""
         with self._refreshing:
-            snapshot = scan(self.models_dir)
+            snapshot = self._scanner.scan()
             if snapshot.error:
                 if snapshot.error != self._scan_error:
                     log.warning("%s; serving what is loaded", snapshot.error)
@@ -290,6 +291,9 @@ class ModelStore:
                     rows.append(VersionState(name, str(version), UNAVAILABLE, reason))
             rows += [VersionState(name, entry or ".", UNAVAILABLE, reason)
                      for entry, reason in sorted(folder.odd.items())]
+        # Top-level entries that are no model: listed as in /models, without a version.
+        rows += [VersionState(name, "", UNAVAILABLE, reason)
+                 for name, reason in sorted(self._snapshot.odd.items())]
         return rows
 
     def get(self, name: str | None = None, version: int | None = None) -> LoadedModel:

@@ -3,21 +3,48 @@
 A scan lists every model folder and its version folders with a *fingerprint* — the
 names, sizes and modification times of the files inside — so the store can tell a
 version that changed from one it has already loaded or rejected, and retries a rejected
-folder only when its contents change. A scan never raises: an unreadable folder and a
-name that is not a version (``²``, ``1.5``, ``latest``) are reported with a reason.
-Hidden entries (``.tmp-*`` staging folders among them) and plain files are not models
-or versions and are left out silently.
+folder only when its contents change. A scan never raises and never blocks without a
+bound: every entry that is not served is reported with a reason, alone.
+
+The repository may be hostile or broken (RELIABILITY.md, "Hostile model repository"):
+
+- entries are classified from ``lstat`` and the symlink policy of
+  ``training.export_format.folder_entry`` (links are followed only inside MODELS_DIR);
+  nothing is opened, so a FIFO or device never blocks a scan;
+- a version folder is read to at most ``MAX_VERSION_ENTRIES`` entries and
+  ``MAX_VERSION_DEPTH`` levels; one past them is rejected, and not read again until the
+  folder itself changes (its inode, mtime or ctime);
+- every listing and walk runs in a helper thread that the scan waits on for at most
+  ``timeout`` seconds (a hung network filesystem): a version that cannot be read in time
+  is rejected with that reason, one read before keeps its last fingerprint, and a call
+  still stuck is not started again until it returns.
+
+Hidden entries (``.tmp-*`` staging folders among them) are no part of the repository.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from training.export_format import parse_version, valid_model_name
+from training.export_format import (
+    MAX_VERSION_DEPTH,
+    MAX_VERSION_ENTRIES,
+    NotAFolder,
+    folder_entry,
+    printable,
+    scan_versions,
+    valid_model_name,
+)
 
 Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+T = TypeVar("T")
+SCAN_TIMEOUT_SECONDS = 10.0  # a local disk answers in milliseconds, even when loaded
 
 
 @dataclass(frozen=True)
@@ -33,14 +60,22 @@ class ModelFolder:
     name: str
     path: Path
     versions: dict[int, VersionFolder] = field(default_factory=dict)
-    odd: dict[str, str] = field(default_factory=dict)  # folder name → why it is no version
+    odd: dict[str, str] = field(default_factory=dict)  # entry name → why it is no version
 
 
 @dataclass(frozen=True)
 class Snapshot:
     models: dict[str, ModelFolder]
-    odd: dict[str, str]  # top-level folder name → why it is no model
+    odd: dict[str, str]  # top-level entry name → why it is no model
     error: str | None = None  # MODELS_DIR itself missing or unreadable
+
+
+class TooLarge(OSError):
+    """A version folder past MAX_VERSION_ENTRIES or MAX_VERSION_DEPTH."""
+
+
+class NoAnswer(OSError):
+    """A filesystem call that did not return in time (it may still be running)."""
 
 
 def fingerprint(folder: Path) -> Fingerprint:
@@ -49,69 +84,186 @@ def fingerprint(folder: Path) -> Fingerprint:
     that restores an old mtime (``cp -p``). Hidden entries (an editor's ``.#file``
     lock, ``.DS_Store``) are no part of an export and are left out, links are not
     followed, and an entry that vanishes while the folder is read is skipped (the next
-    scan sees the folder as it then is)."""
+    scan sees the folder as it then is). Raises TooLarge past the bounds."""
     entries = []
     for root, dirs, files in os.walk(folder, onerror=_raise):
+        depth = len(Path(root).relative_to(folder).parts)
+        if depth > MAX_VERSION_DEPTH:
+            raise TooLarge(f"more than {MAX_VERSION_DEPTH} folder levels (not an export?)")
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in dirs + sorted(f for f in files if not f.startswith(".")):
             path = Path(root, name)
             try:
-                stat = path.lstat()
+                info = path.lstat()
             except FileNotFoundError:
                 continue
-            entries.append((printable(path.relative_to(folder).as_posix()), stat.st_size,
-                            stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns))
+            entries.append((printable(path.relative_to(folder).as_posix()), info.st_size,
+                            info.st_ino, info.st_mtime_ns, info.st_ctime_ns))
+            if len(entries) > MAX_VERSION_ENTRIES:
+                raise TooLarge(f"more than {MAX_VERSION_ENTRIES} entries (not an export?)")
     return tuple(entries)
-
-
-def printable(name: str) -> str:
-    """A file name as valid UTF-8 text: bytes that are not (Python keeps them as
-    surrogates) become ``\\xff`` escapes, so the name can be logged and sent as JSON."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _raise(error: OSError) -> None:
     raise error
 
 
-def scan(models_dir: Path) -> Snapshot:
-    """Every model and version folder under ``models_dir``, with what is odd about it."""
-    try:
-        entries = sorted(_folders(models_dir))
-    except OSError as err:
-        return Snapshot({}, {}, f"MODELS_DIR {models_dir} is unreadable: {err.strerror}")
-    models, odd = {}, {}
-    for name in entries:
-        if not valid_model_name(name):
-            odd[printable(name)] = ("not a model name (letters, digits, '_', '-', '.'; "
-                         "not only digits)")
-            continue
-        models[name] = scan_model(models_dir / name)
-    return Snapshot(models, odd)
+class Scanner:
+    """Scans one MODELS_DIR again and again, remembering what it needs to stay cheap and
+    bounded: the folders refused for their size, and the reads still stuck."""
 
+    def __init__(self, models_dir: Path, timeout: float = SCAN_TIMEOUT_SECONDS):
+        """``timeout`` bounds each listing and walk (``calls`` runs them)."""
+        self.models_dir = Path(models_dir)
+        self.calls = BoundedCalls(timeout)
+        self._too_large: dict[Path, tuple[tuple[int, ...], str]] = {}
+        self._last: Snapshot = Snapshot({}, {})
 
-def scan_model(model_dir: Path) -> ModelFolder:
-    """One model folder's versions; an unreadable model folder has none."""
-    try:
-        names = sorted(_folders(model_dir))
-    except OSError as err:
-        return ModelFolder(model_dir.name, model_dir, odd={"": f"unreadable: {err.strerror}"})
-    versions, odd = {}, {}
-    for name in names:
-        version = parse_version(name)
-        if version is None:
-            odd[printable(name)] = "not a version number (ASCII digits only)"
-            continue
-        path = model_dir / name
+    def scan(self) -> Snapshot:
+        """Every model and version folder under MODELS_DIR, with what is odd about it."""
         try:
-            versions[version] = VersionFolder(version, path, fingerprint(path))
+            entries = self._bounded("list", self.models_dir, self._top_level)
         except OSError as err:
-            versions[version] = VersionFolder(version, path, (), f"unreadable: {err}")
-    return ModelFolder(model_dir.name, model_dir, versions, odd)
+            return Snapshot({}, {}, f"MODELS_DIR {self.models_dir} is unreadable: "
+                                    f"{_reason(err)}")
+        models, odd = {}, {}
+        for name, reason in entries:
+            if reason:
+                odd[printable(name)] = reason
+            else:
+                models[name] = self.scan_model(self.models_dir / name)
+        self._last = Snapshot(models, odd)
+        self._forget(set(models))
+        return self._last
+
+    def _top_level(self) -> list[tuple[str, str]]:
+        """(name, why it is no model or "") of each visible top-level entry."""
+        with os.scandir(self.models_dir) as entries:
+            names = sorted(e.name for e in entries if not e.name.startswith("."))
+        return [(name, _model_entry(self.models_dir / name, self.models_dir))
+                for name in names]
+
+    def scan_model(self, model_dir: Path) -> ModelFolder:
+        """One model folder's versions; one that cannot be listed keeps the versions of
+        the last scan (if any) and says why."""
+        try:
+            found, odd = self._bounded("list", model_dir,
+                                       lambda: scan_versions(model_dir, self.models_dir))
+        except OSError as err:
+            last = self._last.models.get(model_dir.name)
+            return ModelFolder(model_dir.name, model_dir, last.versions if last else {},
+                               {"": f"unreadable: {_reason(err)}"})
+        versions = {v: self._version(v, path) for v, path in found.items()}
+        return ModelFolder(model_dir.name, model_dir, versions, odd)
+
+    def _version(self, version: int, path: Path) -> VersionFolder:
+        try:
+            return VersionFolder(version, path, self._fingerprint(path))
+        except NoAnswer as err:
+            last = self._last.models.get(path.parent.name)
+            seen = last.versions.get(version) if last else None
+            if seen is not None and seen.fingerprint:  # loaded or checked before: as it was
+                return seen
+            return VersionFolder(version, path, (), f"unreadable: {_reason(err)}")
+        except OSError as err:
+            return VersionFolder(version, path, (), f"unreadable: {_reason(err)}")
+
+    def _fingerprint(self, path: Path) -> Fingerprint:
+        """The folder's fingerprint; one refused for its size is not walked again until
+        its own stat changes."""
+        key = self._bounded("stat", path, lambda: _stat_key(path))
+        refused = self._too_large.get(path)
+        if refused is not None and refused[0] == key:
+            raise TooLarge(refused[1])
+        try:
+            return self._bounded("walk", path, lambda: fingerprint(path))
+        except TooLarge as err:
+            self._too_large[path] = (key, str(err))
+            raise
+
+    def _forget(self, models: set[str]) -> None:
+        self._too_large = {p: v for p, v in self._too_large.items()
+                           if p.parent.name in models}
+
+    def _bounded(self, what: str, path: Path, work: Callable[[], T]) -> T:
+        return self.calls.run((what, path), work)
 
 
-def _folders(parent: Path) -> list[str]:
-    """Names of the visible folders in ``parent``; raises OSError if it is unreadable."""
-    with os.scandir(parent) as entries:
-        return [e.name for e in entries
-                if not e.name.startswith(".") and e.is_dir(follow_symlinks=True)]
+class BoundedCalls:
+    """Filesystem calls that a caller waits on for at most ``timeout`` seconds each.
+
+    Each call runs in a daemon thread: a thread stuck in the kernel (a hung NFS server)
+    cannot be stopped, but it must neither hold the caller nor keep the worker from
+    exiting, and the same call is not started again while it is stuck.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._pending: dict[Hashable, _Call] = {}
+
+    def run(self, key: Hashable, work: Callable[[], T]) -> T:
+        """``work()``'s result; raises NoAnswer when the call under ``key`` (this one, or
+        an earlier one still stuck) has not returned within ``timeout`` seconds."""
+        call = self._pending.get(key)
+        if call is None:
+            call = self._pending[key] = _Call(work)
+        if not call.done.wait(self.timeout):
+            raise NoAnswer(f"no answer within {self.timeout:g} s (a hung filesystem?); "
+                           "tried again at a later scan")
+        del self._pending[key]
+        return call.result()
+
+    @property
+    def stuck(self) -> int:
+        """How many calls have not returned yet (each holds one thread)."""
+        return sum(not call.done.is_set() for call in self._pending.values())
+
+
+class _Call:
+    """One call in its own daemon thread; its result or error is kept for the caller."""
+
+    def __init__(self, work: Callable[[], object]):
+        self.done = threading.Event()
+        self._value: object = None
+        self._error: Exception | None = None
+        threading.Thread(target=self._run, args=(work,), name="model-scan",
+                         daemon=True).start()
+
+    def _run(self, work: Callable[[], object]) -> None:
+        try:
+            self._value = work()
+        except Exception as err:  # noqa: BLE001 - raised in the caller by result()
+            self._error = err
+        finally:
+            self.done.set()
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _model_entry(path: Path, root: Path) -> str:
+    """Why the top-level entry ``path`` is no model folder, or "" when it may be one."""
+    try:
+        folder_entry(path, root)
+    except NotAFolder as why:
+        return str(why)
+    except FileNotFoundError:
+        return "removed while it was read"
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    if not valid_model_name(path.name):
+        return "not a model name (letters, digits, '_', '-', '.'; not only digits)"
+    return ""
+
+
+def _stat_key(path: Path) -> tuple[int, ...]:
+    info = path.stat()
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns,
+            stat.S_IFMT(info.st_mode))
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
+

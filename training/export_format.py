@@ -31,13 +31,14 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jsonschema
 
@@ -56,6 +57,16 @@ STAGING_GRACE_SECONDS = 600
 _VERSION_NAME = re.compile(r"0|[1-9][0-9]{0,17}")  # int64; "01" would alias "1"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # URL- and label-safe
 _HASH_CHUNK = 1 << 20
+# Size limits per file kind read whole into memory: an export's metadata.json is ~12 KB
+# and a plot ~30 KB, so these leave room for growth while a 1 GB (even sparse) file in
+# their place is refused before it is read.
+METADATA_LIMIT_BYTES = 1 << 20
+PLOT_LIMIT_BYTES = 8 << 20
+# The most entries a version folder may hold, and how deep: an export has about 15
+# files two levels deep, so a folder far past these is no export (``ln -s /usr 3``) and
+# is refused without being read to the end.
+MAX_VERSION_ENTRIES = 1000
+MAX_VERSION_DEPTH = 8
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 10**12}  # memory sums stay in int64
 METADATA_SCHEMA: dict[str, Any] = {
@@ -122,30 +133,120 @@ def parse_version(name: str) -> int | None:
     return int(name) if _VERSION_NAME.fullmatch(name) else None
 
 
+class NotAFolder(ValueError):
+    """An entry where a model or version folder was expected, and why it is none."""
+
+
+def folder_entry(path: Path, root: Path) -> Path:
+    """``path`` as a folder that may be scanned, or NotAFolder saying why not.
+
+    The symlink policy, in one place: a link is followed only when it resolves inside
+    ``root`` (MODELS_DIR), to a folder that does not hold the link itself, so a
+    ``current -> 7`` style switch works while a loop, a dangling link or a link out of
+    the repository (``ln -s /usr 3``) is refused as one entry. Never opens anything
+    (a FIFO or device in place of a folder is refused from its ``lstat``).
+    """
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        try:
+            target = Path(os.path.realpath(path, strict=True))
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise NotAFolder("a symlink loop") from None
+            if err.errno == errno.ENOENT:
+                raise NotAFolder("a dangling symlink") from None
+            raise
+        if Path(os.path.realpath(path.parent)).is_relative_to(target):
+            raise NotAFolder("a symlink to a folder that holds it (a loop)")
+        if not target.is_relative_to(os.path.realpath(root)):
+            raise NotAFolder("a symlink that leads outside MODELS_DIR")
+        info = target.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotAFolder(f"{_kind(info.st_mode)}, not a folder")
+    return path
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file or folder"
+
+
+def scan_versions(model_dir: Path, root: Path | None = None
+                  ) -> tuple[dict[int, Path], dict[str, str]]:
+    """The one version scanner (training's ``--if-missing`` and export, and the server's
+    folder scanner): version → folder, and each other visible entry → why it is no
+    version. Hidden entries (``.tmp-*`` staging folders) are no part of the repository.
+    ``root`` is MODELS_DIR for the symlink policy (default: the model folder's parent);
+    raises OSError only when ``model_dir`` itself cannot be listed."""
+    root = model_dir.parent if root is None else root
+    versions, odd = {}, {}
+    with os.scandir(model_dir) as entries:
+        for count, entry in enumerate(e for e in entries if not e.name.startswith(".")):
+            if count == MAX_VERSION_ENTRIES:
+                odd["…"] = f"more than {MAX_VERSION_ENTRIES} entries; the rest are not read"
+                break
+            version, reason = _version_entry(Path(entry.path), root)
+            if version is None:
+                odd[printable(entry.name)] = reason
+            else:
+                versions[version] = Path(entry.path)
+    return dict(sorted(versions.items())), dict(sorted(odd.items()))
+
+
+def _version_entry(path: Path, root: Path) -> tuple[int | None, str]:
+    try:
+        folder_entry(path, root)
+    except NotAFolder as why:
+        return None, str(why)
+    except FileNotFoundError:  # removed while the folder was read
+        return None, "removed while it was read"
+    except OSError as err:
+        return None, f"unreadable: {err.strerror}"
+    version = parse_version(path.name)
+    if version is None:
+        return None, "not a version number (ASCII digits only)"
+    return version, ""
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not (Python keeps them as
+    surrogates) become ``\\xff`` escapes, so the name can be logged and sent as JSON."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def list_versions(model_dir: Path) -> list[int]:
-    """The version folders present, ascending; other names are not versions."""
-    if not model_dir.is_dir():
+    """The servable-looking version folders present, ascending (see scan_versions)."""
+    try:
+        return list(scan_versions(model_dir)[0])
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(v for p in model_dir.iterdir()
-                  if p.is_dir() and (v := parse_version(p.name)) is not None)
 
 
 def next_version(model_dir: Path) -> int:
-    """One above the highest version ever written (gaps are never reused)."""
-    versions = list_versions(model_dir)
-    return versions[-1] + 1 if versions else 1
+    """One above the highest version name ever written (gaps are never reused), counting
+    a file or a bad link that holds a version's name: a rename cannot replace it."""
+    try:
+        names = [e.name for e in os.scandir(model_dir)]
+    except (FileNotFoundError, NotADirectoryError):
+        return 1
+    versions = [v for name in names if (v := parse_version(name)) is not None]
+    return max(versions) + 1 if versions else 1
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
     """The folder's metadata.json, validated; raises ValueError saying what is wrong."""
     try:
-        text = (folder / METADATA_FILE).read_text(encoding="utf-8")
+        data = read_regular(folder / METADATA_FILE, METADATA_LIMIT_BYTES)
     except FileNotFoundError:
         raise ValueError(f"no {METADATA_FILE}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"unreadable {METADATA_FILE}: {err}") from None
+    except OSError as err:
+        raise ValueError(f"unreadable {METADATA_FILE}: {err.strerror or err}") from None
     try:
-        metadata = json.loads(text)
+        metadata = json.loads(data.decode("utf-8"))
     except ValueError as err:
         raise ValueError(f"unreadable {METADATA_FILE}: {err}") from None
     error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(metadata))
@@ -153,6 +254,43 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         where = "/".join(map(str, error.absolute_path)) or "top level"
         raise ValueError(f"{METADATA_FILE} is invalid at {where}: {error.message[:200]}")
     return metadata
+
+
+def read_regular(path: Path, limit: int, inside: Path | None = None) -> bytes:
+    """The bytes of ``path`` when it is a regular file of at most ``limit`` bytes that
+    resolves inside ``inside`` (default: its own folder); raises OSError otherwise."""
+    with open_regular(path, limit, inside) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:  # grew since it was checked
+        raise OSError(errno.EFBIG, f"{path.name} has more than the {limit} bytes allowed")
+    return data
+
+
+def open_regular(path: Path, limit: int, inside: Path | None = None) -> BinaryIO:
+    """``path`` opened for reading when it is a regular file of at most ``limit`` bytes
+    that resolves inside ``inside`` (default: its own folder); raises OSError otherwise.
+
+    Opened non-blocking, so a FIFO or device named like the file never holds the
+    reader (the poll thread, a booting worker), and checked on the open descriptor, so
+    what is read is what was checked even if the name is swapped meanwhile.
+    """
+    inside = path.parent if inside is None else inside
+    if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(inside)):
+        raise OSError(errno.EACCES, f"{path.name} leads outside its folder")
+    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY |
+                               os.O_CLOEXEC), "rb")
+    try:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{path.name} is {_kind(info.st_mode)}, "
+                                        "not a regular file")
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"{path.name} has {info.st_size} bytes, more than "
+                                       f"the {limit} allowed")
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
 def read_signature_defs(folder: Path) -> dict[str, Any]:

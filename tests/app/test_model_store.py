@@ -118,12 +118,12 @@ def test_a_broken_version_is_skipped_with_a_reason(models_dir, caplog, mutilate,
     assert reason in store.rejected_versions("mnist_tiny")["2"]
 
 
-def test_staging_folders_and_files_are_not_versions(models_dir):
+def test_staging_folders_are_hidden_and_files_are_listed_as_no_version(models_dir):
     (models_dir / "mnist_tiny" / ".tmp-123-abc").mkdir()
     (models_dir / "mnist_tiny" / "notes.txt").write_text("hello")
     store = loaded(models_dir)
     assert store.present_versions("mnist_tiny") == [1]
-    assert store.rejected_versions("mnist_tiny") == {}
+    assert store.rejected_versions("mnist_tiny") == {"notes.txt": "a file, not a folder"}
 
 
 def test_no_servable_version_means_not_ready(tmp_path):

@@ -38,9 +38,17 @@ def test_first_version_is_one(model_dir):
 def test_next_version_follows_the_highest_and_ignores_other_folders(model_dir):
     for name in ("1", "2", "5", ".tmp-1-abc", "latest", "3.bak"):
         (model_dir / name).mkdir(parents=True)
-    (model_dir / "7").write_text("a file, not a version")
     assert list_versions(model_dir) == [1, 2, 5]
     assert next_version(model_dir) == 6
+
+
+def test_next_version_skips_a_number_held_by_a_file_or_a_bad_link(model_dir):
+    """A rename cannot put a version where a file or link already has its name."""
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "2").write_text("a file, not a version")
+    (model_dir / "3").symlink_to("3")
+    assert list_versions(model_dir) == [1]
+    assert next_version(model_dir) == 4
 
 
 def test_export_writes_the_tf_serving_layout(model_dir, tiny, summary):

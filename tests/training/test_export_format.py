@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,10 +18,12 @@ from tests.conftest import ROOT
 from training.export import export_version
 from training.export_format import (
     LOCK_FILE,
+    METADATA_LIMIT_BYTES,
     STAGING_GRACE_SECONDS,
     complete,
     list_versions,
     parse_version,
+    read_metadata,
     reclaim_staging,
     valid_model_name,
 )
@@ -64,7 +67,51 @@ def test_list_versions_skips_names_that_are_not_versions(tmp_path):
     for name in ("1", "2", "10", "²", "01", ".tmp-x", "latest"):
         (tmp_path / name).mkdir()
     (tmp_path / "3").write_text("a file, not a version")
+    (tmp_path / "4").symlink_to("4")
+    (tmp_path / "5").symlink_to("/usr")
     assert list_versions(tmp_path) == [1, 2, 10]
+
+
+def read_in_thread(folder) -> str:
+    """read_metadata's error, from a thread the test waits on with a generous bound: a
+    read that blocks fails the test instead of hanging it."""
+    outcome = []
+
+    def read() -> None:
+        try:
+            read_metadata(folder)
+        except ValueError as err:
+            outcome.append(str(err))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), "read_metadata blocked"
+    return outcome[0]
+
+
+def test_a_fifo_named_metadata_json_is_refused_without_blocking(version):
+    (version / "metadata.json").unlink()
+    os.mkfifo(version / "metadata.json")
+    assert read_in_thread(version) == ("unreadable metadata.json: metadata.json is a FIFO, "
+                                       "not a regular file")
+    assert complete(version).reason == read_in_thread(version)
+
+
+def test_a_huge_sparse_metadata_json_is_refused_unread(version):
+    with open(version / "metadata.json", "r+b") as handle:
+        handle.truncate(64 * METADATA_LIMIT_BYTES)
+    assert read_in_thread(version) == (
+        f"unreadable metadata.json: metadata.json has {64 * METADATA_LIMIT_BYTES} bytes, "
+        f"more than the {METADATA_LIMIT_BYTES} allowed")
+
+
+def test_metadata_json_may_not_lead_out_of_its_folder(version, tmp_path):
+    (tmp_path / "elsewhere.json").write_bytes((version / "metadata.json").read_bytes())
+    (version / "metadata.json").unlink()
+    (version / "metadata.json").symlink_to(tmp_path / "elsewhere.json")
+    assert read_in_thread(version) == ("unreadable metadata.json: metadata.json leads "
+                                       "outside its folder")
 
 
 def test_a_fresh_export_is_complete_and_lists_its_files(tiny_export):
