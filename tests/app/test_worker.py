@@ -7,7 +7,10 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from app.worker import NOT_ACCEPTING, ConnectionTable
+import pytest
+from gunicorn.config import Config
+
+from app.worker import NOT_ACCEPTING, ConnectionTable, DrainingThreadWorker
 from tests.conftest import wait_until
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -105,3 +108,61 @@ def test_connections_opened_one_after_another_are_shared_evenly(server):
     for client in clients:
         client.close()
     assert counts == [8, 8]
+
+
+class StreamedWhileStopping(DrainingThreadWorker):
+    """The worker with its thread pool replaced by a list, under a steady stream of
+    clients: each connection it takes is recorded, and another client connects at once
+    (on loopback the kernel completes it before ``connect`` returns)."""
+
+    def __init__(self, listener: socket.socket, worker_connections: int, arrivals: int):
+        config = Config()
+        config.set("worker_connections", worker_connections)
+        super().__init__(1, os.getpid(), [listener], None, 30, config, None)
+        self.address, self.arrivals = listener.getsockname(), arrivals
+        self.taken: list = []
+        self.clients = [self.connect() for _ in range(QUEUED)]
+
+    def connect(self) -> socket.socket:
+        family = socket.AF_UNIX if isinstance(self.address, str) else socket.AF_INET
+        client = socket.socket(family)
+        client.connect(self.address)
+        return client
+
+    def enqueue_req(self, conn) -> None:
+        self.taken.append(conn)
+        if self.arrivals:
+            self.arrivals -= 1
+            self.clients.append(self.connect())
+
+    def stop(self) -> int:
+        """Stop as a SIGTERM does and return how many connections were taken."""
+        self.alive = False
+        self.drain_and_close_listeners()
+        for each in [conn.sock for conn in self.taken] + self.clients:
+            each.close()
+        self.tmp.close()
+        return len(self.taken)
+
+
+QUEUED = 5  # connections in the backlog when the stop begins
+
+
+def listening(family: int, tmp_path: Path) -> socket.socket:
+    listener = socket.socket(family)
+    listener.bind(("127.0.0.1", 0) if family == socket.AF_INET else str(tmp_path / "s"))
+    listener.listen(128)
+    return listener
+
+
+def test_a_stopping_worker_takes_only_the_connections_queued_when_it_stopped(tmp_path):
+    worker = StreamedWhileStopping(listening(socket.AF_INET, tmp_path),
+                                   worker_connections=1000, arrivals=50)
+    assert worker.stop() == QUEUED  # not the 50 that arrived while it drained
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNIX], ids=["tcp", "unix"])
+def test_a_stopping_worker_never_takes_more_than_its_worker_connections(family, tmp_path):
+    worker = StreamedWhileStopping(listening(family, tmp_path), worker_connections=3,
+                                   arrivals=50)
+    assert worker.stop() == 3  # of the 5 queued, and none of those that kept arriving
