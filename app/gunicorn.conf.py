@@ -29,16 +29,33 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 loglevel = _settings.log_level.lower()
 
 # Metrics from every worker are aggregated through files in one folder (app/metrics.py).
-if not _settings.prometheus_multiproc_dir:
-    _metrics_dir = tempfile.mkdtemp(prefix="mnist-serving-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
-else:
-    _metrics_dir = _settings.prometheus_multiproc_dir
-    os.makedirs(_metrics_dir, exist_ok=True)
-    for _stale in os.listdir(_metrics_dir):  # a previous server's counts are not ours
-        if _stale.endswith(".db"):
-            os.remove(os.path.join(_metrics_dir, _stale))
+# gunicorn runs this file again in the same master on SIGHUP: the mark tells that run that
+# the folder is prepared already and holds the live workers' files, which must stay (or
+# every counter would go back to zero at each reload).
+METRICS_MARK = "MNIST_SERVING_METRICS_MASTER"  # "<master pid> temporary|configured"
 
+
+def _prepare_metrics_folder() -> tuple[str, bool]:
+    """The workers' metrics folder, and whether it is a temporary one this master made
+    (removed at exit). A configured folder loses a previous server's counts, once."""
+    pid, _, kind = os.environ.get(METRICS_MARK, "").partition(" ")
+    if pid == str(os.getpid()):  # a reload
+        return os.environ["PROMETHEUS_MULTIPROC_DIR"], kind == "temporary"
+    temporary = not _settings.prometheus_multiproc_dir
+    if temporary:
+        folder = tempfile.mkdtemp(prefix="mnist-serving-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    else:
+        folder = _settings.prometheus_multiproc_dir
+        os.makedirs(folder, exist_ok=True)
+        for stale in os.listdir(folder):
+            if stale.endswith(".db"):
+                os.remove(os.path.join(folder, stale))
+    os.environ[METRICS_MARK] = f"{os.getpid()} {'temporary' if temporary else 'configured'}"
+    return folder, temporary
+
+
+_metrics_dir, _metrics_dir_is_temporary = _prepare_metrics_folder()
 
 def child_exit(server, worker):
     """Drop a dead worker's live gauges from the aggregate, and free its slot in the
@@ -60,7 +77,8 @@ def worker_exit(server, worker):
 
 
 def on_exit(server):
-    if not _settings.prometheus_multiproc_dir:
+    """Remove the temporary metrics folder (a configured one is the operator's)."""
+    if _metrics_dir_is_temporary:
         shutil.rmtree(_metrics_dir, ignore_errors=True)
 
 

@@ -18,20 +18,44 @@ connections it holds in a table the master shares with all of them (``Connection
 and accepts at once only while it holds no more than any sibling; a busier worker waits
 ACCEPT_DELAY for the least busy one to take the connection, and takes it itself if it is
 still waiting then (least-connections balancing, as proxies do it, without a proxy).
+
+Both lean on gthread's private event loop, not on an extension point gunicorn documents:
+``check_config`` (called by the master at start) refuses a gunicorn outside the versions
+this was measured on (``GUNICORN_VERSIONS``, requirements.txt's range) or whose loop lacks
+what is overridden here (``loop_differences``), so an upgrade stops loudly at start
+instead of leaving a worker that silently never accepts.
 """
 
 from __future__ import annotations
 
+import inspect
 import mmap
+import os
 import select
+import socket
+import struct
 import time
 
+import gunicorn
 import numpy as np
 from gunicorn.workers.gthread import ThreadWorker
 
 ACCEPT_DELAY = 0.01  # seconds a busier worker leaves a connection to the least busy one
 SLOTS = 1024  # workers alive at once that the table can tell apart
 NOT_ACCEPTING = 1 << 62  # the count of a worker that cannot accept: booting or stopping
+# The gunicorn releases whose gthread loop this worker was read against and tested with:
+# from the first, up to but not including the second (requirements.txt pins the same).
+GUNICORN_VERSIONS = ((27, 0, 1), (27, 1))
+# gthread's private loop as this worker uses it: the methods it overrides or calls (with
+# their parameters), the state it reads, and the calls ``ThreadWorker.run`` must make.
+LOOP_METHODS = {"accept": ["self", "listener"],
+                "set_accept_enabled": ["self", "enabled"],
+                "wait_for_and_dispatch_events": ["self", "timeout"]}
+LOOP_STATE = ("nr_conns", "worker_connections", "_accepting", "alive", "sockets")
+LOOP_CALLS = ("self.set_accept_enabled(can_accept)",
+              "self.wait_for_and_dispatch_events(timeout=")
+TCP_INFO_SIZE = 104  # struct tcp_info's size in Linux 3.x (later kernels only add fields)
+TCPI_UNACKED = 24  # its tcpi_unacked: after 8 one-byte fields and 4 unsigned ints
 
 
 class ConnectionTable:
@@ -72,11 +96,73 @@ class ConnectionTable:
         return int(self._table[live, 1].min()) if live.any() else None
 
 
+def accept_queue_length(listener) -> int | None:
+    """The connections completed and waiting to be accepted on a listening TCP socket
+    (Linux reports it as ``tcpi_unacked`` in a listener's TCP_INFO), None where it cannot
+    be read."""
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+    except (AttributeError, OSError):  # no TCP_INFO here, or not a TCP socket
+        return None
+    return struct.unpack_from("I", info, TCPI_UNACKED)[0]
+
+
 TABLE = ConnectionTable()  # created at import, in the master, before any worker forks
+
+
+class UnsupportedGunicorn(RuntimeError):
+    """gunicorn prints a RuntimeError from the master's start as "Error: ..." and exits 1."""
+
+
+def loop_differences(base: type = ThreadWorker,
+                     version: tuple = tuple(gunicorn.version_info), config=None) -> list[str]:
+    """What keeps ``base`` (gthread's worker in ``version``) from being the loop this
+    worker was written against; empty when it is that loop."""
+    lowest, beyond = GUNICORN_VERSIONS
+    found = [] if lowest <= version < beyond else [
+        f"gunicorn {'.'.join(map(str, version))} is outside the tested range "
+        f">={'.'.join(map(str, lowest))},<{'.'.join(map(str, beyond))}"]
+    for name, parameters in LOOP_METHODS.items():
+        method = getattr(base, name, None)
+        if not callable(method):
+            found.append(f"{base.__name__}.{name} is missing")
+        elif list(inspect.signature(method).parameters) != parameters:
+            found.append(f"{base.__name__}.{name} takes {inspect.signature(method)}, "
+                         f"not ({', '.join(parameters)})")
+    run = inspect.getsource(base.run) if callable(getattr(base, "run", None)) else ""
+    found += [f"{base.__name__}.run no longer calls {call}...)" for call in LOOP_CALLS
+              if call not in run]
+    return found + missing_state(base, config)
+
+
+def missing_state(base: type, config) -> list[str]:
+    """The attributes of LOOP_STATE that a new ``base`` worker lacks (they are set in
+    ``__init__``, so one is built: in the master, it touches nothing process-wide)."""
+    from gunicorn.config import Config
+
+    try:
+        worker = base(0, os.getpid(), [], None, 30, config or Config(), None)
+    except Exception as error:  # noqa: BLE001 - any failure is the difference to report
+        return [f"{base.__name__} cannot be built as before: {error!r}"]
+    worker.tmp.close()
+    return [f"{base.__name__} has no {name}" for name in LOOP_STATE
+            if not hasattr(worker, name)]
 
 
 class DrainingThreadWorker(ThreadWorker):
     """``worker_class = "app.worker.DrainingThreadWorker"`` (app/gunicorn.conf.py)."""
+
+    @classmethod
+    def check_config(cls, cfg, log) -> None:
+        """Refuse to start on a gthread loop other than the one this worker overrides."""
+        super().check_config(cfg, log)
+        differences = loop_differences(ThreadWorker, tuple(gunicorn.version_info), cfg)
+        if differences:
+            raise UnsupportedGunicorn(
+                "app.worker.DrainingThreadWorker relies on gunicorn's gthread internals, "
+                "which differ here: " + "; ".join(differences) + ". Install the gunicorn "
+                "of requirements.txt, or run stock gthread (-k gthread) until app/worker.py "
+                "is checked against this release.")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # runs in the master, before the fork
@@ -125,16 +211,29 @@ class DrainingThreadWorker(ThreadWorker):
         self._retrying = False  # one look at the backlog after a wait, not more
 
     def drain_and_close_listeners(self) -> None:
-        """Hand every connection already in a listener's backlog to the thread pool,
-        then close the listener (the kernel completes no more connections on it once
-        every process holding it has closed it)."""
+        """Hand the connections already in a listener's backlog to the thread pool, then
+        close the listener (the kernel completes no more connections on it once every
+        process holding it has closed it). Only those queued when the stop began: clients
+        that keep arriving meanwhile would hold a stopping worker past its graceful
+        timeout, and they are refused at the close, which a client may retry."""
         for listener in self.sockets:
-            while select.select([listener], [], [], 0)[0]:
+            for _ in range(self.drain_bound(listener)):
+                if not select.select([listener], [], [], 0)[0]:
+                    break  # the backlog is empty (a sibling took the rest)
                 # Non-blocking: enqueues the connection, or finds it taken by another
-                # worker or aborted by its client (then the backlog is read again).
+                # worker or aborted by its client.
                 super().accept(listener)
             listener.close()
         self.leave_table()
+
+    def drain_bound(self, listener) -> int:
+        """How many connections a stopping worker takes from ``listener``: those queued
+        now on a TCP socket (a unix socket's queue is not reported), and never more than
+        ``worker_connections``."""
+        queued = accept_queue_length(listener)
+        if queued is None:
+            return self.worker_connections
+        return min(queued, self.worker_connections)
 
     def leave_table(self) -> None:
         """A worker that no longer accepts must not be waited for: it reads as full."""

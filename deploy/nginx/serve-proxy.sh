@@ -8,11 +8,16 @@ run=$(mktemp -d "${TMPDIR:-/tmp}/mnist-serve-proxy.XXXXXX")
 # Started as root, nginx's workers run as nobody: they must reach the socket through the
 # folder, which nobody can list, so its random name stays private.
 chmod 711 "$run"
-pids=()
-
+# gunicorn first, gracefully: it answers what it holds and what is queued for it. Then
+# nginx with QUIT, not TERM (which closes every connection at once): it closes its port,
+# finishes the requests in progress (one for the gone gunicorn gets a 502) and exits, so
+# each request is answered or refused, never cut.
+gunicorn="" nginx=""
 stop() {
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    wait || true
+    kill -TERM "$gunicorn" 2>/dev/null || true
+    wait "$gunicorn" 2>/dev/null || true
+    kill -QUIT "$nginx" 2>/dev/null || true
+    wait "$nginx" 2>/dev/null || true
     rm -rf "$run"
 }
 trap stop EXIT
@@ -22,9 +27,9 @@ trap 'exit 143' TERM
 cd "$root"
 "${GUNICORN:-$root/.venv/bin/gunicorn}" -c app/gunicorn.conf.py \
     --bind "unix:$run/gunicorn.sock" 'app:create_app()' &
-pids+=($!)
+gunicorn=$!
 UPSTREAM="unix:$run/gunicorn.sock" NGINX_PREFIX="$run/nginx" deploy/nginx/start.sh &
-pids+=($!)
+nginx=$!
 echo "serve-proxy: nginx on port ${PORT:-8000}, gunicorn on unix:$run/gunicorn.sock" >&2
 status=0
 wait -n || status=$?

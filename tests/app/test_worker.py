@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from app.worker import NOT_ACCEPTING, ConnectionTable
-from tests.conftest import wait_until
+import pytest
+from gunicorn.config import Config
+from gunicorn.workers.gthread import ThreadWorker
+
+from app.worker import (
+    GUNICORN_VERSIONS,
+    NOT_ACCEPTING,
+    ConnectionTable,
+    DrainingThreadWorker,
+    loop_differences,
+)
+from tests.conftest import ROOT, free_port, wait_until
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
 LISTEN = "0A"  # the socket state's code in /proc/net/tcp
@@ -105,3 +117,137 @@ def test_connections_opened_one_after_another_are_shared_evenly(server):
     for client in clients:
         client.close()
     assert counts == [8, 8]
+
+
+class StreamedWhileStopping(DrainingThreadWorker):
+    """The worker with its thread pool replaced by a list, under a steady stream of
+    clients: each connection it takes is recorded, and another client connects at once
+    (on loopback the kernel completes it before ``connect`` returns)."""
+
+    def __init__(self, listener: socket.socket, worker_connections: int, arrivals: int):
+        config = Config()
+        config.set("worker_connections", worker_connections)
+        super().__init__(1, os.getpid(), [listener], None, 30, config, None)
+        self.address, self.arrivals = listener.getsockname(), arrivals
+        self.taken: list = []
+        self.clients = [self.connect() for _ in range(QUEUED)]
+
+    def connect(self) -> socket.socket:
+        family = socket.AF_UNIX if isinstance(self.address, str) else socket.AF_INET
+        client = socket.socket(family)
+        client.connect(self.address)
+        return client
+
+    def enqueue_req(self, conn) -> None:
+        self.taken.append(conn)
+        if self.arrivals:
+            self.arrivals -= 1
+            self.clients.append(self.connect())
+
+    def stop(self) -> int:
+        """Stop as a SIGTERM does and return how many connections were taken."""
+        self.alive = False
+        self.drain_and_close_listeners()
+        for each in [conn.sock for conn in self.taken] + self.clients:
+            each.close()
+        self.tmp.close()
+        return len(self.taken)
+
+
+QUEUED = 5  # connections in the backlog when the stop begins
+
+
+def listening(family: int, tmp_path: Path) -> socket.socket:
+    listener = socket.socket(family)
+    listener.bind(("127.0.0.1", 0) if family == socket.AF_INET else str(tmp_path / "s"))
+    listener.listen(128)
+    return listener
+
+
+def test_a_stopping_worker_takes_only_the_connections_queued_when_it_stopped(tmp_path):
+    worker = StreamedWhileStopping(listening(socket.AF_INET, tmp_path),
+                                   worker_connections=1000, arrivals=50)
+    assert worker.stop() == QUEUED  # not the 50 that arrived while it drained
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNIX], ids=["tcp", "unix"])
+def test_a_stopping_worker_never_takes_more_than_its_worker_connections(family, tmp_path):
+    worker = StreamedWhileStopping(listening(family, tmp_path), worker_connections=3,
+                                   arrivals=50)
+    assert worker.stop() == 3  # of the 5 queued, and none of those that kept arriving
+
+
+class Renamed(ThreadWorker):
+    """A gthread whose loop calls its accept callback by another name."""
+
+    set_accept_enabled = None
+
+    def enable_accepting(self, enabled: bool) -> None:
+        """What a release might call it instead."""
+
+
+class Reshaped(ThreadWorker):
+    """A gthread whose wait takes another parameter and whose run never calls it."""
+
+    def wait_for_and_dispatch_events(self, deadline: float) -> None:
+        """What a release might take instead of a timeout."""
+
+    def run(self) -> None:
+        """A loop that no longer goes through the methods the worker overrides."""
+
+
+class Stateless(ThreadWorker):
+    """A gthread that no longer counts its connections in ``nr_conns``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        del self.nr_conns
+
+
+def test_the_installed_gunicorn_has_the_loop_the_worker_overrides():
+    assert loop_differences() == []
+
+
+@pytest.mark.parametrize(("base", "difference"), [
+    (Renamed, "Renamed.set_accept_enabled is missing"),
+    (Reshaped, "Reshaped.wait_for_and_dispatch_events takes (self, deadline"),
+    (Reshaped, "Reshaped.run no longer calls self.wait_for_and_dispatch_events"),
+    (Stateless, "Stateless has no nr_conns"),
+])
+def test_a_gthread_loop_that_differs_is_named(base, difference):
+    assert any(found.startswith(difference) for found in loop_differences(base)), \
+        loop_differences(base)
+
+
+def test_a_gunicorn_outside_the_tested_range_is_named():
+    (lowest, beyond) = GUNICORN_VERSIONS
+    assert loop_differences(version=(*beyond, 0)) == [
+        "gunicorn 27.1.0 is outside the tested range >=27.0.1,<27.1"]
+    assert loop_differences(version=lowest) == []
+
+
+def test_requirements_pin_the_range_the_worker_was_tested_on():
+    (pin,) = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.startswith("gunicorn")]
+    assert pin == "gunicorn>=27.0.1,<27.1"
+
+
+LAUNCH = """import sys
+import gunicorn.workers.gthread
+from gunicorn.app.wsgiapp import run
+del gunicorn.workers.gthread.ThreadWorker.set_accept_enabled  # as a release might
+sys.argv = ["gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"]
+run()
+"""
+
+
+def test_gunicorn_refuses_to_start_the_worker_on_a_loop_that_differs(fit_run):
+    started = subprocess.run(
+        [sys.executable, "-c", LAUNCH], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "MODELS_DIR": str(fit_run.models_dir),
+                          "PORT": str(free_port())})
+    assert started.returncode == 1, started.stderr
+    assert ("Error: app.worker.DrainingThreadWorker relies on gunicorn's gthread "
+            "internals, which differ here: ThreadWorker.set_accept_enabled is missing"
+            ) in started.stderr
+    assert "Booting worker" not in started.stderr  # refused before any worker started

@@ -3,9 +3,13 @@ runs them: same answers, nginx's body limit, and slow clients kept away from gun
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, start_server, stop_server
+from tests.conftest import ROOT, free_port, start_server, stop_server, wait_until
 from tests.deploy.slow_clients import (
     SLOW_BODY_HEAD,
     attack,
@@ -234,3 +238,133 @@ def test_ctrl_c_stops_nginx_and_gunicorn_and_cleans_up(fit_run, tmp_path):
     with pytest.raises(OSError), socket.create_connection(
             ("127.0.0.1", int(running.url.rsplit(":", 1)[1])), timeout=2):
         pass
+
+
+def get(url: str, path: str, source: str = "127.0.0.1",
+        headers: dict[str, str | bytes] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from the local address ``source`` (all of 127.0.0.0/8 is this host,
+    so 127.0.0.2 stands for a client elsewhere); status, headers and body."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30,
+                                            source_address=(source, 0))
+    try:
+        connection.putrequest("GET", path, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def test_metrics_through_nginx_answer_only_the_host_itself_by_default(proxy):
+    status, _, body = get(proxy.url, "/metrics")
+    assert status == 200 and b"http_requests_total" in body
+    for path in ("/metrics", "//metrics", "/%6Detrics", "/metrics?format=text"):
+        status, headers, body = get(proxy.url, path, source="127.0.0.2")
+        assert status == 403, (path, body)
+        assert headers["Content-Type"] == "application/json"
+        assert json.loads(body)["error"]["code"] == "forbidden"
+    assert get(proxy.url, "/health", source="127.0.0.2")[0] == 200  # only /metrics
+
+
+def start_nginx(tmp_path: Path, **env: str) -> subprocess.Popen:
+    """deploy/nginx/start.sh alone, in front of a port where nothing listens."""
+    environment = {**os.environ, "PORT": str(free_port()), "NGINX_PREFIX": str(tmp_path),
+                   "UPSTREAM": f"127.0.0.1:{free_port()}", **env}
+    with open(tmp_path / "nginx.log", "wb") as log:
+        return subprocess.Popen([str(ROOT / "deploy" / "nginx" / "start.sh")],
+                                env=environment, stdout=log, stderr=subprocess.STDOUT)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_metrics_allow_list_lets_its_addresses_through_and_no_other(tmp_path):
+    nginx = start_nginx(tmp_path, METRICS_ALLOW="10.0.0.0/8 127.0.0.2")
+    try:
+        wait_until(lambda: (tmp_path / "nginx.pid").exists(), "nginx to start")
+        port = int(re.search(r"listen (\d+);", (tmp_path / "nginx.conf").read_text()).group(1))
+        wait_until(lambda: listening(port), "nginx to listen")
+        url = f"http://127.0.0.1:{port}"
+        assert get(url, "/metrics", source="127.0.0.2")[0] == 502  # passed on: none behind
+        assert get(url, "/metrics", source="127.0.0.1")[0] == 403  # no longer listed
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=30)
+
+
+def test_a_malformed_metrics_allow_list_stops_nginx_from_starting(tmp_path):
+    nginx = start_nginx(tmp_path, METRICS_ALLOW="10.0.0.0/8; allow all")
+    assert nginx.wait(timeout=30) == 1
+    assert "METRICS_ALLOW: not an address or CIDR range: 10.0.0.0/8;" in (
+        tmp_path / "nginx.log").read_text()
+
+
+def app_access_log(proxy) -> list[dict]:
+    """The app's JSON access lines (nginx's have "upstream_seconds")."""
+    lines = (json.loads(line) for line in proxy.log().splitlines() if line.startswith("{"))
+    return [line for line in lines if "upstream_seconds" not in line and "ms" in line]
+
+
+@pytest.mark.parametrize(("sent", "kept"), [
+    ("client-id-1", True), ("a" * 128, True), ("~!#$%^&*()", True),
+    ("a" * 129, False), ("two words", False), ("caf\xe9".encode("latin-1"), False),
+    ("", False)], ids=["plain", "128", "punctuation", "129", "space", "latin-1", "empty"])
+def test_one_request_id_checked_once_is_in_nginx_log_the_apps_and_the_answer(
+        proxy, sent, kept):
+    status, headers, _ = get(proxy.url, "/health", headers={"X-Request-ID": sent})
+    assert status == 200
+    answered = headers["X-Request-ID"]
+    if kept:
+        assert answered == sent
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", answered), answered
+    assert answered in logged(proxy, {answered})  # nginx's line
+    wait_until(lambda: answered in {line["request_id"] for line in app_access_log(proxy)},
+               "the app's access line", 30)
+
+
+def raw_status(url: str, headers: int) -> int:
+    """The status of a GET /health carrying ``headers`` header fields in all (Host too)."""
+    host, port = url.removeprefix("http://").split(":")
+    pads = "".join(f"X-Pad-{i}: 1\r\n" for i in range(headers - 1))
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: t\r\n{pads}\r\n".encode())
+        return int(sock.makefile("rb").readline().split()[1])
+
+
+def test_more_than_100_headers_get_431_directly_and_more_than_97_through_nginx(
+        proxy, direct):
+    """gunicorn counts the headers it receives; nginx adds three (X-Forwarded-For,
+    X-Forwarded-Proto, X-Request-ID), as README says."""
+    assert (raw_status(direct.url, 100), raw_status(direct.url, 101)) == (200, 431)
+    assert (raw_status(proxy.url, 97), raw_status(proxy.url, 98)) == (200, 431)
+
+
+def gunicorn_master(proxy) -> int:
+    return int(re.search(r"Listening at: unix:\S+ \((\d+)\)", proxy.log()).group(1))
+
+
+def test_a_request_nginx_holds_when_gunicorn_stops_is_answered_not_cut(fit_run, tmp_path):
+    running = start_proxy(fit_run.models_dir, tmp_path / "proxy.log", WORKERS="1")
+    host, port = running.url.removeprefix("http://").split(":")
+    try:
+        (held,) = open_sockets(host, int(port), 1, SLOW_BODY_HEAD)  # nginx reads its body
+        os.kill(gunicorn_master(running), signal.SIGTERM)
+        wait_until(lambda: not listening(int(port)), "nginx to close its port")
+        try:
+            held.sendall(b"\0" * 100_000)  # the rest of the body, once nginx is stopping
+            status_line = held.makefile("rb").readline()
+        except OSError:  # reset: the request was cut
+            status_line = b""
+        held.close()
+        assert status_line.startswith(b"HTTP/1.1 "), status_line
+        running.process.wait(timeout=60)  # the script ends with them
+    finally:
+        if running.process.poll() is None:
+            stop_proxy(running)
+        running.log_handle.close()
