@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from app.affinity import cpu_for, pin
+from app.affinity import cpu_for
 from app.config import Config, ConfigError
-from tests.conftest import start_server, stop_server, wait_until
+from tests.conftest import ROOT, start_server, stop_server, wait_until
 
 CPUS = sorted(os.sched_getaffinity(0))[:2]  # the servers below run on at most two
 
@@ -46,9 +48,41 @@ def test_on_pins_even_uneven_workers_and_off_never_pins():
     assert cpu_for(2, {0, 1}, [], "off") is None
 
 
-def test_a_cpu_the_system_refuses_leaves_the_worker_floating():
-    assert pin(10_000) is False  # no such CPU: EINVAL, not a crash
-    assert os.sched_getaffinity(0) != {10_000}
+FORKED_WORKER = """
+import logging, os, runpy, sys, threading, types
+hooks = runpy.run_path("app/gunicorn.conf.py")
+logging.basicConfig(stream=sys.stdout, level="INFO", format="%(message)s")
+server = types.SimpleNamespace(log=logging.getLogger("gunicorn.error"))
+hooks["post_fork"](server, types.SimpleNamespace(pid=os.getpid(), cpu=int(sys.argv[1])))
+seen = {}
+thread = threading.Thread(target=lambda: seen.update(cpus=os.sched_getaffinity(0)))
+thread.start()
+thread.join()
+print(sorted(os.sched_getaffinity(0)), sorted(seen["cpus"]))
+"""
+
+
+def test_a_cpu_the_system_refuses_leaves_the_worker_floating(tmp_path):
+    """gunicorn's post_fork hook, in a process of its own, given a CPU the kernel
+    refuses (EINVAL): it warns, and the worker and the threads it starts keep every CPU
+    they had."""
+    before = sorted(os.sched_getaffinity(0))
+    worker = subprocess.run(
+        [sys.executable, "-c", FORKED_WORKER, "10000"], cwd=ROOT, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert worker.returncode == 0, worker.stderr
+    assert "could not be pinned to CPU 10000: left floating" in worker.stdout
+    assert worker.stdout.splitlines()[-1] == f"{before} {before}"
+
+
+def test_a_cpu_the_system_grants_pins_the_worker_and_its_threads(tmp_path):
+    """The same hook given a CPU it may use: the control for the test above."""
+    worker = subprocess.run(
+        [sys.executable, "-c", FORKED_WORKER, str(CPUS[-1])], cwd=ROOT, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert worker.returncode == 0, worker.stderr
+    assert f"pinned to CPU {CPUS[-1]}" in worker.stdout
+    assert worker.stdout.splitlines()[-1] == f"{[CPUS[-1]]} {[CPUS[-1]]}"
 
 
 def test_an_unknown_mode_is_a_config_error_naming_the_variable():

@@ -11,13 +11,14 @@ import urllib.error
 import urllib.request
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import png_chunk, start_server, stop_server
+from tests.conftest import png_chunk, rss_mb, start_server, stop_server
 from tests.restyle import canvas_seven, encode, ink_on_paper
 
 V2_INFER = "/v2/models/mnist_cnn/infer"
@@ -25,12 +26,17 @@ V1_PREDICT = "/v1/models/mnist_cnn:predict"
 
 
 @pytest.fixture(scope="module")
-def url(fit_run, tmp_path_factory):
-    """One worker, so that metrics and logs are this module's alone."""
+def server(fit_run, tmp_path_factory):
+    """One worker, so that metrics, logs and memory are this module's alone."""
     running = start_server(fit_run.models_dir,
                            tmp_path_factory.mktemp("bad_input") / "gunicorn.log", WORKERS="1")
-    yield running.url
+    yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server.url
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +215,33 @@ def test_an_image_just_over_max_image_pixels_is_422_from_our_check(url):
     assert "6400×6400 = 40,960,000 pixels, the limit is 40,000,000" in error_of(response, 422)
 
 
-def test_a_jpeg_photo_is_reduced_while_decoding(url, seven):
-    # A 5000×5000 JPEG decoded at 1/8 scale (625×625) still gives its digit.
-    photo = seven.resize((5000, 5000), Image.Resampling.BILINEAR)
-    response = requests.post(url + "/predict", data=encode(photo, "JPEG", quality=90),
-                             timeout=60, headers={"Content-Type": "image/jpeg"})
-    assert response.status_code == 200, response.text
-    assert response.json()["predictions"][0]["digit"] == 7
+def peak_growth_mb(server, send) -> float:
+    """How far ``send()`` raises the worker's peak resident memory above where it was:
+    the peak (VmHWM) is reset to the current size first (``clear_refs``, Linux 4.0+)."""
+    (worker,) = server.worker_pids()
+    Path(f"/proc/{worker}/clear_refs").write_text("5")
+    before = rss_mb([worker])[worker]
+    send()
+    return rss_mb([worker], "VmHWM")[worker] - before
+
+
+def test_a_jpeg_photo_is_reduced_while_decoding(server, seven):
+    """A 5000×5000 JPEG is decoded at 1/8 scale (625×625, 1.1 MB as RGB), never whole
+    (75 MB as RGB), and still gives its digit."""
+    photo = seven.convert("RGB").resize((5000, 5000), Image.Resampling.BILINEAR)
+    body = encode(photo, "JPEG", quality=90)
+    small = encode(seven.convert("RGB").resize((600, 600)), "JPEG", quality=90)
+
+    def post(data: bytes) -> requests.Response:
+        return requests.post(server.url + "/predict", data=data, timeout=60,
+                             headers={"Content-Type": "image/jpeg"})
+
+    post(small)  # the JPEG path's first use (imports, buffers) is not what is measured
+    responses = []
+    growth = peak_growth_mb(server, lambda: responses.append(post(body)))
+    assert responses[0].status_code == 200, responses[0].text
+    assert responses[0].json()["predictions"][0]["digit"] == 7
+    assert growth < 25, f"decoding the photo raised the worker's peak by {growth:.0f} MB"
 
 
 def post_gzip(url: str, body: bytes) -> requests.Response:

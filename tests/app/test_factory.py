@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from PIL import Image
 
 from app import create_app
 from app.config import Config
@@ -29,9 +32,19 @@ def test_predict_without_a_model_is_503_not_500(empty_client):
     assert "make train" in response.get_json()["error"]["message"]
 
 
-def test_factory_uses_the_given_limits(tmp_path):
-    app = create_app(Config(models_dir=tmp_path, max_content_length=1234))
-    assert app.config["MAX_CONTENT_LENGTH"] == 1234
+def test_factory_uses_the_given_body_limit(fit_run, mnist):
+    client = create_app(Config(models_dir=fit_run.models_dir, max_content_length=1234)
+                        ).test_client()
+    digit = io.BytesIO()
+    Image.fromarray(mnist.x_test[0]).save(digit, "PNG")
+    assert len(digit.getvalue()) <= 1234
+    under = client.post("/predict", data=digit.getvalue(), content_type="image/png")
+    assert under.status_code == 200, under.get_json()
+    over = client.post("/predict", data=digit.getvalue() + b"\0" * 1234,
+                       content_type="image/png")
+    assert over.status_code == 413
+    assert over.get_json()["error"]["code"] == "payload_too_large"
+    assert "1234 bytes" in over.get_json()["error"]["message"]
 
 
 @pytest.fixture(scope="module")

@@ -105,12 +105,29 @@ def test_drawing_a_seven(browser, server):
     assert wait_for_digit(browser) == "7"
 
 
+INKED_PIXELS = """
+const pad = document.getElementById("pad");
+const data = pad.getContext("2d").getImageData(0, 0, pad.width, pad.height).data;
+let inked = 0;
+for (let i = 0; i < data.length; i += 4) {
+  if (data[i] !== 255 || data[i + 1] !== 255 || data[i + 2] !== 255) inked += 1;
+}
+return inked;
+"""
+
+
 def test_clear_empties_the_pad_and_the_answer(browser, server):
     browser.get(server.url + "/")
     draw(browser, [[(0, -100), (0, 100)]])
     wait_for_digit(browser)
+    assert browser.execute_script(INKED_PIXELS) > 1000  # the stroke is on the pad
     browser.find_element(By.ID, "clear").click()
+    assert browser.execute_script(INKED_PIXELS) == 0  # every pixel white again
     assert browser.find_element(By.ID, "digit").text == "?"
+    assert browser.find_element(By.ID, "confidence").text == ""
+    widths = [bar.value_of_css_property("width") for bar in
+              browser.find_elements(By.CSS_SELECTOR, "#bars .fill")]
+    assert widths == ["0px"] * 10
 
 
 def test_uploading_a_real_digit_photo_predicts_it(browser, server, mnist, tmp_path):

@@ -11,10 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 from training.export import export_version
 from training.export_format import (
     LOCK_FILE,
@@ -220,6 +221,34 @@ def test_a_killed_writers_staging_folder_is_reclaimed(tmp_path):
     assert folder.is_dir()
     assert reclaim_staging(tmp_path) == [folder]
     assert not folder.exists()
+
+
+REUSED_PID = """
+import os, sys
+from pathlib import Path
+from training.export_format import staging
+writing = staging(Path(sys.argv[1]))  # kept referenced: a collected one cleans up
+folder = writing.__enter__()
+print(os.getpid(), folder, flush=True)
+os.execv("/bin/sleep", ["sleep", "600"])  # the writer is gone; its PID lives on
+"""
+
+
+def test_a_dead_writer_whose_pid_is_alive_again_is_reclaimed(tmp_path):
+    """The stale owner that a PID check cannot see through, made without a namespace: the
+    writer's process becomes another program (exec) under the same, live PID, as PID 1
+    of a container or a recycled PID does; its lock went with the writer."""
+    writer = subprocess.Popen([sys.executable, "-c", REUSED_PID, str(tmp_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        pid, folder = writer.stdout.readline().split()
+        wait_until(lambda: Path(f"/proc/{pid}/exe").resolve().name == "sleep",
+                   "the writer's PID to run sleep")
+        assert int(pid) == writer.pid and writer.poll() is None  # the PID is alive
+        assert reclaim_staging(tmp_path) == [Path(folder)]
+        assert not Path(folder).exists()
+    finally:
+        kill(writer)
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")

@@ -30,7 +30,9 @@ def test_saved_model_classifies_real_test_digits_well_above_chance(fit_run, mnis
     served = tf.saved_model.load(str(fit_run.version_dir))
     probabilities = served.serve(tf.constant(to_model_input(mnist.x_test[:1000]))).numpy()
     accuracy = (probabilities.argmax(axis=1) == mnist.y_test[:1000]).mean()
-    assert accuracy > 0.5  # chance is 0.1; one epoch on 1,800 images gets ~0.75
+    # Chance is 0.1; this seeded run gets 0.80 on these 1,000. A fifth of the learning
+    # rate gets 0.68 on the whole test set, past the 0.5 this once asked for.
+    assert accuracy > 0.7, accuracy
 
 
 def test_saved_model_serving_signature_takes_the_documented_input(fit_run, metadata):

@@ -115,7 +115,9 @@ def test_scratch_cli_trains_and_exports_a_servable_model(tmp_path, mnist):
     folder = tmp_path / "mnist_scratch" / "1"
     metadata = json.loads((folder / "metadata.json").read_text())
     assert metadata["summary"]["totals"]["params"] == 13_602
-    assert metadata["test"]["accuracy"] > 0.5  # one short epoch; chance is 0.1
+    # Chance is 0.1; this seeded epoch gets 0.80 (0.78 on the 500 below). A tenth of the
+    # learning rate gets 0.58, past the 0.5 this once asked for.
+    assert metadata["test"]["accuracy"] > 0.7
     loaded = tf.saved_model.load(str(folder))
     probabilities = loaded.serve(tf.constant(to_model_input(mnist.x_test[:500]))).numpy()
-    assert (probabilities.argmax(axis=1) == mnist.y_test[:500]).mean() > 0.5
+    assert (probabilities.argmax(axis=1) == mnist.y_test[:500]).mean() > 0.7
