@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from training.data import NUM_CLASSES, to_model_input
+
+if TYPE_CHECKING:  # Evaluation is shared with the NumPy trainer, which loads no Keras
+    import keras
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,10 @@ import tensorflow as tf
 from training.data import Mnist, MnistError, load_mnist, split_validation, to_model_input
 from training.evaluate import Evaluation, evaluate, format_per_class
 from training.export import export_version
-from training.export_format import complete, list_versions, valid_model_name
+from training.export_format import complete, list_versions
+from training.metadata import Origin, build_metadata
 from training.models import ARCHITECTURES, DEFAULT_ARCH, build_model
+from training.options import DEFAULT_SEED, DEFAULT_VAL_SIZE, model_name, positive_int
 from training.pipeline import evaluation_dataset, training_dataset
 from training.plots import plot_confusion, plot_history, plot_samples
 from training.recipes import DEFAULT_PRESET, PRESETS, Recipe, make_optimizer, recipe_for
@@ -40,33 +40,6 @@ DEFAULT_TORCH_NAME = "mnist_torch"
 FRAMEWORKS = ("keras", "torch")
 TORCH_FILE = "model.pt"
 EQUIVALENCE_TOLERANCE = 1e-5  # max abs difference of probabilities, PyTorch against Keras
-DEFAULT_SEED = 42
-DEFAULT_VAL_SIZE = 5000
-INPUT_CONTRACT = {
-    "shape": [28, 28, 1],
-    "dtype": "float32",
-    "range": [0.0, 1.0],
-    "polarity": "white digit (1.0) on black background (0.0)",
-    "scaling": "pixel / 255",
-}
-OUTPUT_CONTRACT = {"shape": [10], "dtype": "float32",
-                   "meaning": "softmax probability of each digit 0-9"}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def model_name(text: str) -> str:
-    if not valid_model_name(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a usable model name: use letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit, and not only digits")
-    return text
-
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None
                ) -> argparse.Namespace:
@@ -162,35 +135,8 @@ def train(model: keras.Model, recipe: Recipe, splits: dict[str, np.ndarray], see
     return {key: [float(v) for v in values] for key, values in history.history.items()}
 
 
-def library_versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__}
-
-
-def build_metadata(args, recipe, mnist, splits, model, evaluation, history, seconds
-                   ) -> dict[str, Any]:
-    """Everything needed to know what a version is and how it was made."""
-    return {
-        "name": args.name,
-        "version": None,  # set by the export when the number is taken
-        "arch": args.arch,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "dataset": {"name": "MNIST", "source": mnist.source,
-                    "train": len(splits["x_train"]), "validation": len(splits["x_val"]),
-                    "test": len(mnist.x_test), "limit": args.limit},
-        "test": {"accuracy": evaluation.accuracy, "loss": evaluation.loss,
-                 "per_class": evaluation.per_class(),
-                 "confusion_matrix": evaluation.confusion.tolist()},
-        "history": history,
-        "train_seconds": round(seconds, 1),
-        "recipe": {**recipe.to_dict(), "arch": args.arch, "seed": args.seed,
-                   "limit": args.limit, "val_size": len(splits["x_val"]),
-                   "data": str(args.data) if args.data else None},
-        "libraries": library_versions(),
-        "input": {"name": model.inputs[0].name, **INPUT_CONTRACT},
-        "output": OUTPUT_CONTRACT,
-        "summary": summarize_model(model),
-    }
+def origin(args: argparse.Namespace) -> Origin:
+    return Origin(args.name, args.arch, args.seed, args.limit, args.data)
 
 
 def newest_is_complete(model_dir: Path) -> bool:
@@ -243,7 +189,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     print(f"\ntraining took {seconds:.1f} s")
     print(f"Test loss: {evaluation.loss:.4f}\nTest accuracy: {evaluation.accuracy:.4f}\n")
     print(format_per_class(evaluation))
-    metadata = build_metadata(args, recipe, mnist, splits, model, evaluation, history, seconds)
+    metadata = build_metadata(origin(args), recipe.to_dict(), mnist, splits, model,
+                              evaluation, history, seconds)
     folder = export_version(model, args.models_dir / args.name, metadata,
                             plot_writer(history, evaluation, mnist))
     print(f"\nexported {folder}")
@@ -307,8 +254,8 @@ def fit_torch(args: argparse.Namespace, recipe: Recipe, mnist: Mnist,
           f"difference {difference:.2e}, accuracy {evaluation.accuracy:.4f} against "
           f"{torch_accuracy:.4f}")
 
-    metadata = build_metadata(args, recipe, mnist, splits, model, evaluation, run.history,
-                              seconds)
+    metadata = build_metadata(origin(args), recipe.to_dict(), mnist, splits, model,
+                              evaluation, run.history, seconds)
     metadata["framework"] = "pytorch"
     metadata["summary"]["notes"] = notes
     metadata["libraries"]["torch"] = torch.__version__

@@ -7,11 +7,16 @@ and ``einsum``, and the convolution also returns its input gradient (the article
 it "as an exercise"), so layers can stack. Layouts are Keras's (NHWC images, kernels
 (3, 3, in, out), flatten in (h, w, c) order), so trained weights load straight into the
 Keras ``tiny`` model and are exported and served like any other model.
+
+Training needs no TensorFlow: options, data, the network and its training import
+NumPy alone (``run``). Only ``export`` loads TensorFlow and Keras, because a served
+version is a SavedModel (and its LiteRT file) of the Keras twin.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -21,8 +26,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
-from training.data import MnistError, load_mnist, split_validation, to_model_input
-from training.fit import DEFAULT_SEED, DEFAULT_VAL_SIZE, model_name, positive_int
+from training.data import Mnist, MnistError, load_mnist, split_validation, to_model_input
+from training.evaluate import evaluate, format_per_class
+from training.metadata import Origin, build_metadata
+from training.options import DEFAULT_SEED, DEFAULT_VAL_SIZE, model_name, positive_int
+from training.plots import plot_confusion, plot_history, plot_samples
 
 DEFAULT_NAME = "mnist_scratch"
 
@@ -233,19 +241,27 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import os
+@dataclass(frozen=True)
+class ScratchRun:
+    """A trained NumPy net and what its metadata needs to say how it was made."""
 
-    args = parse_args(argv, dict(os.environ))
-    base = PRESETS[args.preset]
-    recipe = replace(base, **{k: v for k, v in {
+    net: ScratchCNN
+    recipe: ScratchRecipe
+    mnist: Mnist
+    splits: dict[str, np.ndarray]
+    history: dict[str, list[float]]  # per epoch, with the seconds each took
+    seconds: float
+
+
+def run(args: argparse.Namespace) -> ScratchRun:
+    """Load MNIST and train with the chosen recipe: NumPy alone, no TensorFlow.
+
+    Raises MnistError when no copy of MNIST can be read.
+    """
+    recipe = replace(PRESETS[args.preset], **{k: v for k, v in {
         "epochs": args.epochs, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate}.items() if v is not None})
-    try:
-        mnist = load_mnist(args.data)
-    except MnistError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    mnist = load_mnist(args.data)
     count = min(filter(None, [recipe.train_images, args.limit, len(mnist.x_train)]))
     x, y = mnist.x_train[:count], mnist.y_train[:count]
     val_size = min(DEFAULT_VAL_SIZE, max(1, count // 10))
@@ -256,17 +272,33 @@ def main(argv: list[str] | None = None) -> int:
     history = train(net, recipe, to_model_input(x_train), y_train, to_model_input(x_val),
                     y_val, args.seed)
     seconds = time.perf_counter() - started
-    return export(net, args, recipe, mnist, x_train, x_val, history, seconds)
+    return ScratchRun(net, recipe, mnist, {"x_train": x_train, "x_val": x_val}, history,
+                      seconds)
 
 
-def export(net, args, recipe, mnist, x_train, x_val, history, seconds) -> int:
-    """Evaluate through Keras, print the article's test lines, export like training.fit."""
-    from training.evaluate import evaluate, format_per_class
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, dict(os.environ))
+    try:
+        trained = run(args)
+    except MnistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    folder = export(trained, args)
+    print(f"\nexported {folder}")
+    return 0
+
+
+def export(trained: ScratchRun, args: argparse.Namespace) -> Path:
+    """Evaluate through Keras, print the article's test lines, export like training.fit.
+
+    The one step that loads TensorFlow and Keras (``to_keras`` and ``export_version``
+    import them): the served version is the Keras twin's SavedModel, and its test figures
+    are the twin's.
+    """
     from training.export import export_version
-    from training.fit import build_metadata
-    from training.plots import plot_confusion, plot_history, plot_samples
 
-    model = to_keras(net)
+    mnist = trained.mnist
+    model = to_keras(trained.net)
     evaluation = evaluate(model, mnist.x_test, mnist.y_test)
     first = evaluate(model, mnist.x_test[:1000], mnist.y_test[:1000])
     print(f"\nTest Loss: {first.loss:.3f}  Test Accuracy: {first.accuracy:.3f} "
@@ -274,23 +306,19 @@ def export(net, args, recipe, mnist, x_train, x_val, history, seconds) -> int:
     print(f"Test Loss: {evaluation.loss:.4f}  Test Accuracy: {evaluation.accuracy:.4f} "
           "(all 10,000)\n")
     print(format_per_class(evaluation))
-    splits = {"x_train": x_train, "x_val": x_val}
-    meta_args = argparse.Namespace(name=args.name, arch="tiny (NumPy from scratch)",
-                                   limit=args.limit, seed=args.seed, data=args.data)
-    metadata = build_metadata(meta_args, recipe, mnist, splits, model, evaluation,
-                              {k: v for k, v in history.items() if k != "seconds"}, seconds)
-    metadata["seconds_per_epoch"] = [round(s, 2) for s in history["seconds"]]
+    history = {k: v for k, v in trained.history.items() if k != "seconds"}
+    origin = Origin(args.name, "tiny (NumPy from scratch)", args.seed, args.limit, args.data)
+    metadata = build_metadata(origin, trained.recipe.to_dict(), mnist, trained.splits, model,
+                              evaluation, history, trained.seconds)
+    metadata["seconds_per_epoch"] = [round(s, 2) for s in trained.history["seconds"]]
 
     def write_plots(folder: Path) -> None:
-        plot_history({k: v for k, v in history.items() if k != "seconds"},
-                     folder / "history.png")
+        plot_history(history, folder / "history.png")
         plot_confusion(evaluation.confusion, folder / "confusion.png")
         plot_samples(mnist.x_test, mnist.y_test, evaluation.predictions,
                      folder / "samples.png")
 
-    folder = export_version(model, args.models_dir / args.name, metadata, write_plots)
-    print(f"\nexported {folder}")
-    return 0
+    return export_version(model, args.models_dir / args.name, metadata, write_plots)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -102,10 +105,32 @@ def test_sgd_steps_lower_the_loss(batch):
     assert net.loss(net.forward(images), labels) < before / 2
 
 
-def test_scratch_cli_trains_and_exports_a_servable_model(tmp_path, mnist):
-    import subprocess
+TRAIN_WITHOUT_TENSORFLOW = textwrap.dedent("""
     import sys
 
+    def frameworks():
+        return sorted({m.split(".")[0] for m in sys.modules} & {"tensorflow", "keras"})
+
+    from training import scratch
+    print("after import:", frameworks())
+    trained = scratch.run(scratch.parse_args(["--limit", "300", "--epochs", "2"]))
+    print("epochs trained:", len(trained.history["loss"]))
+    print("after training:", frameworks())
+""")
+
+
+def test_the_numpy_trainer_trains_without_loading_tensorflow_or_keras(mnist):
+    """Options, data, network and SGD (``scratch.run``) are NumPy alone; only the export
+    of the Keras twin, which the CLI test below covers, may load TensorFlow."""
+    result = subprocess.run([sys.executable, "-c", TRAIN_WITHOUT_TENSORFLOW], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert "after import: []" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epochs trained: 2" in result.stdout
+    assert "after training: []" in result.stdout
+
+
+def test_scratch_cli_trains_and_exports_a_servable_model(tmp_path, mnist):
     result = subprocess.run(
         [sys.executable, "-m", "training.scratch", "--limit", "3000", "--epochs", "1",
          "--models-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
