@@ -89,13 +89,15 @@ class ModelStore:
         self.poll_seconds = poll_seconds
         self.metrics = metrics
         self.prefer_tflite = prefer_tflite
-        # Replaced whole, never mutated: a reader that took it sees one consistent state.
+        # Each mapping below is written by the poll thread and read by request threads:
+        # it is replaced whole, never mutated, so a reader that took it iterates one
+        # consistent state (a mutation under a reader's loop is a 500).
         self.versions: dict[str, dict[int, LoadedModel]] = {}
         self._snapshot = Snapshot({}, {})
         self._rejections: dict[tuple[str, str], tuple[Fingerprint, str]] = {}
         self._odd: dict[tuple[str, str], str] = {}  # (model, folder) → why it is no version
         self._missing: dict[str, frozenset[int]] = {}  # versions the policy names, absent
-        self._loading: set[tuple[str, int]] = set()
+        self._loading: frozenset[tuple[str, int]] = frozenset()
         self._scan_error: str | None = None
         self._refreshing = threading.Lock()
         self._loaded = threading.Event()
@@ -162,7 +164,7 @@ class ModelStore:
         if missing and self._missing.get(folder.name) != missing:
             log.warning("%s has no version %s (MODEL_VERSION_POLICY %s)", folder.name,
                         ", ".join(map(str, sorted(missing))), self.policy.text)
-        self._missing[folder.name] = missing
+        self._missing = {**self._missing, folder.name: missing}
 
     def _try_load(self, name: str, found: VersionFolder) -> LoadedModel | None:
         """Load ``found`` unless it was rejected as it is now; None if it fails."""
@@ -170,7 +172,7 @@ class ModelStore:
         rejection = self._rejections.get(key)
         if rejection is not None and rejection[0] == found.fingerprint:
             return None
-        self._loading.add((name, found.version))
+        self._loading = self._loading | {(name, found.version)}
         try:
             model = load_version(name, found, self.batch_max_size, self.prefer_tflite,
                                  self.tf_threads)
@@ -182,8 +184,9 @@ class ModelStore:
             self._reject(key, found, f"load failed: {type(err).__name__}: {err}"[:300])
             return None
         finally:
-            self._loading.discard((name, found.version))
-        self._rejections.pop(key, None)
+            self._loading = self._loading - {(name, found.version)}
+        if key in self._rejections:
+            self._rejections = {k: v for k, v in self._rejections.items() if k != key}
         if self.batch_max_size > 1:
             model.start_batching(self.batch_max_size, self.batch_timeout_ms)
         log.info("loaded %s version %d in %.2f s", name, found.version, model.load_seconds)
@@ -193,7 +196,7 @@ class ModelStore:
 
     def _reject(self, key: tuple[str, str], found: VersionFolder, reason: str) -> None:
         log.warning("not serving %s: %s", found.path, reason)
-        self._rejections[key] = (found.fingerprint, reason)
+        self._rejections = {**self._rejections, key: (found.fingerprint, reason)}
 
     def _swap(self, name: str, chosen: dict[int, LoadedModel]) -> None:
         """Make ``chosen`` what ``name`` serves, in one step, and retire the rest."""
@@ -263,9 +266,10 @@ class ModelStore:
     def rejected_versions(self, name: str) -> dict[str, str]:
         """Folder name → why it is not served, for each folder of ``name`` that failed a
         check or is no version."""
-        reasons = {entry: reason for (model, entry), (_, reason) in self._rejections.items()
+        rejections, odd = self._rejections, self._odd  # each taken once: see __init__
+        reasons = {entry: reason for (model, entry), (_, reason) in rejections.items()
                    if model == name}
-        reasons.update({entry: reason for (model, entry), reason in self._odd.items()
+        reasons.update({entry: reason for (model, entry), reason in odd.items()
                         if model == name and entry})
         return dict(sorted(reasons.items(), key=lambda item: (len(item[0]), item[0])))
 
@@ -276,13 +280,13 @@ class ModelStore:
 
     def index(self) -> list[VersionState]:
         """Every model and version folder with its state: the repository index."""
-        served, rows = self.versions, []
+        served, loading, rows = self.versions, self._loading, []
         for name, folder in sorted(self._snapshot.models.items()):
             rejected = self.rejected_versions(name)
             for version in sorted(folder.versions):
                 if version in served.get(name, {}):
                     rows.append(VersionState(name, str(version), READY))
-                elif (name, version) in self._loading:
+                elif (name, version) in loading:
                     rows.append(VersionState(name, str(version), LOADING))
                 else:
                     reason = rejected.get(str(version)) or \

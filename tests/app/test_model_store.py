@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 from app.errors import ModelNotFound, ModelNotReady
 from app.model_store import ModelStore
 from app.version_policy import VersionPolicy
+from tests.conftest import wait_until
 from training.data import to_model_input
 
 
@@ -474,3 +477,56 @@ def test_litert_refuses_signature_defs_that_describe_no_tensors(watched, fit_run
     store.load()
     assert store.get().version == 1
     assert "must have one input" in store.rejected_versions("digits")["2"]
+
+
+@pytest.fixture
+def eager_thread_switches():
+    """Threads switch every microsecond instead of every 5 ms, so that a reader iterating
+    a mapping the poll thread changes meets the change within seconds, not hours."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def hammer(app, stop: threading.Event, failures: list) -> None:
+    """GET /models and POST /v2/repository/index until stopped; keep every non-2xx."""
+    client = app.test_client()
+    while not stop.is_set():
+        for response in (client.get("/models"), client.post("/v2/repository/index")):
+            if not 200 <= response.status_code < 300:
+                failures.append((response.status_code, response.get_data(as_text=True)))
+
+
+def test_listings_answer_while_the_watch_rejects_and_forgets_folders(
+        tmp_path, untrained_tiny, eager_thread_switches):
+    from app import create_app
+    from app.config import Config
+
+    model_dir = tmp_path / "digits"
+    shutil.copytree(untrained_tiny, model_dir / "1")
+    for version in range(100, 160):  # rejected at boot: long mappings to iterate
+        (model_dir / str(version)).mkdir()
+    app = create_app(Config(models_dir=tmp_path, model_name="digits",
+                            model_poll_seconds=0.005))
+    store = app.extensions["model_store"]
+    stop, failures = threading.Event(), []
+    threads = [threading.Thread(target=hammer, args=(app, stop, failures))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        for cycle in range(200):  # broken, then gone: one entry added, one removed
+            name = str(200 + cycle)
+            (model_dir / name).mkdir()
+            wait_until(lambda n=name: n in store.rejected_versions("digits"),
+                       f"version {name} rejected")
+            (model_dir / name).rmdir()
+            wait_until(lambda n=name: n not in store.rejected_versions("digits"),
+                       f"version {name} forgotten")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        store.close()
+    assert failures == []
