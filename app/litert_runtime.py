@@ -67,12 +67,11 @@ def load_litert(folder: Path, metadata: dict[str, Any], warm_up_to: int, threads
     except VersionRejected:
         raise
     except Exception as err:  # noqa: BLE001 - the interpreter raises ValueError, RuntimeError…
-        raise VersionRejected(f"{TFLITE_FILE} does not load: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200] if str(err) else ''}") from None
+        raise VersionRejected.because(f"{TFLITE_FILE} does not load", err) from None
     try:
         runtime.warm_up(warm_up_to)
     except VersionRejected:
         raise
     except Exception as err:  # noqa: BLE001 - any failure on blank images disqualifies it
-        raise VersionRejected(f"warm-up failed: {type(err).__name__}: {err}"[:300]) from None
+        raise VersionRejected.because("warm-up failed", err) from None
     return runtime

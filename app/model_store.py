@@ -176,12 +176,12 @@ class ModelStore:
         try:
             model = load_version(name, found, self.batch_max_size, self.prefer_tflite,
                                  self.tf_threads)
-        except VersionRejected as reason:
-            self._reject(key, found, str(reason))
+        except VersionRejected as rejected:
+            self._reject(key, found, str(rejected), rejected.detail)
             return None
         except Exception as err:  # a folder must never stop the worker
             log.exception("loading %s failed", found.path)
-            self._reject(key, found, f"load failed: {type(err).__name__}: {err}"[:300])
+            self._reject(key, found, f"load failed ({type(err).__name__})")
             return None
         finally:
             self._loading = self._loading - {(name, found.version)}
@@ -194,9 +194,22 @@ class ModelStore:
             self.metrics.load_seconds.labels(name, str(found.version)).set(model.load_seconds)
         return model
 
-    def _reject(self, key: tuple[str, str], found: VersionFolder, reason: str) -> None:
-        log.warning("not serving %s: %s", found.path, reason)
+    def _reject(self, key: tuple[str, str], found: VersionFolder, reason: str,
+                detail: str | None = None) -> None:
+        """Remember why ``found`` is not served; the reason is listed to clients, so
+        it names files relative to MODELS_DIR, and the detail goes to the log only."""
+        log.warning("not serving %s: %s%s", found.path, reason,
+                    f" [{detail}]" if detail else "")
+        reason = self._relative(reason)[:300]
         self._rejections = {**self._rejections, key: (found.fingerprint, reason)}
+
+    def _relative(self, text: str) -> str:
+        """``text`` with MODELS_DIR's own path taken out of every path it names."""
+        roots = {str(p) for p in (self.models_dir, self.models_dir.absolute(),
+                                  self.models_dir.resolve())}
+        for root in sorted(roots, key=len, reverse=True):
+            text = text.replace(root.rstrip("/") + "/", "")
+        return text
 
     def _swap(self, name: str, chosen: dict[int, LoadedModel]) -> None:
         """Make ``chosen`` what ``name`` serves, in one step, and retire the rest."""
@@ -314,7 +327,7 @@ class ModelStore:
         reasons = f" ({self.rejected[name]})" if name in self._snapshot.models else ""
         if name == self.default_name:
             raise ModelNotReady(f"the default model {name!r} has no servable version in "
-                                f"{self.models_dir}{reasons}; train one with `make train`")
+                                f"MODELS_DIR{reasons}; train one with `make train`")
         if reasons:
             raise ModelNotReady(f"{name!r} has no servable version{reasons}")
         known = ", ".join(sorted(self.versions)) or "none"

@@ -128,7 +128,7 @@ def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
     except VersionRejected:
         raise
     except Exception as err:  # noqa: BLE001 - TensorFlow raises many types for bad files
-        raise VersionRejected(f"SavedModel does not load: {_brief(err)}") from None
+        raise VersionRejected.because("SavedModel does not load", err) from None
     expected = metadata["summary"]["totals"]["params"]
     if (count := runtime.parameter_count()) != expected:
         raise VersionRejected(f"SavedModel has {count} parameters, metadata says {expected}")
@@ -137,10 +137,5 @@ def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
     except VersionRejected:
         raise
     except Exception as err:  # noqa: BLE001 - any failure on blank images disqualifies it
-        raise VersionRejected(f"warm-up failed: {_brief(err)}") from None
+        raise VersionRejected.because("warm-up failed", err) from None
     return runtime
-
-
-def _brief(err: BaseException) -> str:
-    lines = str(err).splitlines() or [""]
-    return f"{type(err).__name__}: {lines[0][:200]}"

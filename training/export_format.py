@@ -142,7 +142,9 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         text = (folder / METADATA_FILE).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"no {METADATA_FILE}") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:  # its strerror: the message would name the absolute path
+        raise ValueError(f"unreadable {METADATA_FILE}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
         raise ValueError(f"unreadable {METADATA_FILE}: {err}") from None
     try:
         metadata = json.loads(text)
@@ -188,7 +190,8 @@ def complete(folder: Path) -> Check:
     except ValueError as err:
         return Check(str(err))
     except OSError as err:
-        return Check(f"unreadable: {err}")
+        name = os.path.relpath(os.fsdecode(err.filename), folder) if err.filename else "."
+        return Check(f"{name} is unreadable: {err.strerror}")
     return Check()
 
 

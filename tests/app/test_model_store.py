@@ -530,3 +530,29 @@ def test_listings_answer_while_the_watch_rejects_and_forgets_folders(
             thread.join()
         store.close()
     assert failures == []
+
+
+def test_reasons_name_folders_relative_to_models_dir_and_hide_exception_text(
+        tmp_path, untrained_tiny, caplog):
+    from app import create_app
+    from app.config import Config
+
+    shutil.copytree(untrained_tiny, tmp_path / "digits" / "1")
+    (shutil.copytree(untrained_tiny, tmp_path / "digits" / "2") / "metadata.json").unlink()
+    (tmp_path / "digits" / "2" / "metadata.json").mkdir()  # read → IsADirectoryError
+    mutilate_corrupt_pb(shutil.copytree(untrained_tiny, tmp_path / "digits" / "3"))
+    shutil.copytree(tmp_path / "digits" / "2", tmp_path / "broken" / "1")
+    with caplog.at_level(logging.WARNING):
+        app = create_app(Config(models_dir=tmp_path, model_name="broken",
+                                model_poll_seconds=0))
+    client = app.test_client()
+    answers = [client.get("/models"), client.post("/v2/repository/index"),
+               client.get("/models/broken"), client.get("/ready"),
+               client.post("/v2/models/broken/infer", json={"inputs": []})]
+    assert [a.status_code for a in answers] == [200, 200, 503, 503, 503]
+    for answer in answers:
+        assert str(tmp_path) not in answer.get_data(as_text=True)
+    rejected = client.get("/models/digits").get_json()["rejected"]
+    assert rejected == {"2": "unreadable metadata.json: Is a directory",
+                        "3": "SavedModel does not load (DecodeError)"}
+    assert str(tmp_path / "digits" / "3") in caplog.text  # the detail is logged
