@@ -57,39 +57,65 @@ _VERSION_NAME = re.compile(r"0|[1-9][0-9]{0,17}")  # int64; "01" would alias "1"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # URL- and label-safe
 _HASH_CHUNK = 1 << 20
 
+# What the server sends on from metadata.json goes out through orjson, which refuses an
+# integer beyond 64 bits and a lone surrogate (a 500 on every listing): every field it
+# reads is typed and bounded here, so such a file rejects its version at load instead.
+_INT64_MAX = 2**63 - 1
+_TEXT = {"type": "string", "pattern": "^[^\ud800-\udfff]*$"}
+_VALUE = {"$ref": "#/$defs/value"}  # any JSON that can be sent on, at any depth
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 10**12}  # memory sums stay in int64
+_ACTIVATIONS = {**_COUNT, "maximum": 10**9}  # × 4 bytes × MAX_BATCH stays in int64
+_RATIO = {"type": "number", "minimum": 0, "maximum": 1}
+_SHAPE = {"type": "array", "minItems": 1, "maxItems": 16,
+          "items": {"type": ["integer", "null"], "minimum": 0, "maximum": 10**9}}
+
+
+def _record(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
+    """An object sent on whole: the named fields typed, any others sendable JSON."""
+    return {"type": "object", "required": required, "properties": properties,
+            "propertyNames": _TEXT, "additionalProperties": _VALUE}
+
+
 METADATA_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "metadata.json of one exported version (only what the server reads)",
+    "title": "metadata.json of one exported version (every field the server reads)",
+    "$defs": {"value": {
+        "type": ["object", "array", "string", "number", "boolean", "null"],
+        "minimum": -_INT64_MAX - 1, "maximum": _INT64_MAX, "pattern": _TEXT["pattern"],
+        "items": _VALUE, "propertyNames": _TEXT, "additionalProperties": _VALUE}},
     "type": "object",
     "required": ["summary"],
     "properties": {
-        "name": {"type": "string"},
-        "version": {"type": ["integer", "null"]},
-        "arch": {"type": ["string", "null"]},
-        "created": {"type": "string"},
+        "name": _TEXT,
+        "version": {"type": ["integer", "null"], "minimum": 0, "maximum": _INT64_MAX},
+        "arch": {**_TEXT, "type": ["string", "null"]},
+        "created": _TEXT,
+        # The model page (app/static/model.js) reads each layer's shape and counts.
         "summary": {
             "type": "object",
             "required": ["layers", "totals"],
             "properties": {
-                "layers": {"type": "array", "items": {
-                    "type": "object", "required": ["name", "type", "params"],
-                    "properties": {"name": {"type": "string"}, "type": {"type": "string"},
-                                   "params": _COUNT}}},
-                "totals": {"type": "object",
-                           "required": ["params", "param_bytes", "activations_per_image"],
-                           "properties": {"params": _COUNT, "param_bytes": _COUNT,
-                                          "activations_per_image": {
-                                              **_COUNT, "maximum": 10**9}}},
+                "layers": {"type": "array", "items": _record(
+                    ["name", "type", "output_shape", "weights", "biases", "params",
+                     "activations"],
+                    name=_TEXT, type=_TEXT, input_shape=_SHAPE, output_shape=_SHAPE,
+                    weights=_COUNT, biases=_COUNT, params=_COUNT, trainable_params=_COUNT,
+                    activations=_ACTIVATIONS)},
+                "totals": _record(["params", "param_bytes", "activations_per_image"],
+                                  params=_COUNT, trainable_params=_COUNT,
+                                  param_bytes=_COUNT, activations_per_image=_ACTIVATIONS),
+                "notes": {"type": "array", "items": _TEXT},
             },
         },
         "test": {"type": "object", "properties": {
-            "accuracy": {"type": "number"},
-            "per_class": {"type": "array", "items": {"type": "object"}}}},
-        "input": {"type": "object"},
+            "accuracy": {**_RATIO, "type": ["number", "null"]},
+            "per_class": {"type": "array", "items": _record(
+                [], digit={"type": "integer", "minimum": 0, "maximum": 9},
+                correct=_COUNT, total=_COUNT, accuracy=_RATIO)}}},
+        "input": _record([]),
         # The SavedModel's SignatureDefs in protobuf's JSON form, so that a server that
         # never imports TensorFlow (LiteRT) still describes the tensors exactly.
-        "signature_defs": {"type": "object", "required": [SIGNATURE]},
+        "signature_defs": _record([SIGNATURE]),
         "tflite": {"type": "object", "required": ["file"],
                    "properties": {"file": {"const": TFLITE_FILE}}},
         "files": {"type": "object", "additionalProperties": {

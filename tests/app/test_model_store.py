@@ -556,3 +556,46 @@ def test_reasons_name_folders_relative_to_models_dir_and_hide_exception_text(
     assert rejected == {"2": "unreadable metadata.json: Is a directory",
                         "3": "SavedModel does not load (DecodeError)"}
     assert str(tmp_path / "digits" / "3") in caplog.text  # the detail is logged
+
+
+def set_first_layer(field, value):
+    return lambda m: m["summary"]["layers"][0].update({field: value})
+
+
+BAD_METADATA = {  # what the server would send on, or the model page would trip over
+    "huge integer in input": (lambda m: m.update(input={"x": 2**70}), "input/x"),
+    "huge layer weights": (set_first_layer("weights", 2**70), "summary/layers/0/weights"),
+    "huge extra total": (lambda m: m["summary"]["totals"].update(extra=2**70),
+                         "summary/totals/extra"),
+    "huge digit count": (lambda m: m.update(test={"per_class": [{"digit": 0, "x": -2**70}]}),
+                         "test/per_class/0/x"),
+    "huge signature field": (lambda m: m.update(signature_defs={
+        "serving_default": {}, "other": {"x": [2**70]}}), "signature_defs/other/x/0"),
+    "notes as a string": (lambda m: m["summary"].update(notes="read me"), "summary/notes"),
+    "layer without a shape": (lambda m: m["summary"]["layers"][0].pop("output_shape"),
+                              "summary/layers/0"),
+    "accuracy as text": (lambda m: m.update(test={"accuracy": "high"}), "test/accuracy"),
+    "arch as a number": (lambda m: m.update(arch=5), "arch"),
+    "lone surrogate": (lambda m: m.update(arch="\ud800"), "arch"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_METADATA)
+def test_metadata_the_server_cannot_send_rejects_its_version_alone(tmp_path, untrained_tiny,
+                                                                   bad):
+    from app import create_app
+    from app.config import Config
+
+    shutil.copytree(untrained_tiny, tmp_path / "digits" / "1")
+    folder = shutil.copytree(untrained_tiny, tmp_path / "odd" / "1")
+    change, where = BAD_METADATA[bad]
+    metadata = json.loads((folder / "metadata.json").read_text())
+    change(metadata)
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    client = create_app(Config(models_dir=tmp_path, model_name="digits",
+                               model_poll_seconds=0)).test_client()
+    for path in ("/models", "/models/digits", "/summary", "/models/digits/summary"):
+        assert client.get(path).status_code == 200, path
+    answer = client.get("/models/odd")
+    assert answer.status_code == 503
+    assert f"metadata.json is invalid at {where}" in answer.get_json()["error"]["message"]
