@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from app.saved_model import check_signature
 from app.servable import VersionRejected, check_warm_up
 from training.export_format import SIGNATURE, TFLITE_FILE
 
@@ -57,11 +56,8 @@ class LiteRtRuntime:
 
 def load_litert(folder: Path, metadata: dict[str, Any], warm_up_to: int, threads: int = 1
                 ) -> LiteRtRuntime:
-    """Load and warm ``folder/model.tflite``; raises VersionRejected."""
-    if "signature_defs" not in metadata:
-        raise VersionRejected("metadata.json has no signature_defs (exported before "
-                              f"{TFLITE_FILE} existed?)")
-    check_signature(metadata["signature_defs"])  # what the metadata endpoints will describe
+    """Load and warm ``folder/model.tflite`` of a version that export_format.servable
+    passed (so metadata.json describes its signature); raises VersionRejected."""
     try:
         runtime = LiteRtRuntime(folder / TFLITE_FILE, metadata["signature_defs"], threads)
     except VersionRejected:

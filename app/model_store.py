@@ -32,7 +32,7 @@ from app.repository import Fingerprint, ModelFolder, Snapshot, VersionFolder, sc
 from app.saved_model import load_saved_model
 from app.servable import LoadedModel, VersionRejected
 from app.version_policy import VersionPolicy
-from training.export_format import TFLITE_FILE, complete, read_metadata
+from training.export_format import TFLITE_FILE, read_metadata, servable
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ def load_version(name: str, found: VersionFolder, warm_up_to: int,
     a model.tflite, else on TensorFlow; raises VersionRejected with the reason."""
     if found.error:
         raise VersionRejected(found.error)
-    check = complete(found.path)
+    check = servable(found.path)
     if not check:
         raise VersionRejected(check.reason)
     started = time.perf_counter()
     try:
         metadata = read_metadata(found.path)
-    except ValueError as err:  # changed since complete() read it
+    except ValueError as err:  # changed since servable() read it
         raise VersionRejected(str(err)) from None
     if prefer_tflite and (found.path / TFLITE_FILE).is_file():
         runtime = load_litert(found.path, metadata, warm_up_to, threads)

@@ -1,8 +1,9 @@
 """The on-disk export format, defined once: what a servable version folder is.
 
 Training writes it (training/export.py), ``training.fit --if-missing`` checks it, and the
-server's folder scanner and loader read it (app/repository.py, app/saved_model.py); all of
-them ask this module, so "complete" cannot mean two things.
+server's folder scanner and loader read it (app/repository.py, app/model_store.py); all of
+them ask ``servable`` here, so the exporter cannot publish, nor ``--if-missing`` accept, a
+version the server would refuse for anything short of running it.
 
     <models>/<name>/<version>/   name: see valid_model_name
                                  version: ASCII digits only ("12", never "²" or "1.5")
@@ -47,6 +48,8 @@ VARIABLES_INDEX = "variables/variables.index"
 KERAS_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"  # the same network for LiteRT (PREFER_TFLITE_MODEL)
 SIGNATURE = "serving_default"
+INPUT_SHAPE = [-1, 28, 28, 1]  # the serving signature: a batch of MNIST images in,
+OUTPUT_SHAPE = [-1, 10]  # one probability per digit out
 PLOTS_DIR = "plots"
 STAGING_PREFIX = ".tmp-"
 LOCK_FILE = ".export.lock"
@@ -198,11 +201,64 @@ def read_signature_defs(folder: Path) -> dict[str, Any]:
             for name, signature in saved.meta_graphs[0].signature_def.items()}
 
 
-def complete(folder: Path) -> Check:
-    """Whether ``folder`` holds a whole export, by files alone (no model is loaded).
+def servable(folder: Path, read_graph: bool = False) -> Check:
+    """Whether the server will serve ``folder``, by every check that runs no model: the
+    files (``complete``), then the serving signature that metadata.json describes — and,
+    with ``read_graph``, the one saved_model.pb holds (that imports TensorFlow's protobuf
+    modules: for callers that load TensorFlow anyway). Only what needs the model loaded
+    is left to the runtimes: its parameter count against the metadata, and finite
+    answers at warm-up."""
+    check = complete(folder)
+    if not check:
+        return check
+    try:
+        metadata = read_metadata(folder)
+    except ValueError as err:  # changed since complete() read it
+        return Check(str(err))
+    if "signature_defs" not in metadata and (folder / TFLITE_FILE).exists():
+        return Check(f"{METADATA_FILE} has no signature_defs, which {TFLITE_FILE} needs")
+    described = [metadata.get("signature_defs")]
+    if read_graph:
+        try:
+            described.append(read_signature_defs(folder))
+        except Exception as err:  # noqa: BLE001 - protobuf's DecodeError, OSError, …
+            return Check(f"SavedModel does not load ({type(err).__name__})")
+    for signature_defs in described:
+        if signature_defs is not None and (problem := signature_problem(signature_defs)):
+            return Check(problem)
+    return Check()
 
-    A manifest in metadata.json (every export since 1.2) is checked file by file, size
-    and SHA-256, so a truncated or half-copied version is never taken for complete.
+
+def signature_problem(signature_defs: dict[str, Any]) -> str | None:
+    """What is wrong with the serving signature, or None: one float input of
+    INPUT_SHAPE and one output of OUTPUT_SHAPE, in protobuf's JSON form."""
+    serving = signature_defs.get(SIGNATURE)
+    if not isinstance(serving, dict):
+        return f"no {SIGNATURE!r} signature"
+    inputs, outputs = serving.get("inputs"), serving.get("outputs")
+    if not (isinstance(inputs, dict) and isinstance(outputs, dict)
+            and len(inputs) == 1 == len(outputs)
+            and all(isinstance(t, dict) for t in (*inputs.values(), *outputs.values()))):
+        return (f"the {SIGNATURE!r} signature must have one input (images) and one output "
+                "(probabilities)")
+    for role, tensor, expected in (("input", *inputs.values(), INPUT_SHAPE),
+                                   ("output", *outputs.values(), OUTPUT_SHAPE)):
+        try:
+            shape = [int(d.get("size", -1)) for d in tensor.get("tensor_shape", {})["dim"]]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            shape = None
+        if tensor.get("dtype") != "DT_FLOAT" or shape != expected:
+            return (f"{SIGNATURE} {role} is {tensor.get('dtype')} {shape}, "
+                    f"expected DT_FLOAT {expected}")
+    return None
+
+
+def complete(folder: Path) -> Check:
+    """Whether ``folder`` holds a whole export, by files alone: servable's first part.
+
+    A manifest in metadata.json (written by every export that has one) is checked file by
+    file, size and SHA-256, so a truncated or half-copied version is never taken for
+    complete.
     """
     try:
         for required in (SAVED_MODEL_FILE, VARIABLES_INDEX):
@@ -320,9 +376,9 @@ def publish(folder: Path, model_dir: Path, metadata: dict[str, Any]) -> Path:
     while True:
         version = next_version(model_dir)
         write_json(folder / METADATA_FILE, {**metadata, "version": version, "files": files})
-        check = complete(folder)
+        check = servable(folder)
         if not check:
-            raise ValueError(f"refusing to publish an incomplete export: {check.reason}")
+            raise ValueError(f"refusing to publish an unservable export: {check.reason}")
         target = model_dir / str(version)
         try:
             os.rename(folder, target)
