@@ -11,7 +11,11 @@ under the version policy (app/version_policy.py):
   requests already holding it finish on it, and it is released after the last one
   (app/servable.py);
 - a folder that fails a check is logged once with its reason, listed with it, and tried
-  again only when its contents change; the next lower version is served meanwhile.
+  again only when its contents change; the next lower version is served meanwhile;
+- candidates are tried newest first, each checked by its files before it is loaded
+  (export_format.servable), and a pass that finds a newer version published while it
+  loads stops loading older ones: the next poll starts from the newest, so versions
+  that fail only once loaded, however many, cost a good new one a single load.
 
 Nothing in one folder can stop the others from loading: every failure of a version
 becomes a rejection with a reason, and the poll thread survives anything.
@@ -32,7 +36,7 @@ from app.repository import Fingerprint, ModelFolder, Snapshot, VersionFolder, sc
 from app.saved_model import load_saved_model
 from app.servable import LoadedModel, VersionRejected
 from app.version_policy import VersionPolicy
-from training.export_format import TFLITE_FILE, read_metadata, servable
+from training.export_format import TFLITE_FILE, list_versions, read_metadata, servable
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,11 @@ def load_version(name: str, found: VersionFolder, warm_up_to: int,
         runtime = load_saved_model(found.path, metadata, warm_up_to, threads)
     return LoadedModel(name, found.version, found.path, metadata, runtime,
                        found.fingerprint, time.perf_counter() - started)
+
+
+def _newer_published(folder: ModelFolder) -> bool:
+    """True when ``folder`` now holds a version above every one its scan found."""
+    return max(list_versions(folder.path), default=-1) > max(folder.versions, default=-1)
 
 
 class ModelStore:
@@ -143,19 +152,29 @@ class ModelStore:
             self._count_rejections()
 
     def _reconcile(self, folder: ModelFolder) -> dict[int, LoadedModel]:
-        """The versions to serve: the policy's candidates that are loaded or load now."""
+        """The versions to serve: the policy's candidates that are loaded or load now.
+
+        Once a newer version than this scan saw has appeared, nothing more is loaded in
+        this pass: what is loaded stays, and the next poll begins with the newcomer."""
         current = self.versions.get(folder.name, {})
         self._note_missing(folder)
         chosen: dict[int, LoadedModel] = {}
+        loads, deferred = 0, False
         for version in self.policy.candidates(list(folder.versions)):
             if self.policy.satisfied(len(chosen)):
                 break
             found = folder.versions[version]
             model = current.get(version)
-            if model is None or model.fingerprint != found.fingerprint:
-                model = self._try_load(folder.name, found)
-            if model is not None:
+            if model is not None and model.fingerprint == found.fingerprint:
                 chosen[version] = model
+                continue
+            if self._rejected_as_is(folder.name, found):
+                continue
+            deferred = deferred or (loads > 0 and _newer_published(folder))
+            if not deferred:
+                loads += 1
+                if (model := self._try_load(folder.name, found)) is not None:
+                    chosen[version] = model
         return chosen
 
     def _note_missing(self, folder: ModelFolder) -> None:
@@ -166,12 +185,14 @@ class ModelStore:
                         ", ".join(map(str, sorted(missing))), self.policy.text)
         self._missing = {**self._missing, folder.name: missing}
 
+    def _rejected_as_is(self, name: str, found: VersionFolder) -> bool:
+        """True when ``found`` was rejected and has not changed since."""
+        rejection = self._rejections.get((name, str(found.version)))
+        return rejection is not None and rejection[0] == found.fingerprint
+
     def _try_load(self, name: str, found: VersionFolder) -> LoadedModel | None:
-        """Load ``found`` unless it was rejected as it is now; None if it fails."""
+        """Load ``found``; None if it fails a check (its rejection is remembered)."""
         key = (name, str(found.version))
-        rejection = self._rejections.get(key)
-        if rejection is not None and rejection[0] == found.fingerprint:
-            return None
         self._loading = self._loading | {(name, found.version)}
         try:
             model = load_version(name, found, self.batch_max_size, self.prefer_tflite,

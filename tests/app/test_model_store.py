@@ -599,3 +599,43 @@ def test_metadata_the_server_cannot_send_rejects_its_version_alone(tmp_path, unt
     answer = client.get("/models/odd")
     assert answer.status_code == 503
     assert f"metadata.json is invalid at {where}" in answer.get_json()["error"]["message"]
+
+
+class PublishOnFirstRejection(logging.Handler):
+    """Copies a good version into the model folder the moment the store logs its first
+    rejection (in the poll thread, mid-pass), then records what the store logs after."""
+
+    def __init__(self, good: Path, target: Path):
+        super().__init__()
+        self.good, self.target, self.after = good, target, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.target.exists():
+            self.after.append(message)
+        elif message.startswith("not serving"):
+            shutil.copytree(self.good, self.target)
+
+
+def test_a_good_version_published_while_bad_ones_load_waits_for_one_load_at_most(
+        tmp_path, foreign_exports, untrained_tiny):
+    model_dir = tmp_path / "digits"
+    for version in range(1, 13):  # each fails only once loaded (NaN at warm-up)
+        shutil.copytree(foreign_exports["nan_outputs"], model_dir / str(version))
+    watcher = PublishOnFirstRejection(untrained_tiny, model_dir / "13")
+    logger = logging.getLogger("app.model_store")
+    logger.addHandler(watcher)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        store = ModelStore(tmp_path, "digits")
+        store.load()  # the first poll: version 13 appears while it rejects version 12
+        store.refresh()  # the second
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(level)
+    assert store.get().version == 13
+    served = next(i for i, message in enumerate(watcher.after)
+                  if message.startswith("loaded digits version 13"))
+    rejected_meanwhile = [m for m in watcher.after[:served] if m.startswith("not serving")]
+    assert len(rejected_meanwhile) <= 1, rejected_meanwhile
