@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from app.saved_model import check_signature
 from app.servable import VersionRejected, check_warm_up
 from training.export_format import SIGNATURE, TFLITE_FILE
 
@@ -57,22 +56,18 @@ class LiteRtRuntime:
 
 def load_litert(folder: Path, metadata: dict[str, Any], warm_up_to: int, threads: int = 1
                 ) -> LiteRtRuntime:
-    """Load and warm ``folder/model.tflite``; raises VersionRejected."""
-    if "signature_defs" not in metadata:
-        raise VersionRejected("metadata.json has no signature_defs (exported before "
-                              f"{TFLITE_FILE} existed?)")
-    check_signature(metadata["signature_defs"])  # what the metadata endpoints will describe
+    """Load and warm ``folder/model.tflite`` of a version that export_format.servable
+    passed (so metadata.json describes its signature); raises VersionRejected."""
     try:
         runtime = LiteRtRuntime(folder / TFLITE_FILE, metadata["signature_defs"], threads)
     except VersionRejected:
         raise
     except Exception as err:  # noqa: BLE001 - the interpreter raises ValueError, RuntimeError…
-        raise VersionRejected(f"{TFLITE_FILE} does not load: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200] if str(err) else ''}") from None
+        raise VersionRejected.because(f"{TFLITE_FILE} does not load", err) from None
     try:
         runtime.warm_up(warm_up_to)
     except VersionRejected:
         raise
     except Exception as err:  # noqa: BLE001 - any failure on blank images disqualifies it
-        raise VersionRejected(f"warm-up failed: {type(err).__name__}: {err}"[:300]) from None
+        raise VersionRejected.because("warm-up failed", err) from None
     return runtime

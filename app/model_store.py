@@ -11,7 +11,11 @@ under the version policy (app/version_policy.py):
   requests already holding it finish on it, and it is released after the last one
   (app/servable.py);
 - a folder that fails a check is logged once with its reason, listed with it, and tried
-  again only when its contents change; the next lower version is served meanwhile.
+  again only when its contents change; the next lower version is served meanwhile;
+- candidates are tried newest first, each checked by its files before it is loaded
+  (export_format.servable), and a pass that finds a newer version published while it
+  loads stops loading older ones: the next poll starts from the newest, so versions
+  that fail only once loaded, however many, cost a good new one a single load.
 
 Nothing in one folder can stop the others from loading: every failure of a version
 becomes a rejection with a reason, and the poll thread survives anything.
@@ -32,7 +36,7 @@ from app.repository import Fingerprint, ModelFolder, Scanner, Snapshot, VersionF
 from app.saved_model import load_saved_model
 from app.servable import LoadedModel, VersionRejected
 from app.version_policy import VersionPolicy
-from training.export_format import TFLITE_FILE, complete, read_metadata
+from training.export_format import TFLITE_FILE, list_versions, read_metadata, servable
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +59,13 @@ def load_version(name: str, found: VersionFolder, warm_up_to: int,
     a model.tflite, else on TensorFlow; raises VersionRejected with the reason."""
     if found.error:
         raise VersionRejected(found.error)
-    check = complete(found.path)
+    check = servable(found.path)
     if not check:
         raise VersionRejected(check.reason)
     started = time.perf_counter()
     try:
         metadata = read_metadata(found.path)
-    except ValueError as err:  # changed since complete() read it
+    except ValueError as err:  # changed since servable() read it
         raise VersionRejected(str(err)) from None
     if prefer_tflite and (found.path / TFLITE_FILE).is_file():
         runtime = load_litert(found.path, metadata, warm_up_to, threads)
@@ -69,6 +73,11 @@ def load_version(name: str, found: VersionFolder, warm_up_to: int,
         runtime = load_saved_model(found.path, metadata, warm_up_to, threads)
     return LoadedModel(name, found.version, found.path, metadata, runtime,
                        found.fingerprint, time.perf_counter() - started)
+
+
+def _newer_published(folder: ModelFolder) -> bool:
+    """True when ``folder`` now holds a version above every one its scan found."""
+    return max(list_versions(folder.path), default=-1) > max(folder.versions, default=-1)
 
 
 class ModelStore:
@@ -89,14 +98,16 @@ class ModelStore:
         self.poll_seconds = poll_seconds
         self.metrics = metrics
         self.prefer_tflite = prefer_tflite
-        # Replaced whole, never mutated: a reader that took it sees one consistent state.
+        # Each mapping below is written by the poll thread and read by request threads:
+        # it is replaced whole, never mutated, so a reader that took it iterates one
+        # consistent state (a mutation under a reader's loop is a 500).
         self.versions: dict[str, dict[int, LoadedModel]] = {}
         self._scanner = Scanner(self.models_dir)
         self._snapshot = Snapshot({}, {})
         self._rejections: dict[tuple[str, str], tuple[Fingerprint, str]] = {}
         self._odd: dict[tuple[str, str], str] = {}  # (model, folder) → why it is no version
         self._missing: dict[str, frozenset[int]] = {}  # versions the policy names, absent
-        self._loading: set[tuple[str, int]] = set()
+        self._loading: frozenset[tuple[str, int]] = frozenset()
         self._scan_error: str | None = None
         self._refreshing = threading.Lock()
         self._loaded = threading.Event()
@@ -142,19 +153,29 @@ class ModelStore:
             self._count_rejections()
 
     def _reconcile(self, folder: ModelFolder) -> dict[int, LoadedModel]:
-        """The versions to serve: the policy's candidates that are loaded or load now."""
+        """The versions to serve: the policy's candidates that are loaded or load now.
+
+        Once a newer version than this scan saw has appeared, nothing more is loaded in
+        this pass: what is loaded stays, and the next poll begins with the newcomer."""
         current = self.versions.get(folder.name, {})
         self._note_missing(folder)
         chosen: dict[int, LoadedModel] = {}
+        loads, deferred = 0, False
         for version in self.policy.candidates(list(folder.versions)):
             if self.policy.satisfied(len(chosen)):
                 break
             found = folder.versions[version]
             model = current.get(version)
-            if model is None or model.fingerprint != found.fingerprint:
-                model = self._try_load(folder.name, found)
-            if model is not None:
+            if model is not None and model.fingerprint == found.fingerprint:
                 chosen[version] = model
+                continue
+            if self._rejected_as_is(folder.name, found):
+                continue
+            deferred = deferred or (loads > 0 and _newer_published(folder))
+            if not deferred:
+                loads += 1
+                if (model := self._try_load(folder.name, found)) is not None:
+                    chosen[version] = model
         return chosen
 
     def _note_missing(self, folder: ModelFolder) -> None:
@@ -163,28 +184,31 @@ class ModelStore:
         if missing and self._missing.get(folder.name) != missing:
             log.warning("%s has no version %s (MODEL_VERSION_POLICY %s)", folder.name,
                         ", ".join(map(str, sorted(missing))), self.policy.text)
-        self._missing[folder.name] = missing
+        self._missing = {**self._missing, folder.name: missing}
+
+    def _rejected_as_is(self, name: str, found: VersionFolder) -> bool:
+        """True when ``found`` was rejected and has not changed since."""
+        rejection = self._rejections.get((name, str(found.version)))
+        return rejection is not None and rejection[0] == found.fingerprint
 
     def _try_load(self, name: str, found: VersionFolder) -> LoadedModel | None:
-        """Load ``found`` unless it was rejected as it is now; None if it fails."""
+        """Load ``found``; None if it fails a check (its rejection is remembered)."""
         key = (name, str(found.version))
-        rejection = self._rejections.get(key)
-        if rejection is not None and rejection[0] == found.fingerprint:
-            return None
-        self._loading.add((name, found.version))
+        self._loading = self._loading | {(name, found.version)}
         try:
             model = load_version(name, found, self.batch_max_size, self.prefer_tflite,
                                  self.tf_threads)
-        except VersionRejected as reason:
-            self._reject(key, found, str(reason))
+        except VersionRejected as rejected:
+            self._reject(key, found, str(rejected), rejected.detail)
             return None
         except Exception as err:  # a folder must never stop the worker
             log.exception("loading %s failed", found.path)
-            self._reject(key, found, f"load failed: {type(err).__name__}: {err}"[:300])
+            self._reject(key, found, f"load failed ({type(err).__name__})")
             return None
         finally:
-            self._loading.discard((name, found.version))
-        self._rejections.pop(key, None)
+            self._loading = self._loading - {(name, found.version)}
+        if key in self._rejections:
+            self._rejections = {k: v for k, v in self._rejections.items() if k != key}
         if self.batch_max_size > 1:
             model.start_batching(self.batch_max_size, self.batch_timeout_ms)
         log.info("loaded %s version %d in %.2f s", name, found.version, model.load_seconds)
@@ -192,9 +216,22 @@ class ModelStore:
             self.metrics.load_seconds.labels(name, str(found.version)).set(model.load_seconds)
         return model
 
-    def _reject(self, key: tuple[str, str], found: VersionFolder, reason: str) -> None:
-        log.warning("not serving %s: %s", found.path, reason)
-        self._rejections[key] = (found.fingerprint, reason)
+    def _reject(self, key: tuple[str, str], found: VersionFolder, reason: str,
+                detail: str | None = None) -> None:
+        """Remember why ``found`` is not served; the reason is listed to clients, so
+        it names files relative to MODELS_DIR, and the detail goes to the log only."""
+        log.warning("not serving %s: %s%s", found.path, reason,
+                    f" [{detail}]" if detail else "")
+        reason = self._relative(reason)[:300]
+        self._rejections = {**self._rejections, key: (found.fingerprint, reason)}
+
+    def _relative(self, text: str) -> str:
+        """``text`` with MODELS_DIR's own path taken out of every path it names."""
+        roots = {str(p) for p in (self.models_dir, self.models_dir.absolute(),
+                                  self.models_dir.resolve())}
+        for root in sorted(roots, key=len, reverse=True):
+            text = text.replace(root.rstrip("/") + "/", "")
+        return text
 
     def _swap(self, name: str, chosen: dict[int, LoadedModel]) -> None:
         """Make ``chosen`` what ``name`` serves, in one step, and retire the rest."""
@@ -264,9 +301,10 @@ class ModelStore:
     def rejected_versions(self, name: str) -> dict[str, str]:
         """Folder name → why it is not served, for each folder of ``name`` that failed a
         check or is no version."""
-        reasons = {entry: reason for (model, entry), (_, reason) in self._rejections.items()
+        rejections, odd = self._rejections, self._odd  # each taken once: see __init__
+        reasons = {entry: reason for (model, entry), (_, reason) in rejections.items()
                    if model == name}
-        reasons.update({entry: reason for (model, entry), reason in self._odd.items()
+        reasons.update({entry: reason for (model, entry), reason in odd.items()
                         if model == name and entry})
         return dict(sorted(reasons.items(), key=lambda item: (len(item[0]), item[0])))
 
@@ -277,13 +315,13 @@ class ModelStore:
 
     def index(self) -> list[VersionState]:
         """Every model and version folder with its state: the repository index."""
-        served, rows = self.versions, []
+        served, loading, rows = self.versions, self._loading, []
         for name, folder in sorted(self._snapshot.models.items()):
             rejected = self.rejected_versions(name)
             for version in sorted(folder.versions):
                 if version in served.get(name, {}):
                     rows.append(VersionState(name, str(version), READY))
-                elif (name, version) in self._loading:
+                elif (name, version) in loading:
                     rows.append(VersionState(name, str(version), LOADING))
                 else:
                     reason = rejected.get(str(version)) or \
@@ -314,7 +352,7 @@ class ModelStore:
         reasons = f" ({self.rejected[name]})" if name in self._snapshot.models else ""
         if name == self.default_name:
             raise ModelNotReady(f"the default model {name!r} has no servable version in "
-                                f"{self.models_dir}{reasons}; train one with `make train`")
+                                f"MODELS_DIR{reasons}; train one with `make train`")
         if reasons:
             raise ModelNotReady(f"{name!r} has no servable version{reasons}")
         known = ", ".join(sorted(self.versions)) or "none"

@@ -19,11 +19,9 @@ from typing import Any
 import numpy as np
 
 from app.servable import VersionRejected, check_warm_up
-from training.export_format import SIGNATURE, read_signature_defs
+from training.export_format import SIGNATURE, read_signature_defs, signature_problem
 
 log = logging.getLogger(__name__)
-INPUT_SHAPE = [-1, 28, 28, 1]
-OUTPUT_SHAPE = [-1, 10]
 
 
 def padded_size(count: int) -> int:
@@ -92,43 +90,24 @@ class SavedModelRuntime:
         return sum(math.prod(v.shape) for v in self._loaded.variables if v.dtype.is_floating)
 
 
-def check_signature(signature_defs: dict[str, Any]) -> None:
-    """One float input of [N, 28, 28, 1] and one output of [N, 10], else VersionRejected."""
-    serving = signature_defs.get(SIGNATURE)
-    if not isinstance(serving, dict):
-        raise VersionRejected(f"no {SIGNATURE!r} signature")
-    inputs, outputs = serving.get("inputs"), serving.get("outputs")
-    if not (isinstance(inputs, dict) and isinstance(outputs, dict)
-            and len(inputs) == 1 == len(outputs)
-            and all(isinstance(t, dict) for t in (*inputs.values(), *outputs.values()))):
-        raise VersionRejected(f"the {SIGNATURE!r} signature must have one input (images) "
-                              "and one output (probabilities)")
-    for role, tensor, expected in (("input", *inputs.values(), INPUT_SHAPE),
-                                   ("output", *outputs.values(), OUTPUT_SHAPE)):
-        try:
-            shape = [int(d.get("size", -1)) for d in tensor.get("tensor_shape", {})["dim"]]
-        except (AttributeError, KeyError, TypeError, ValueError):
-            shape = None
-        if tensor.get("dtype") != "DT_FLOAT" or shape != expected:
-            raise VersionRejected(f"{SIGNATURE} {role} is {tensor.get('dtype')} {shape}, "
-                                  f"expected DT_FLOAT {expected}")
-
-
 def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
                      threads: int = 1) -> SavedModelRuntime:
-    """Load, check and warm one SavedModel folder; raises VersionRejected."""
+    """Load, check and warm one SavedModel folder that export_format.servable passed;
+    raises VersionRejected. The signature is checked again as saved_model.pb has it: an
+    export without a manifest may hold a graph its metadata does not describe."""
     import tensorflow as tf
 
     limit_threads(threads)
 
     try:
         signature_defs = read_signature_defs(folder)
-        check_signature(signature_defs)
+        if problem := signature_problem(signature_defs):
+            raise VersionRejected(problem)
         runtime = SavedModelRuntime(tf.saved_model.load(str(folder)), signature_defs)
     except VersionRejected:
         raise
     except Exception as err:  # noqa: BLE001 - TensorFlow raises many types for bad files
-        raise VersionRejected(f"SavedModel does not load: {_brief(err)}") from None
+        raise VersionRejected.because("SavedModel does not load", err) from None
     expected = metadata["summary"]["totals"]["params"]
     if (count := runtime.parameter_count()) != expected:
         raise VersionRejected(f"SavedModel has {count} parameters, metadata says {expected}")
@@ -137,10 +116,5 @@ def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
     except VersionRejected:
         raise
     except Exception as err:  # noqa: BLE001 - any failure on blank images disqualifies it
-        raise VersionRejected(f"warm-up failed: {_brief(err)}") from None
+        raise VersionRejected.because("warm-up failed", err) from None
     return runtime
-
-
-def _brief(err: BaseException) -> str:
-    lines = str(err).splitlines() or [""]
-    return f"{type(err).__name__}: {lines[0][:200]}"

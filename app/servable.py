@@ -26,7 +26,19 @@ log = logging.getLogger(__name__)
 
 
 class VersionRejected(Exception):
-    """A version folder failed a check; the message says which."""
+    """A version folder failed a check. The message is the reason clients see (in
+    ``/models`` and the repository index): no paths, no exception text; ``detail``,
+    when set, is what only the log gets."""
+
+    def __init__(self, reason: str, detail: str | None = None):
+        super().__init__(reason)
+        self.detail = detail
+
+    @classmethod
+    def because(cls, what: str, err: BaseException) -> VersionRejected:
+        """``what`` failed with ``err``: the error's type is the reason, its text (which
+        may name files or internals) the detail."""
+        return cls(f"{what} ({type(err).__name__})", f"{type(err).__name__}: {err}")
 
 
 class Runtime(Protocol):

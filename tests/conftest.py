@@ -240,6 +240,19 @@ def pinning_server(two_versions, tmp_path_factory):
     stop_server(running)
 
 
+def foreign_saved_model(model, folder: Path) -> Path:
+    """``model`` as another tool would leave it in a version folder: a SavedModel with a
+    manifest and a summary, but no signature in its metadata (our exporter refuses to
+    publish a network that is no MNIST classifier); only its graph tells."""
+    from training.export_format import METADATA_FILE, manifest, write_json
+    from training.summary import summarize_model
+
+    model.export(str(folder), format="tf_saved_model", verbose=False)
+    write_json(folder / METADATA_FILE, {"summary": summarize_model(model),
+                                        "files": manifest(folder)})
+    return folder
+
+
 @pytest.fixture(scope="session")
 def foreign_exports(tmp_path_factory) -> dict[str, Path]:
     """Real, complete exports that no MNIST server should serve: a SavedModel for
@@ -258,8 +271,9 @@ def foreign_exports(tmp_path_factory) -> dict[str, Path]:
     nan_outputs.set_weights([np.full(w.shape, np.nan, np.float32)
                              for w in nan_outputs.get_weights()])
     root = tmp_path_factory.mktemp("foreign")
-    return {name: export_version(model, root / name, {"summary": summarize_model(model)})
-            for name, model in (("wrong_shape", wrong_shape), ("nan_outputs", nan_outputs))}
+    return {"wrong_shape": foreign_saved_model(wrong_shape, root / "wrong_shape"),
+            "nan_outputs": export_version(nan_outputs, root / "nan_outputs",
+                                          {"summary": summarize_model(nan_outputs)})}
 
 
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:

@@ -1,8 +1,9 @@
 """The on-disk export format, defined once: what a servable version folder is.
 
 Training writes it (training/export.py), ``training.fit --if-missing`` checks it, and the
-server's folder scanner and loader read it (app/repository.py, app/saved_model.py); all of
-them ask this module, so "complete" cannot mean two things.
+server's folder scanner and loader read it (app/repository.py, app/model_store.py); all of
+them ask ``servable`` here, so the exporter cannot publish, nor ``--if-missing`` accept, a
+version the server would refuse for anything short of running it.
 
     <models>/<name>/<version>/   name: see valid_model_name
                                  version: ASCII digits only ("12", never "²" or "1.5")
@@ -48,6 +49,8 @@ VARIABLES_INDEX = "variables/variables.index"
 KERAS_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"  # the same network for LiteRT (PREFER_TFLITE_MODEL)
 SIGNATURE = "serving_default"
+INPUT_SHAPE = [-1, 28, 28, 1]  # the serving signature: a batch of MNIST images in,
+OUTPUT_SHAPE = [-1, 10]  # one probability per digit out
 PLOTS_DIR = "plots"
 STAGING_PREFIX = ".tmp-"
 LOCK_FILE = ".export.lock"
@@ -68,39 +71,65 @@ PLOT_LIMIT_BYTES = 8 << 20
 MAX_VERSION_ENTRIES = 1000
 MAX_VERSION_DEPTH = 8
 
+# What the server sends on from metadata.json goes out through orjson, which refuses an
+# integer beyond 64 bits and a lone surrogate (a 500 on every listing): every field it
+# reads is typed and bounded here, so such a file rejects its version at load instead.
+_INT64_MAX = 2**63 - 1
+_TEXT = {"type": "string", "pattern": "^[^\ud800-\udfff]*$"}
+_VALUE = {"$ref": "#/$defs/value"}  # any JSON that can be sent on, at any depth
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 10**12}  # memory sums stay in int64
+_ACTIVATIONS = {**_COUNT, "maximum": 10**9}  # × 4 bytes × MAX_BATCH stays in int64
+_RATIO = {"type": "number", "minimum": 0, "maximum": 1}
+_SHAPE = {"type": "array", "minItems": 1, "maxItems": 16,
+          "items": {"type": ["integer", "null"], "minimum": 0, "maximum": 10**9}}
+
+
+def _record(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
+    """An object sent on whole: the named fields typed, any others sendable JSON."""
+    return {"type": "object", "required": required, "properties": properties,
+            "propertyNames": _TEXT, "additionalProperties": _VALUE}
+
+
 METADATA_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "metadata.json of one exported version (only what the server reads)",
+    "title": "metadata.json of one exported version (every field the server reads)",
+    "$defs": {"value": {
+        "type": ["object", "array", "string", "number", "boolean", "null"],
+        "minimum": -_INT64_MAX - 1, "maximum": _INT64_MAX, "pattern": _TEXT["pattern"],
+        "items": _VALUE, "propertyNames": _TEXT, "additionalProperties": _VALUE}},
     "type": "object",
     "required": ["summary"],
     "properties": {
-        "name": {"type": "string"},
-        "version": {"type": ["integer", "null"]},
-        "arch": {"type": ["string", "null"]},
-        "created": {"type": "string"},
+        "name": _TEXT,
+        "version": {"type": ["integer", "null"], "minimum": 0, "maximum": _INT64_MAX},
+        "arch": {**_TEXT, "type": ["string", "null"]},
+        "created": _TEXT,
+        # The model page (app/static/model.js) reads each layer's shape and counts.
         "summary": {
             "type": "object",
             "required": ["layers", "totals"],
             "properties": {
-                "layers": {"type": "array", "items": {
-                    "type": "object", "required": ["name", "type", "params"],
-                    "properties": {"name": {"type": "string"}, "type": {"type": "string"},
-                                   "params": _COUNT}}},
-                "totals": {"type": "object",
-                           "required": ["params", "param_bytes", "activations_per_image"],
-                           "properties": {"params": _COUNT, "param_bytes": _COUNT,
-                                          "activations_per_image": {
-                                              **_COUNT, "maximum": 10**9}}},
+                "layers": {"type": "array", "items": _record(
+                    ["name", "type", "output_shape", "weights", "biases", "params",
+                     "activations"],
+                    name=_TEXT, type=_TEXT, input_shape=_SHAPE, output_shape=_SHAPE,
+                    weights=_COUNT, biases=_COUNT, params=_COUNT, trainable_params=_COUNT,
+                    activations=_ACTIVATIONS)},
+                "totals": _record(["params", "param_bytes", "activations_per_image"],
+                                  params=_COUNT, trainable_params=_COUNT,
+                                  param_bytes=_COUNT, activations_per_image=_ACTIVATIONS),
+                "notes": {"type": "array", "items": _TEXT},
             },
         },
         "test": {"type": "object", "properties": {
-            "accuracy": {"type": "number"},
-            "per_class": {"type": "array", "items": {"type": "object"}}}},
-        "input": {"type": "object"},
+            "accuracy": {**_RATIO, "type": ["number", "null"]},
+            "per_class": {"type": "array", "items": _record(
+                [], digit={"type": "integer", "minimum": 0, "maximum": 9},
+                correct=_COUNT, total=_COUNT, accuracy=_RATIO)}}},
+        "input": _record([]),
         # The SavedModel's SignatureDefs in protobuf's JSON form, so that a server that
         # never imports TensorFlow (LiteRT) still describes the tensors exactly.
-        "signature_defs": {"type": "object", "required": [SIGNATURE]},
+        "signature_defs": _record([SIGNATURE]),
         "tflite": {"type": "object", "required": ["file"],
                    "properties": {"file": {"const": TFLITE_FILE}}},
         "files": {"type": "object", "additionalProperties": {
@@ -243,8 +272,9 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         data = read_regular(folder / METADATA_FILE, METADATA_LIMIT_BYTES)
     except FileNotFoundError:
         raise ValueError(f"no {METADATA_FILE}") from None
-    except OSError as err:
-        raise ValueError(f"unreadable {METADATA_FILE}: {err.strerror or err}") from None
+    except OSError as err:  # its strerror: the message would name the absolute path
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"unreadable {METADATA_FILE}: {reason}") from None
     try:
         metadata = json.loads(data.decode("utf-8"))
     except ValueError as err:
@@ -308,11 +338,64 @@ def read_signature_defs(folder: Path) -> dict[str, Any]:
             for name, signature in saved.meta_graphs[0].signature_def.items()}
 
 
-def complete(folder: Path) -> Check:
-    """Whether ``folder`` holds a whole export, by files alone (no model is loaded).
+def servable(folder: Path, read_graph: bool = False) -> Check:
+    """Whether the server will serve ``folder``, by every check that runs no model: the
+    files (``complete``), then the serving signature that metadata.json describes — and,
+    with ``read_graph``, the one saved_model.pb holds (that imports TensorFlow's protobuf
+    modules: for callers that load TensorFlow anyway). Only what needs the model loaded
+    is left to the runtimes: its parameter count against the metadata, and finite
+    answers at warm-up."""
+    check = complete(folder)
+    if not check:
+        return check
+    try:
+        metadata = read_metadata(folder)
+    except ValueError as err:  # changed since complete() read it
+        return Check(str(err))
+    if "signature_defs" not in metadata and (folder / TFLITE_FILE).exists():
+        return Check(f"{METADATA_FILE} has no signature_defs, which {TFLITE_FILE} needs")
+    described = [metadata.get("signature_defs")]
+    if read_graph:
+        try:
+            described.append(read_signature_defs(folder))
+        except Exception as err:  # noqa: BLE001 - protobuf's DecodeError, OSError, …
+            return Check(f"SavedModel does not load ({type(err).__name__})")
+    for signature_defs in described:
+        if signature_defs is not None and (problem := signature_problem(signature_defs)):
+            return Check(problem)
+    return Check()
 
-    A manifest in metadata.json (every export since 1.2) is checked file by file, size
-    and SHA-256, so a truncated or half-copied version is never taken for complete.
+
+def signature_problem(signature_defs: dict[str, Any]) -> str | None:
+    """What is wrong with the serving signature, or None: one float input of
+    INPUT_SHAPE and one output of OUTPUT_SHAPE, in protobuf's JSON form."""
+    serving = signature_defs.get(SIGNATURE)
+    if not isinstance(serving, dict):
+        return f"no {SIGNATURE!r} signature"
+    inputs, outputs = serving.get("inputs"), serving.get("outputs")
+    if not (isinstance(inputs, dict) and isinstance(outputs, dict)
+            and len(inputs) == 1 == len(outputs)
+            and all(isinstance(t, dict) for t in (*inputs.values(), *outputs.values()))):
+        return (f"the {SIGNATURE!r} signature must have one input (images) and one output "
+                "(probabilities)")
+    for role, tensor, expected in (("input", *inputs.values(), INPUT_SHAPE),
+                                   ("output", *outputs.values(), OUTPUT_SHAPE)):
+        try:
+            shape = [int(d.get("size", -1)) for d in tensor.get("tensor_shape", {})["dim"]]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            shape = None
+        if tensor.get("dtype") != "DT_FLOAT" or shape != expected:
+            return (f"{SIGNATURE} {role} is {tensor.get('dtype')} {shape}, "
+                    f"expected DT_FLOAT {expected}")
+    return None
+
+
+def complete(folder: Path) -> Check:
+    """Whether ``folder`` holds a whole export, by files alone: servable's first part.
+
+    A manifest in metadata.json (written by every export that has one) is checked file by
+    file, size and SHA-256, so a truncated or half-copied version is never taken for
+    complete.
     """
     try:
         for required in (SAVED_MODEL_FILE, VARIABLES_INDEX):
@@ -326,7 +409,8 @@ def complete(folder: Path) -> Check:
     except ValueError as err:
         return Check(str(err))
     except OSError as err:
-        return Check(f"unreadable: {err}")
+        name = os.path.relpath(os.fsdecode(err.filename), folder) if err.filename else "."
+        return Check(f"{name} is unreadable: {err.strerror}")
     return Check()
 
 
@@ -429,9 +513,9 @@ def publish(folder: Path, model_dir: Path, metadata: dict[str, Any]) -> Path:
     while True:
         version = next_version(model_dir)
         write_json(folder / METADATA_FILE, {**metadata, "version": version, "files": files})
-        check = complete(folder)
+        check = servable(folder)
         if not check:
-            raise ValueError(f"refusing to publish an incomplete export: {check.reason}")
+            raise ValueError(f"refusing to publish an unservable export: {check.reason}")
         target = model_dir / str(version)
         try:
             os.rename(folder, target)

@@ -25,7 +25,7 @@ import tensorflow as tf
 from training.data import Mnist, MnistError, load_mnist, split_validation, to_model_input
 from training.evaluate import Evaluation, evaluate, format_per_class
 from training.export import export_version
-from training.export_format import complete, list_versions
+from training.export_format import list_versions, servable
 from training.metadata import Origin, build_metadata
 from training.models import ARCHITECTURES, DEFAULT_ARCH, build_model
 from training.options import DEFAULT_SEED, DEFAULT_VAL_SIZE, model_name, positive_int
@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                         help=f"the model's folder name (env MODEL_NAME; else {DEFAULT_NAME}, "
                              f"or {DEFAULT_TORCH_NAME} with --framework torch)")
     parser.add_argument("--if-missing", action="store_true",
-                        help="do nothing if the newest version in MODELS_DIR/NAME is complete")
+                        help="do nothing if the server would serve the newest version in "
+                             "MODELS_DIR/NAME")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="seeds every random choice, so a run can be repeated exactly")
     parser.add_argument("--limit", type=positive_int,
@@ -139,8 +140,9 @@ def origin(args: argparse.Namespace) -> Origin:
     return Origin(args.name, args.arch, args.seed, args.limit, args.data)
 
 
-def newest_is_complete(model_dir: Path) -> bool:
-    """--if-missing: true when the newest version is whole; says what it found either way.
+def newest_is_servable(model_dir: Path) -> bool:
+    """--if-missing: true when the newest version passes the server's own checks
+    (export_format.servable, its graph read too); says what it found either way.
 
     Only the newest counts: a broken newest version means the last export went wrong,
     and serving an older one instead would hide that.
@@ -149,11 +151,11 @@ def newest_is_complete(model_dir: Path) -> bool:
     if not versions:
         print(f"{model_dir} has no version yet: training (--if-missing)")
         return False
-    check = complete(model_dir / str(versions[-1]))
+    check = servable(model_dir / str(versions[-1]), read_graph=True)
     if check:
         print(f"{model_dir} already has version {versions[-1]}: not training (--if-missing)")
         return True
-    print(f"{model_dir}/{versions[-1]} is incomplete ({check.reason}): training a new "
+    print(f"{model_dir}/{versions[-1]} is not servable ({check.reason}): training a new "
           "version (--if-missing)")
     return False
 
@@ -161,7 +163,7 @@ def newest_is_complete(model_dir: Path) -> bool:
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     environ = dict(os.environ if environ is None else environ)
     args = parse_args(argv, environ)
-    if args.if_missing and newest_is_complete(args.models_dir / args.name):
+    if args.if_missing and newest_is_servable(args.models_dir / args.name):
         return 0
     keras_home = Path(environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
     try:

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from app.errors import ModelNotFound, ModelNotReady
 from app.model_store import ModelStore
 from app.version_policy import VersionPolicy
+from tests.conftest import wait_until
 from training.data import to_model_input
 
 
@@ -490,3 +493,165 @@ def test_litert_refuses_signature_defs_that_describe_no_tensors(watched, fit_run
     store.load()
     assert store.get().version == 1
     assert "must have one input" in store.rejected_versions("digits")["2"]
+
+
+@pytest.fixture
+def eager_thread_switches():
+    """Threads switch every microsecond instead of every 5 ms, so that a reader iterating
+    a mapping the poll thread changes meets the change within seconds, not hours."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def hammer(app, stop: threading.Event, failures: list) -> None:
+    """GET /models and POST /v2/repository/index until stopped; keep every non-2xx."""
+    client = app.test_client()
+    while not stop.is_set():
+        for response in (client.get("/models"), client.post("/v2/repository/index")):
+            if not 200 <= response.status_code < 300:
+                failures.append((response.status_code, response.get_data(as_text=True)))
+
+
+def test_listings_answer_while_the_watch_rejects_and_forgets_folders(
+        tmp_path, untrained_tiny, eager_thread_switches):
+    from app import create_app
+    from app.config import Config
+
+    model_dir = tmp_path / "digits"
+    shutil.copytree(untrained_tiny, model_dir / "1")
+    for version in range(100, 160):  # rejected at boot: long mappings to iterate
+        (model_dir / str(version)).mkdir()
+    app = create_app(Config(models_dir=tmp_path, model_name="digits",
+                            model_poll_seconds=0.005))
+    store = app.extensions["model_store"]
+    stop, failures = threading.Event(), []
+    threads = [threading.Thread(target=hammer, args=(app, stop, failures))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        for cycle in range(200):  # broken, then gone: one entry added, one removed
+            name = str(200 + cycle)
+            (model_dir / name).mkdir()
+            wait_until(lambda n=name: n in store.rejected_versions("digits"),
+                       f"version {name} rejected")
+            (model_dir / name).rmdir()
+            wait_until(lambda n=name: n not in store.rejected_versions("digits"),
+                       f"version {name} forgotten")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        store.close()
+    assert failures == []
+
+
+def test_reasons_name_folders_relative_to_models_dir_and_hide_exception_text(
+        tmp_path, untrained_tiny, caplog):
+    from app import create_app
+    from app.config import Config
+
+    shutil.copytree(untrained_tiny, tmp_path / "digits" / "1")
+    (shutil.copytree(untrained_tiny, tmp_path / "digits" / "2") / "metadata.json").unlink()
+    (tmp_path / "digits" / "2" / "metadata.json").mkdir()  # read → IsADirectoryError
+    mutilate_corrupt_pb(shutil.copytree(untrained_tiny, tmp_path / "digits" / "3"))
+    shutil.copytree(tmp_path / "digits" / "2", tmp_path / "broken" / "1")
+    with caplog.at_level(logging.WARNING):
+        app = create_app(Config(models_dir=tmp_path, model_name="broken",
+                                model_poll_seconds=0))
+    client = app.test_client()
+    answers = [client.get("/models"), client.post("/v2/repository/index"),
+               client.get("/models/broken"), client.get("/ready"),
+               client.post("/v2/models/broken/infer", json={"inputs": []})]
+    assert [a.status_code for a in answers] == [200, 200, 503, 503, 503]
+    for answer in answers:
+        assert str(tmp_path) not in answer.get_data(as_text=True)
+    rejected = client.get("/models/digits").get_json()["rejected"]
+    assert rejected == {"2": "unreadable metadata.json: Is a directory",
+                        "3": "SavedModel does not load (DecodeError)"}
+    assert str(tmp_path / "digits" / "3") in caplog.text  # the detail is logged
+
+
+def set_first_layer(field, value):
+    return lambda m: m["summary"]["layers"][0].update({field: value})
+
+
+BAD_METADATA = {  # what the server would send on, or the model page would trip over
+    "huge integer in input": (lambda m: m.update(input={"x": 2**70}), "input/x"),
+    "huge layer weights": (set_first_layer("weights", 2**70), "summary/layers/0/weights"),
+    "huge extra total": (lambda m: m["summary"]["totals"].update(extra=2**70),
+                         "summary/totals/extra"),
+    "huge digit count": (lambda m: m.update(test={"per_class": [{"digit": 0, "x": -2**70}]}),
+                         "test/per_class/0/x"),
+    "huge signature field": (lambda m: m.update(signature_defs={
+        "serving_default": {}, "other": {"x": [2**70]}}), "signature_defs/other/x/0"),
+    "notes as a string": (lambda m: m["summary"].update(notes="read me"), "summary/notes"),
+    "layer without a shape": (lambda m: m["summary"]["layers"][0].pop("output_shape"),
+                              "summary/layers/0"),
+    "accuracy as text": (lambda m: m.update(test={"accuracy": "high"}), "test/accuracy"),
+    "arch as a number": (lambda m: m.update(arch=5), "arch"),
+    "lone surrogate": (lambda m: m.update(arch="\ud800"), "arch"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_METADATA)
+def test_metadata_the_server_cannot_send_rejects_its_version_alone(tmp_path, untrained_tiny,
+                                                                   bad):
+    from app import create_app
+    from app.config import Config
+
+    shutil.copytree(untrained_tiny, tmp_path / "digits" / "1")
+    folder = shutil.copytree(untrained_tiny, tmp_path / "odd" / "1")
+    change, where = BAD_METADATA[bad]
+    metadata = json.loads((folder / "metadata.json").read_text())
+    change(metadata)
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    client = create_app(Config(models_dir=tmp_path, model_name="digits",
+                               model_poll_seconds=0)).test_client()
+    for path in ("/models", "/models/digits", "/summary", "/models/digits/summary"):
+        assert client.get(path).status_code == 200, path
+    answer = client.get("/models/odd")
+    assert answer.status_code == 503
+    assert f"metadata.json is invalid at {where}" in answer.get_json()["error"]["message"]
+
+
+class PublishOnFirstRejection(logging.Handler):
+    """Copies a good version into the model folder the moment the store logs its first
+    rejection (in the poll thread, mid-pass), then records what the store logs after."""
+
+    def __init__(self, good: Path, target: Path):
+        super().__init__()
+        self.good, self.target, self.after = good, target, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.target.exists():
+            self.after.append(message)
+        elif message.startswith("not serving"):
+            shutil.copytree(self.good, self.target)
+
+
+def test_a_good_version_published_while_bad_ones_load_waits_for_one_load_at_most(
+        tmp_path, foreign_exports, untrained_tiny):
+    model_dir = tmp_path / "digits"
+    for version in range(1, 13):  # each fails only once loaded (NaN at warm-up)
+        shutil.copytree(foreign_exports["nan_outputs"], model_dir / str(version))
+    watcher = PublishOnFirstRejection(untrained_tiny, model_dir / "13")
+    logger = logging.getLogger("app.model_store")
+    logger.addHandler(watcher)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        store = ModelStore(tmp_path, "digits")
+        store.load()  # the first poll: version 13 appears while it rejects version 12
+        store.refresh()  # the second
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(level)
+    assert store.get().version == 13
+    served = next(i for i, message in enumerate(watcher.after)
+                  if message.startswith("loaded digits version 13"))
+    rejected_meanwhile = [m for m in watcher.after[:served] if m.startswith("not serving")]
+    assert len(rejected_meanwhile) <= 1, rejected_meanwhile

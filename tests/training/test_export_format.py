@@ -26,6 +26,7 @@ from training.export_format import (
     parse_version,
     read_metadata,
     reclaim_staging,
+    servable,
     valid_model_name,
 )
 from training.models import build_tiny
@@ -174,9 +175,36 @@ def test_an_incomplete_version_says_why(version, mutilate, reason):
 
 
 def test_an_export_without_a_summary_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"incomplete export: metadata\.json is invalid"):
+    with pytest.raises(ValueError, match=r"unservable export: metadata\.json is invalid"):
         export_version(build_tiny(), tmp_path / "m", {"name": "m"})
     assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_an_export_the_server_would_refuse_is_not_published(tmp_path):
+    """The exporter asks the server's own question (servable), not only "are the files
+    whole": a network for 32×32 colour images never becomes a version."""
+    import keras
+
+    colour = keras.Sequential([keras.Input((32, 32, 3), name="image"), keras.layers.Flatten(),
+                               keras.layers.Dense(10, activation="softmax")])
+    with pytest.raises(ValueError, match=r"unservable export: serving_default input is "
+                                         r"DT_FLOAT \[-1, 32, 32, 3\], expected"):
+        export_version(colour, tmp_path / "m", {"summary": summarize_model(colour)})
+    assert list((tmp_path / "m").iterdir()) == []
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda m: m.pop("signature_defs"), "has no signature_defs, which model.tflite needs"),
+    (lambda m: m["signature_defs"].update(serving_default={}), "must have one input"),
+    (lambda m: m["signature_defs"]["serving_default"]["outputs"].clear(),
+     "must have one input"),
+])
+def test_a_signature_the_server_cannot_serve_makes_a_version_unservable(version, change,
+                                                                       reason):
+    edit_metadata(change)(version)
+    assert complete(version)  # the files alone are whole
+    check = servable(version)
+    assert not check and reason in check.reason
 
 
 WRITER = """

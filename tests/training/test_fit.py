@@ -146,7 +146,27 @@ def test_if_missing_retrains_when_the_newest_version_is_incomplete(fit_run, tmp_
     result = run_fit("--if-missing", "--arch", "tiny", "--limit", "500", "--epochs", "1",
                      "--models-dir", str(tmp_path / "models"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "mnist_cnn/2 is incomplete (variables/variables.data-00000-of-00001 has 1000 " \
+    assert "mnist_cnn/2 is not servable (variables/variables.data-00000-of-00001 has 1000 " \
         "bytes" in result.stdout
     assert complete(model_dir / "3")
     assert json.loads((model_dir / "3" / "metadata.json").read_text())["arch"] == "tiny"
+
+
+def test_if_missing_retrains_when_the_server_would_refuse_the_newest_version(
+        foreign_exports, tmp_path):
+    """Complete by its files, but a network for 32×32 colour images: the store refuses
+    it, so the train Job must not leave the API without a servable version."""
+    from app.model_store import ModelStore
+    from app.version_policy import VersionPolicy
+
+    models_dir = tmp_path / "models"
+    shutil.copytree(foreign_exports["wrong_shape"], models_dir / "mnist_cnn" / "1")
+    result = run_fit("--if-missing", "--arch", "tiny", "--limit", "500", "--epochs", "1",
+                     "--models-dir", str(models_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    store = ModelStore(models_dir, "mnist_cnn", policy=VersionPolicy.parse("all"))
+    store.load()
+    assert store.get().version == 2
+    reason = store.rejected_versions("mnist_cnn")["1"]
+    assert reason.startswith("serving_default input is DT_FLOAT [-1, 32, 32, 3]")
+    assert f"mnist_cnn/1 is not servable ({reason}): training" in result.stdout
