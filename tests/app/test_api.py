@@ -339,6 +339,42 @@ def test_malformed_json_is_400(url, body):
     assert_error(post_image(url, body, "application/json"), 400, "invalid_input")
 
 
+def error_message(response) -> str:
+    """The message of either error shape: ours, or the protocols' plain one."""
+    error = response.json()["error"]
+    return error if isinstance(error, str) else error["message"]
+
+
+ZEROS_V2 = '"inputs": [{"name": "image", "shape": [1, 784], "datatype": "FP32", "data": ' + \
+    json.dumps([0.0] * 784) + "}]"
+LONE_SURROGATES = [  # (path, JSON text with a lone surrogate where the route reads a string)
+    ("/predict", '{"instances": [{"b64": "\\ud800"}]}'),
+    ("/predict", '{"instances": [[[0]]], "\\udc00": 1}'),
+    ("/v1/models/mnist_cnn:predict", '{"signature_name": "\\ud800", "instances": [[0]]}'),
+    ("/v2/models/mnist_cnn/infer", '{"id": "\\ud800", ' + ZEROS_V2 + "}"),  # echoed after the run
+    ("/v2/models/mnist_cnn/infer", '{"id": "a\\udfffb", ' + ZEROS_V2 + ', "x": NaN}'),
+    ("/v2/repository/index", '{"ready": true, "\\ud800": 1}'),
+]
+
+
+@pytest.mark.parametrize("path, text", LONE_SURROGATES)
+def test_a_lone_surrogate_in_json_is_400_on_every_json_route(url, path, text):
+    """Half a UTF-16 pair is no Unicode text: orjson refuses it, and so must the fallback
+    parser, or the string breaks the answer that echoes it (a 500)."""
+    response = requests.post(url + path, data=text.encode(), timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "lone UTF-16 surrogate" in error_message(response)
+
+
+def test_a_surrogate_pair_in_json_is_text_like_any_other(url):
+    body = '{"id": "\\ud83d\\ude00", ' + ZEROS_V2 + "}"
+    response = requests.post(url + "/v2/models/mnist_cnn/infer", data=body.encode(),
+                             timeout=30, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "\U0001f600"
+
+
 def test_an_unsupported_media_type_is_415(url):
     assert_error(post_image(url, b"7", "text/plain"), 415, "unsupported_media_type",
                  "image/png")
