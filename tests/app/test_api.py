@@ -110,8 +110,10 @@ def test_a_named_models_summary(url):
     assert body["totals"]["params"] == 13_602
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5"])
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5", "1_000", "\u0665", "\uff15", "+5",
+                                   " 5", "05", "\U0001d7d3"])
 def test_summary_refuses_a_bad_batch_size(url, value):
+    """ASCII digits only: int() would take 1_000, Arabic-Indic ٥, fullwidth ５ and +5."""
     response = requests.get(url + f"/summary?batch_size={value}", timeout=5)
     assert_error(response, 400, "invalid_input", "batch_size")
 
@@ -441,6 +443,22 @@ def test_an_unknown_model_is_404(url, seven):
 
 def test_an_unknown_path_is_a_json_404(url):
     assert_error(requests.get(url + "/no/such/page", timeout=5), 404, "not_found")
+
+
+@pytest.mark.parametrize("version", ["\u0661", "\u06f1", "\uff11", "\U0001d7cf", "01", "001"])
+@pytest.mark.parametrize("method, template", [
+    ("GET", "/v2/models/mnist_cnn/versions/{}"),
+    ("GET", "/v2/models/mnist_cnn/versions/{}/ready"),
+    ("GET", "/v1/models/mnist_cnn/versions/{}"),
+    ("POST", "/v1/models/mnist_cnn/versions/{}:predict"),
+    ("POST", "/v2/models/mnist_cnn/versions/{}/infer"),
+    ("POST", "/models/mnist_cnn/versions/{}/predict"),
+])
+def test_a_version_in_a_path_is_ascii_digits_only(url, method, template, version):
+    """Each of these spells 1 to int() and to Werkzeug's <int:> (\\d+); none is version 1."""
+    response = requests.request(method, url + template.format(version), timeout=30)
+    assert response.status_code == 404, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
 
 
 def test_one_bad_image_in_a_batch_is_named(url, seven):
