@@ -215,6 +215,19 @@ def test_the_pages_are_html(url):
     assert 'id="pad"' in requests.get(url + "/", timeout=5).text
 
 
+def test_every_answer_carries_a_content_security_policy_and_refuses_framing(url):
+    for path in ("/", "/model", "/models", "/no/such/page"):
+        headers = requests.get(url + path, timeout=5).headers
+        policy = headers["Content-Security-Policy"]
+        for directive in ("default-src 'none'", "script-src 'self'", "style-src 'self'",
+                          "frame-ancestors 'none'", "base-uri 'none'"):
+            assert directive in policy, (path, policy)
+        assert "unsafe" not in policy
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Referrer-Policy"] == "no-referrer"
+
+
 def test_the_numpy_trained_model_is_served_like_any_other(url, mnist):
     body = requests.post(url + "/models/mnist_scratch/predict", timeout=30, json={
         "instances": (mnist.x_test[:50] / 255.0).tolist()}).json()
@@ -443,6 +456,23 @@ def test_an_unknown_model_is_404(url, seven):
 
 def test_an_unknown_path_is_a_json_404(url):
     assert_error(requests.get(url + "/no/such/page", timeout=5), 404, "not_found")
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/models//mnist_cnn", None), ("GET", "//models///mnist_cnn", None),
+    ("GET", "/v1/models//mnist_cnn", None),
+    ("POST", "/v2//models/mnist_cnn/infer", "{" + ZEROS_V2 + "}"),
+    ("POST", "/v1/models//mnist_cnn:predict", json.dumps({"instances": [[[0.0] * 28] * 28]})),
+])
+def test_doubled_slashes_are_answered_in_place_never_redirected_to_the_host_header(
+        url, method, path, body):
+    """Werkzeug answered 308 to http://<Host header>/... with an HTML body, POSTs too."""
+    response = requests.request(method, url + path, data=body, allow_redirects=False,
+                                timeout=30, headers={"Host": "evil.example",
+                                                     "Content-Type": "application/json"})
+    assert "Location" not in response.headers
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("version", ["\u0661", "\u06f1", "\uff11", "\U0001d7cf", "01", "001"])
