@@ -36,6 +36,7 @@ def create_app(config: Config | None = None) -> Flask:
     from app import errors, logs
     from app.api import models, open_inference, operations, pages, predict, tf_serving
     from app.api.common import ServiceRequest
+    from app.api.urls import WholeNumberConverter, merged_slashes
     from app.metrics import Metrics
     from app.model_store import ModelStore
     from app.version_policy import VersionPolicy
@@ -44,6 +45,8 @@ def create_app(config: Config | None = None) -> Flask:
     logs.configure(config.log_level)
     app = Flask(__name__)
     app.request_class = ServiceRequest
+    app.url_map.converters["int"] = WholeNumberConverter  # before any rule is added
+    app.wsgi_app = merged_slashes(app.wsgi_app)
     app.config["MAX_CONTENT_LENGTH"] = config.max_content_length
     app.json = OrjsonProvider(app)
     app.extensions["config"] = config

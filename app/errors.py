@@ -82,7 +82,12 @@ class ModelFailed(ApiError):
 
 
 def error_body(code: str, message: str) -> dict:
-    """Our shape, or the protocols' plain one for a request under their paths."""
+    """Our shape, or the protocols' plain one for a request under their paths.
+
+    A message may quote what the client sent; text that is not Unicode (a lone surrogate
+    such as ``\\ud800``) is quoted as its escape, so the answer can always be encoded.
+    """
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     path = request.path
     if path == "/v2" or path.startswith(("/v1/", "/v2/")):
         return {"error": message}

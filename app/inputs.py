@@ -176,9 +176,24 @@ def parse_json(body: bytes) -> object:
             raise InvalidInput(f"malformed JSON: {err} (NaN and Infinity are read only in "
                                f"bodies up to {SLOW_JSON_BYTES} bytes)") from None
     try:
-        return json.loads(body)
+        document = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise InvalidInput(f"malformed JSON: {err}") from None
+    _refuse_lone_surrogates(document)
+    return document
+
+
+def _refuse_lone_surrogates(document: object) -> None:
+    """InvalidInput when a string holds half of a UTF-16 pair (``"\\ud800"``): no Unicode
+    text, so orjson refuses it; the standard library keeps it, and it would then fail
+    wherever the string is echoed or encoded, long after the body was accepted."""
+    try:
+        json.dumps(document, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidInput("malformed JSON: a string holds a lone UTF-16 surrogate "
+                           "(\\ud800 to \\udfff without its pair)") from None
+    except RecursionError:  # the parser's own depth bound, met again from a deeper stack
+        raise InvalidInput("malformed JSON: nested too deeply") from None
 
 
 def from_json(body: bytes, limits: Limits, preprocess: bool) -> np.ndarray:

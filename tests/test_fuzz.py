@@ -174,3 +174,126 @@ def test_a_real_image_seed_is_answered_200(fuzz_server, seeds):
         assert send(fuzz_server.url, kind, blob)[0] == 200, kind
     with Image.open(io.BytesIO(seeds["PNG-RGBA"])) as image:
         assert image.mode == "RGBA"
+
+
+# --- JSON: every route that reads a JSON body, with hostile text where any value goes ----
+
+JSON_EXAMPLES = 300 if LONG else 40  # random combinations per route, after the sweep
+ZEROS = [[0.0] * 28 for _ in range(28)]
+HOSTILE_JSON = [  # JSON text that orjson refuses or reads differently from the stdlib
+    '"\\ud800"', '"\\udfff"', '"a\\udc00b"', '"\\ud83d"', '"\\ude00\\ud83d"',
+    '"\\ud83d\\ude00"', str(2**70), str(-2**70), str(2**64), str(2**63), str(10**400),
+    "1" * 5000, "1e400", "-1e400", "1e-400", "NaN", "-Infinity", "[[[[[[[[1]]]]]]]]",
+]
+
+
+def json_routes(output: str) -> dict[str, dict]:
+    """Every JSON route of the service, each with a body it answers 200."""
+    tensor = {"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": ZEROS,
+              "parameters": {}}
+    return {
+        "/predict": {"instances": [ZEROS]},
+        "/v1/models/mnist_cnn:predict": {"signature_name": "serving_default",
+                                         "instances": [ZEROS]},
+        "/v1/models/mnist_cnn/versions/1:predict": {"inputs": {"image": [ZEROS]}},
+        "/v2/models/mnist_cnn/infer": {
+            "id": "fuzz", "parameters": {"binary_data_output": False}, "inputs": [tensor],
+            "outputs": [{"name": output, "parameters": {"classification": 2}}]},
+        "/v2/repository/index": {"ready": True},
+    }
+
+
+@pytest.fixture(scope="module")
+def json_bodies(fuzz_server) -> dict[str, dict]:
+    output = requests.get(fuzz_server.url + "/v2/models/mnist_cnn", timeout=10).json()
+    return json_routes(output["outputs"][0]["name"])
+
+
+def places(document: object, path: tuple = ()) -> list[tuple]:
+    """Where a hostile token may go: every value (path) and every key (path + (key, None)),
+    through the first item of each list (the first row and pixel stand for all)."""
+    found = [path]
+    if isinstance(document, dict):
+        for key, value in document.items():
+            found += [(*path, key, None), *places(value, (*path, key))]
+    elif isinstance(document, list) and document:
+        found += places(document[0], (*path, 0))
+    return found
+
+
+def with_marker(document: object, place: tuple, marker: str) -> object:
+    """A copy of ``document`` with ``marker`` as the value (or key) at ``place``."""
+    if not place:
+        return marker
+    head, rest = place[0], place[1:]
+    if rest == (None,):  # the key itself
+        return {(marker if k == head else k): v for k, v in document.items()}
+    copy = dict(document) if isinstance(document, dict) else list(document)
+    copy[head] = with_marker(document[head], rest, marker)
+    return copy
+
+
+def hostile_text(document: object, changes: list[tuple[tuple, str]]) -> bytes:
+    """``document`` as JSON text with each (place, token) of ``changes`` written in."""
+    tokens = {}
+    for index, (place, token) in enumerate(changes):
+        marker = f"@hostile{index}@"
+        if place in places(document):  # an earlier change may have replaced its parent
+            document = with_marker(document, place, marker)
+            tokens[json.dumps(marker)] = token
+    text = json.dumps(document)
+    for marker, token in tokens.items():
+        text = text.replace(marker, token)
+    return text.encode()
+
+
+def assert_typed_json_answer(session: requests.Session, url: str, body: bytes) -> int:
+    response = session.post(url, data=body, timeout=60,
+                            headers={"Content-Type": "application/json"})
+    assert response.status_code in TYPED, (url, body[:300], response.text[:300])
+    if response.headers["Content-Type"] != "application/octet-stream":  # V2 binary
+        response.json()  # the answer, even an error quoting the body, is valid JSON
+    return response.status_code
+
+
+def test_json_routes_answer_200_to_the_unmutated_bodies(fuzz_server, json_bodies):
+    for path, document in json_bodies.items():
+        response = requests.post(fuzz_server.url + path, json=document, timeout=60)
+        assert response.status_code == 200, (path, response.text)
+
+
+@pytest.mark.parametrize("path", list(json_routes("output")))
+def test_every_hostile_token_in_every_place_of_a_json_body_gets_a_typed_answer(
+        fuzz_server, json_bodies, path):
+    """The sweep: each lone surrogate, huge or infinite number, NaN and deep list, alone,
+    as each value and each key of a body the route answers 200 (~1,000 requests)."""
+    document = json_bodies[path]
+    with requests.Session() as session:
+        statuses = Counter(
+            assert_typed_json_answer(session, fuzz_server.url + path,
+                                     hostile_text(document, [(place, token)]))
+            for place in places(document) for token in HOSTILE_JSON)
+    print(f"{path}: statuses {dict(sorted(statuses.items()))}")
+    assert statuses[400] > 0  # the hostile tokens were reached and refused
+
+
+@pytest.mark.parametrize("path", list(json_routes("output")))
+def test_random_combinations_of_hostile_json_tokens_get_typed_answers(
+        fuzz_server, json_bodies, path):
+    document = json_bodies[path]
+    change = st.tuples(st.sampled_from(places(document)), st.sampled_from(HOSTILE_JSON))
+    statuses = []
+
+    session = requests.Session()
+
+    @settings(max_examples=JSON_EXAMPLES, deadline=None, derandomize=not LONG, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(changes=st.lists(change, min_size=2, max_size=4))
+    def check(changes):
+        body = hostile_text(document, changes)
+        statuses.append(assert_typed_json_answer(session, fuzz_server.url + path, body))
+
+    with session:
+        check()
+    print(f"{path}: {len(statuses)} answers, statuses {dict(sorted(Counter(statuses).items()))}")
+    assert len(statuses) >= JSON_EXAMPLES // 2

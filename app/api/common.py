@@ -9,6 +9,7 @@ from app.config import Config
 from app.errors import InvalidInput, ModelNotReady
 from app.metrics import Metrics
 from app.model_store import ModelStore
+from training.export_format import parse_version
 
 
 def store() -> ModelStore:
@@ -39,14 +40,15 @@ def ready_store() -> ModelStore:
 
 
 def int_arg(args, name: str, default: int, minimum: int = 1, maximum: int = 1_000_000) -> int:
-    """A whole-number query parameter; raises InvalidInput (400) naming it."""
+    """A whole-number query parameter in ASCII digits, read as version folder names are
+    (app/api/urls.py says why not ``int()``); raises InvalidInput (400) naming it."""
     raw = args.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(f"query parameter {name} must be an integer, got {raw!r}") from None
+    value = parse_version(raw)
+    if value is None:
+        raise InvalidInput(f"query parameter {name} must be a whole number in ASCII digits "
+                           f"(no sign, no leading zero), got {raw[:40]!r}")
     if not minimum <= value <= maximum:
         raise InvalidInput(f"query parameter {name} must be between {minimum} and {maximum}")
     return value

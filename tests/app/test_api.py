@@ -111,8 +111,10 @@ def test_a_named_models_summary(url):
     assert body["totals"]["params"] == 13_602
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5"])
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5", "1_000", "\u0665", "\uff15", "+5",
+                                   " 5", "05", "\U0001d7d3"])
 def test_summary_refuses_a_bad_batch_size(url, value):
+    """ASCII digits only: int() would take 1_000, Arabic-Indic ٥, fullwidth ５ and +5."""
     response = requests.get(url + f"/summary?batch_size={value}", timeout=5)
     assert_error(response, 400, "invalid_input", "batch_size")
 
@@ -212,6 +214,19 @@ def test_the_pages_are_html(url):
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/html")
     assert 'id="pad"' in requests.get(url + "/", timeout=5).text
+
+
+def test_every_answer_carries_a_content_security_policy_and_refuses_framing(url):
+    for path in ("/", "/model", "/models", "/no/such/page"):
+        headers = requests.get(url + path, timeout=5).headers
+        policy = headers["Content-Security-Policy"]
+        for directive in ("default-src 'none'", "script-src 'self'", "style-src 'self'",
+                          "frame-ancestors 'none'", "base-uri 'none'"):
+            assert directive in policy, (path, policy)
+        assert "unsafe" not in policy
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Referrer-Policy"] == "no-referrer"
 
 
 def test_the_numpy_trained_model_is_served_like_any_other(url, mnist):
@@ -340,6 +355,42 @@ def test_malformed_json_is_400(url, body):
     assert_error(post_image(url, body, "application/json"), 400, "invalid_input")
 
 
+def error_message(response) -> str:
+    """The message of either error shape: ours, or the protocols' plain one."""
+    error = response.json()["error"]
+    return error if isinstance(error, str) else error["message"]
+
+
+ZEROS_V2 = '"inputs": [{"name": "image", "shape": [1, 784], "datatype": "FP32", "data": ' + \
+    json.dumps([0.0] * 784) + "}]"
+LONE_SURROGATES = [  # (path, JSON text with a lone surrogate where the route reads a string)
+    ("/predict", '{"instances": [{"b64": "\\ud800"}]}'),
+    ("/predict", '{"instances": [[[0]]], "\\udc00": 1}'),
+    ("/v1/models/mnist_cnn:predict", '{"signature_name": "\\ud800", "instances": [[0]]}'),
+    ("/v2/models/mnist_cnn/infer", '{"id": "\\ud800", ' + ZEROS_V2 + "}"),  # echoed after the run
+    ("/v2/models/mnist_cnn/infer", '{"id": "a\\udfffb", ' + ZEROS_V2 + ', "x": NaN}'),
+    ("/v2/repository/index", '{"ready": true, "\\ud800": 1}'),
+]
+
+
+@pytest.mark.parametrize("path, text", LONE_SURROGATES)
+def test_a_lone_surrogate_in_json_is_400_on_every_json_route(url, path, text):
+    """Half a UTF-16 pair is no Unicode text: orjson refuses it, and so must the fallback
+    parser, or the string breaks the answer that echoes it (a 500)."""
+    response = requests.post(url + path, data=text.encode(), timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "lone UTF-16 surrogate" in error_message(response)
+
+
+def test_a_surrogate_pair_in_json_is_text_like_any_other(url):
+    body = '{"id": "\\ud83d\\ude00", ' + ZEROS_V2 + "}"
+    response = requests.post(url + "/v2/models/mnist_cnn/infer", data=body.encode(),
+                             timeout=30, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "\U0001f600"
+
+
 def test_an_unsupported_media_type_is_415(url):
     assert_error(post_image(url, b"7", "text/plain"), 415, "unsupported_media_type",
                  "image/png")
@@ -409,6 +460,39 @@ def test_an_unknown_model_is_404(url, seven):
 
 def test_an_unknown_path_is_a_json_404(url):
     assert_error(requests.get(url + "/no/such/page", timeout=5), 404, "not_found")
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/models//mnist_cnn", None), ("GET", "//models///mnist_cnn", None),
+    ("GET", "/v1/models//mnist_cnn", None),
+    ("POST", "/v2//models/mnist_cnn/infer", "{" + ZEROS_V2 + "}"),
+    ("POST", "/v1/models//mnist_cnn:predict", json.dumps({"instances": [[[0.0] * 28] * 28]})),
+])
+def test_doubled_slashes_are_answered_in_place_never_redirected_to_the_host_header(
+        url, method, path, body):
+    """Werkzeug answered 308 to http://<Host header>/... with an HTML body, POSTs too."""
+    response = requests.request(method, url + path, data=body, allow_redirects=False,
+                                timeout=30, headers={"Host": "evil.example",
+                                                     "Content-Type": "application/json"})
+    assert "Location" not in response.headers
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("version", ["\u0661", "\u06f1", "\uff11", "\U0001d7cf", "01", "001"])
+@pytest.mark.parametrize("method, template", [
+    ("GET", "/v2/models/mnist_cnn/versions/{}"),
+    ("GET", "/v2/models/mnist_cnn/versions/{}/ready"),
+    ("GET", "/v1/models/mnist_cnn/versions/{}"),
+    ("POST", "/v1/models/mnist_cnn/versions/{}:predict"),
+    ("POST", "/v2/models/mnist_cnn/versions/{}/infer"),
+    ("POST", "/models/mnist_cnn/versions/{}/predict"),
+])
+def test_a_version_in_a_path_is_ascii_digits_only(url, method, template, version):
+    """Each of these spells 1 to int() and to Werkzeug's <int:> (\\d+); none is version 1."""
+    response = requests.request(method, url + template.format(version), timeout=30)
+    assert response.status_code == 404, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
 
 
 def test_one_bad_image_in_a_batch_is_named(url, seven):

@@ -1,0 +1,32 @@
+"""app/errors.py: typed errors become JSON answers that can always be encoded."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import create_app
+from app.config import Config
+from app.errors import InvalidInput
+
+
+@pytest.fixture
+def client(tmp_path):
+    """The real app (no model needed) with one more route whose error quotes client text
+    that is not Unicode: a lone surrogate, as Python's JSON parser lets through."""
+    app = create_app(Config(models_dir=tmp_path))
+
+    def quote_the_client():
+        raise InvalidInput('signature "\ud800" not found')
+
+    for path in ("/v1/models/quoted:predict", "/quoted"):
+        app.add_url_rule(path, endpoint=path, view_func=quote_the_client, methods=["POST"])
+    return app.test_client()
+
+
+def test_a_message_quoting_a_lone_surrogate_is_sent_with_its_escape(client):
+    response = client.post("/v1/models/quoted:predict")
+    assert response.status_code == 400
+    assert response.get_json() == {"error": 'signature "\\ud800" not found'}
+    response = client.post("/quoted")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["message"] == 'signature "\\ud800" not found'
