@@ -173,7 +173,7 @@ def read_signature_defs(folder: Path) -> dict[str, Any]:
 def complete(folder: Path) -> Check:
     """Whether ``folder`` holds a whole export, by files alone (no model is loaded).
 
-    A manifest in metadata.json (every export since 1.2) is checked file by file, size
+    A manifest in metadata.json (every export writes one) is checked file by file, size
     and SHA-256, so a truncated or half-copied version is never taken for complete.
     """
     try:
