@@ -73,6 +73,7 @@ def assert_documented(spec: dict, path: str, method: str, response: requests.Res
 
 
 def png(mnist) -> bytes:
+    """The first test digit, a 7, as black ink on white, as people send digits."""
     buffer = io.BytesIO()
     Image.fromarray(255 - mnist.x_test[0]).save(buffer, format="PNG")
     return buffer.getvalue()
