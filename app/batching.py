@@ -107,7 +107,7 @@ class MicroBatcher:
         self.timeout = timeout_ms / 1000.0
         self.deadline = deadline_s  # for callers that bring no Deadline of their own
         self.name = name
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent sizes, for tests and metrics
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent sizes; read by tests only
         self.expired_dropped = 0  # queued requests dropped unrun: their deadline had passed
         self._queue: deque[_Job] = deque()
         self._running: list[_Job] = []

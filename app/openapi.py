@@ -75,28 +75,47 @@ SCHEMAS = {
              "items": {"type": "array"}},
             {"type": "object", "required": ["b64"],
              "properties": {"b64": {"type": "string", "contentEncoding": "base64"}}}]}}}},
-    "ModelInfo": {"type": "object", "properties": {
-        "name": {"type": "string"}, "version": {"type": "integer"},
+    "ModelInfo": {"type": "object", "required": [
+        "name", "version", "versions", "loaded_versions", "rejected", "arch", "created",
+        "test_accuracy", "load_seconds", "runtime", "input", "plots"], "properties": {
+        "name": {"type": "string"},
+        "version": {"type": "integer", "description": "the version requests get by default"},
         "versions": {"type": "array", "items": {"type": "integer"},
                      "description": "version folders on disk"},
         "loaded_versions": {"type": "array", "items": {"type": "integer"},
                             "description": "those MODEL_VERSION_POLICY loaded"},
-        "arch": {"type": "string"}, "created": {"type": "string"},
-        "test_accuracy": {"type": "number"}, "load_seconds": {"type": "number"},
-        "input": {"type": "object"},
-        "plots": {"type": "array", "items": {"type": "object", "properties": {
-            "title": {"type": "string"}, "url": {"type": "string"}}}}}},
-    "ModelList": {"type": "object", "properties": {
+        "rejected": {"type": "object", "additionalProperties": {"type": "string"},
+                     "description": "folder name → why it is not served (a failed check, "
+                                    "or a name that is no version number)"},
+        "arch": {"type": ["string", "null"]}, "created": {"type": ["string", "null"]},
+        "test_accuracy": {"type": ["number", "null"]}, "load_seconds": {"type": "number"},
+        "runtime": {"enum": ["savedmodel", "litert"],
+                    "description": "what runs it: TensorFlow, or LiteRT (PREFER_TFLITE_MODEL)"},
+        "input": {"type": ["object", "null"], "description": "metadata.json's input contract"},
+        "plots": {"type": "array", "items": {
+            "type": "object", "required": ["title", "url"],
+            "properties": {"title": {"type": "string"}, "url": {"type": "string"}}}}}},
+    "ModelList": {"type": "object", "required": ["default", "models", "rejected"],
+                  "properties": {
         "default": {"type": "string"},
         "models": {"type": "array", "items": _ref("ModelInfo")},
-        "rejected": {"type": "object", "additionalProperties": {"type": "string"}}}},
-    "Summary": {"type": "object", "required": ["model", "layers", "totals", "memory"],
+        "rejected": {"type": "object", "additionalProperties": {"type": "string"},
+                     "description": "model → why none of its versions is served"}}},
+    "Health": {"type": "object", "required": ["status"],
+               "properties": {"status": {"const": "ok"}}},
+    "Ready": {"type": "object", "required": ["status", "default", "models"], "properties": {
+        "status": {"const": "ready"}, "default": {"type": "string"},
+        "models": {"type": "object", "additionalProperties": {"type": "integer"},
+                   "description": "loaded model → its default version"}}},
+    "Summary": {"type": "object", "required": ["model", "arch", "layers", "totals", "memory",
+                                               "test_accuracy", "per_class_accuracy", "notes"],
                 "properties": {
-                    "model": _ref("ModelRef"), "arch": {"type": "string"},
+                    "model": _ref("ModelRef"), "arch": {"type": ["string", "null"]},
                     "layers": {"type": "array", "items": {"type": "object"}},
                     "totals": {"type": "object"}, "memory": {"type": "object"},
-                    "test_accuracy": {"type": "number"},
-                    "per_class_accuracy": {"type": "array", "items": {"type": "object"}},
+                    "test_accuracy": {"type": ["number", "null"]},
+                    "per_class_accuracy": {"type": ["array", "null"],
+                                           "items": {"type": "object"}},
                     "notes": {"type": "array", "items": {"type": "string"}}}},
 }
 
@@ -213,9 +232,9 @@ def openapi_spec(config: Config) -> dict:
             "/models": _get("Every loaded model and its versions", _ref("ModelList"),
                             errors=()),
             "/models/{name}": _get("One model", _ref("ModelInfo"), [NAME]),
-            "/health": _get("Liveness", {"type": "object"}, errors=()),
+            "/health": _get("Liveness", _ref("Health"), errors=()),
             "/ready": _get("Readiness: 200 when the default model is loaded",
-                           {"type": "object"}, errors=(503,)),
+                           _ref("Ready"), errors=(503,)),
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
                 "description": "Prometheus text format",
                 "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

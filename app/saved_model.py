@@ -62,7 +62,7 @@ class SavedModelRuntime:
 
         The batch is padded with blank images up to a power of two (TF Serving's
         ``allowed_batch_sizes``): each new batch size costs TensorFlow a slow first call,
-        and with nine sizes all of them are paid once, at warm-up, not by a client.
+        so warm-up pays for each size up to BATCH_MAX_SIZE; larger ones are paid by a client.
         """
         import tensorflow as tf
 

@@ -39,6 +39,7 @@ class Installed:
 
 
 def run(*command: str | Path, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command to completion; a failure shows its output."""
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True,
                             timeout=600, **kwargs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

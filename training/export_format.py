@@ -393,9 +393,8 @@ def signature_problem(signature_defs: dict[str, Any]) -> str | None:
 def complete(folder: Path) -> Check:
     """Whether ``folder`` holds a whole export, by files alone: servable's first part.
 
-    A manifest in metadata.json (written by every export that has one) is checked file by
-    file, size and SHA-256, so a truncated or half-copied version is never taken for
-    complete.
+    A manifest in metadata.json (every export writes one) is checked file by file, size
+    and SHA-256, so a truncated or half-copied version is never taken for complete.
     """
     try:
         for required in (SAVED_MODEL_FILE, VARIABLES_INDEX):
