@@ -90,6 +90,10 @@ class ModelStore:
                  policy: VersionPolicy | None = None, poll_seconds: float = 0.0,
                  metrics: Any = None, prefer_tflite: bool = False):
         self.models_dir = Path(models_dir)
+        # MODELS_DIR as error messages may spell it, longest first (see _relative).
+        self._roots = sorted({str(p).rstrip("/") + "/" for p in (
+            self.models_dir, self.models_dir.absolute(), self.models_dir.resolve())},
+            key=len, reverse=True)
         self.default_name = default_name
         self.tf_threads = tf_threads
         self.batch_max_size = batch_max_size
@@ -227,10 +231,8 @@ class ModelStore:
 
     def _relative(self, text: str) -> str:
         """``text`` with MODELS_DIR's own path taken out of every path it names."""
-        roots = {str(p) for p in (self.models_dir, self.models_dir.absolute(),
-                                  self.models_dir.resolve())}
-        for root in sorted(roots, key=len, reverse=True):
-            text = text.replace(root.rstrip("/") + "/", "")
+        for root in self._roots:
+            text = text.replace(root, "")
         return text
 
     def _swap(self, name: str, chosen: dict[int, LoadedModel]) -> None:
