@@ -21,7 +21,7 @@ still waiting then (least-connections balancing, as proxies do it, without a pro
 
 Both lean on gthread's private event loop, not on an extension point gunicorn documents:
 ``check_config`` (called by the master at start) refuses a gunicorn outside the versions
-this was measured on (``GUNICORN_VERSIONS``, requirements.txt's range) or whose loop lacks
+this was measured on (``GUNICORN_VERSIONS``; requirements.txt pins one) or whose loop lacks
 what is overridden here (``loop_differences``), so an upgrade stops loudly at start
 instead of leaving a worker that silently never accepts.
 """
@@ -44,7 +44,7 @@ ACCEPT_DELAY = 0.01  # seconds a busier worker leaves a connection to the least 
 SLOTS = 1024  # workers alive at once that the table can tell apart
 NOT_ACCEPTING = 1 << 62  # the count of a worker that cannot accept: booting or stopping
 # The gunicorn releases whose gthread loop this worker was read against and tested with:
-# from the first, up to but not including the second (requirements.txt pins the same).
+# from the first, up to but not including the second (requirements.txt pins one inside).
 GUNICORN_VERSIONS = ((27, 0, 1), (27, 1))
 # gthread's private loop as this worker uses it: the methods it overrides or calls (with
 # their parameters), the state it reads, and the calls ``ThreadWorker.run`` must make.
@@ -129,10 +129,17 @@ def loop_differences(base: type = ThreadWorker,
         elif list(inspect.signature(method).parameters) != parameters:
             found.append(f"{base.__name__}.{name} takes {inspect.signature(method)}, "
                          f"not ({', '.join(parameters)})")
-    run = inspect.getsource(base.run) if callable(getattr(base, "run", None)) else ""
-    found += [f"{base.__name__}.run no longer calls {call}...)" for call in LOOP_CALLS
-              if call not in run]
-    return found + missing_state(base, config)
+    return found + missing_calls(base) + missing_state(base, config)
+
+
+def missing_calls(base: type) -> list[str]:
+    """The calls of LOOP_CALLS that ``base.run`` (the loop, read as source) no longer makes."""
+    try:
+        run = inspect.getsource(base.run)
+    except (AttributeError, OSError, TypeError):  # no run, or installed without sources
+        return [f"{base.__name__}.run cannot be read to check the calls it makes"]
+    return [f"{base.__name__}.run no longer calls {call}...)" for call in LOOP_CALLS
+            if call not in run]
 
 
 def missing_state(base: type, config) -> list[str]:

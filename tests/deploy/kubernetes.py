@@ -12,8 +12,8 @@ from tests.conftest import ROOT
 
 NGINX = ROOT / "deploy" / "nginx"
 CONFIGMAP = ROOT / "deploy" / "kubernetes" / "proxy-configmap.yaml"
-HEADER = ("# deploy/nginx/nginx.conf.template and start.sh, byte for byte (tests/deploy/"
-          "test_kubernetes.py\n# checks it). After changing either: "
+HEADER = ("# deploy/nginx/nginx.conf.template, start.sh and stop.sh, byte for byte "
+          "(tests/deploy/test_kubernetes.py\n# checks it). After changing any: "
           "`make kubernetes-proxy-config`.\n")
 
 
@@ -26,14 +26,14 @@ def literal(dumper: yaml.SafeDumper, text: Literal) -> yaml.Node:
 
 
 def proxy_configmap() -> str:
-    """The ConfigMap the nginx Deployment mounts, carrying deploy/nginx's two files."""
+    """The ConfigMap the nginx Deployment mounts, carrying deploy/nginx's three files."""
     dumper = type("Dumper", (yaml.SafeDumper,), {})
     dumper.add_representer(Literal, literal)
     labels = {"app.kubernetes.io/name": "mnist-serving", "app.kubernetes.io/component": "proxy"}
     doc = {"apiVersion": "v1", "kind": "ConfigMap",
            "metadata": {"name": "mnist-proxy-config", "labels": labels},
            "data": {name: Literal((NGINX / name).read_text())
-                    for name in ("nginx.conf.template", "start.sh")}}
+                    for name in ("nginx.conf.template", "start.sh", "stop.sh")}}
     return HEADER + yaml.dump(doc, Dumper=dumper, sort_keys=False, width=200)
 
 

@@ -192,6 +192,18 @@ def test_proxy_forwards_to_the_api_service_with_the_same_body_limit(base):
     assert_hardened(pod(base["Deployment", "mnist-proxy"]), proxy)
 
 
+def test_proxy_stops_gracefully_once_its_endpoints_have_drained(base):
+    """preStop runs stop.sh (serve DRAIN_SECONDS on, then SIGQUIT and wait for nginx to
+    go), and the grace period outlasts the drain and nginx's own shutdown timeout."""
+    deployment = base["Deployment", "mnist-proxy"]
+    proxy = container(deployment)
+    assert proxy["lifecycle"]["preStop"]["exec"]["command"] == ["/etc/mnist-nginx/stop.sh"]
+    drain = int(environment(proxy).get("DRAIN_SECONDS", 5))
+    template = (ROOT / "deploy" / "nginx" / "nginx.conf.template").read_text()
+    shutdown = int(re.search(r"worker_shutdown_timeout (\d+)s;", template).group(1))
+    assert pod(deployment)["terminationGracePeriodSeconds"] > drain + shutdown
+
+
 # --- the InferenceService against KServe's own types ------------------------------------
 
 @cache

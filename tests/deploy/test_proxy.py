@@ -368,3 +368,27 @@ def test_a_request_nginx_holds_when_gunicorn_stops_is_answered_not_cut(fit_run, 
         if running.process.poll() is None:
             stop_proxy(running)
         running.log_handle.close()
+
+
+def test_stop_sh_lets_nginx_answer_the_request_it_holds_before_it_exits(tmp_path):
+    """The Kubernetes preStop hook, for real: nginx closes its port, then answers the
+    request whose body it was still reading (a 502 here: nothing behind it), then exits."""
+    nginx = start_nginx(tmp_path)
+    try:
+        wait_until(lambda: (tmp_path / "nginx.conf").exists(), "the config")
+        port = int(re.search(r"listen (\d+);", (tmp_path / "nginx.conf").read_text()).group(1))
+        wait_until(lambda: listening(port), "nginx to listen")
+        (held,) = open_sockets("127.0.0.1", port, 1, SLOW_BODY_HEAD)
+        stopping = subprocess.Popen([str(ROOT / "deploy" / "nginx" / "stop.sh")],
+                                    env={**os.environ, "NGINX_PREFIX": str(tmp_path),
+                                         "DRAIN_SECONDS": "0"})
+        wait_until(lambda: not listening(port), "nginx to close its port")
+        assert stopping.poll() is None  # the hook lasts as long as nginx
+        held.sendall(b"\0" * 100_000)
+        assert held.makefile("rb").readline().startswith(b"HTTP/1.1 502")
+        held.close()
+        assert stopping.wait(timeout=60) == 0 and nginx.wait(timeout=60) == 0
+    finally:
+        if nginx.poll() is None:
+            nginx.terminate()
+            nginx.wait(timeout=30)
