@@ -261,3 +261,23 @@ def test_a_large_transparent_canvas_png_still_gives_its_digit(url):
                              timeout=60, headers={"Content-Type": "image/png"})
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["digit"] == 7
+
+
+def multipart_fields(count: int, size: int) -> tuple[bytes, str]:
+    """A multipart body of ``count`` text fields of ``size`` bytes each, and no file."""
+    parts = [b'--b0und\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n%s\r\n'
+             % (index, b"v" * size) for index in range(count)]
+    return b"".join(parts) + b"--b0und--\r\n", "multipart/form-data; boundary=b0und"
+
+
+@pytest.mark.parametrize(("count", "size"), [(1001, 1), (1, 600_000)])
+def test_a_gzip_multipart_body_has_the_same_form_limits_as_a_plain_one(url, count, size):
+    """MAX_FORM_PARTS and MAX_FORM_MEMORY_SIZE hold whether or not the body is gzip
+    (a compressed body used to be parsed without them: 400 "no file parts")."""
+    body, content_type = multipart_fields(count, size)
+    plain = requests.post(url + "/predict", data=body, timeout=30,
+                          headers={"Content-Type": content_type})
+    packed = requests.post(url + "/predict", data=gzip.compress(body), timeout=30,
+                           headers={"Content-Type": content_type, "Content-Encoding": "gzip"})
+    assert "more than 1,000 parts" in error_of(packed, 413)
+    assert error_of(plain, 413) == error_of(packed, 413)
