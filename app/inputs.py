@@ -24,6 +24,7 @@ import json
 import math
 import zlib
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,13 @@ GZIP_MAGIC = b"\x1f\x8b"  # the start of every gzip member
 SLOW_JSON_BYTES = 1 << 20  # largest body the standard library's JSON parser may re-read
 NPY_HEADER_BYTES = 10_000  # NumPy's own default cap on an .npy header
 WBITS = {"gzip": 31, "deflate": 15}  # zlib's window bits for each Content-Encoding
+# The most JSON values one image takes: the 28×28×1 form makes each pixel a one-element
+# list (784 numbers + 784 lists + 28 rows + the image), and a wrapper such as {"b64": ...}.
+JSON_VALUES_PER_IMAGE = 2 * SIDE * SIDE + SIDE + 4
+JSON_ENVELOPE_VALUES = 1_000  # the keys, parameters and outputs around the images
+# A parsed value (a float and its list slot, or an empty list: 32-64 bytes) held in the
+# decode budget as 16 decoded pixels (~4 bytes each).
+JSON_VALUE_PIXELS = 16
 
 
 @dataclass(frozen=True)
@@ -181,9 +189,35 @@ def parse_json(body: bytes) -> object:
         raise InvalidInput(f"malformed JSON: {err}") from None
 
 
+def json_values_bound(body: bytes) -> int:
+    """The most values a JSON text can parse to, counted without parsing it: every value
+    but the first in an array or object, and the document itself, follows a comma, so
+    values ≤ commas + arrays + objects + 1 (commas and brackets inside strings only add)."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+
+
+def read_json(body: bytes, limits: Limits) -> object:
+    """``parse_json`` for a body that carries images: refused (413) before parsing when
+    it may hold more values than MAX_BATCH images take (a 10 MB body of 3.3 million
+    empty lists parses to 230 MB of objects), and parsed inside the worker's decode
+    budget, each value held as JSON_VALUE_PIXELS pixels, so concurrent bodies cannot add
+    up past it. The budget is freed before any image in the document is decoded (which
+    takes its own), so a request never holds it while waiting for more."""
+    values, most = json_values_bound(body), (limits.max_batch * JSON_VALUES_PER_IMAGE
+                                             + JSON_ENVELOPE_VALUES)
+    if values > most:
+        raise PayloadTooLarge(f"the JSON body holds up to {values:,} values (commas and "
+                              f"brackets, counted before parsing); {limits.max_batch} images "
+                              f"(MAX_BATCH) take at most {most:,}")
+    held = nullcontext() if limits.budget is None else \
+        limits.budget.hold(values * JSON_VALUE_PIXELS, limits.deadline)
+    with held:
+        return parse_json(body)
+
+
 def from_json(body: bytes, limits: Limits, preprocess: bool) -> np.ndarray:
     """``{"instances": [...]}`` → (N, 28, 28, 1) float32."""
-    document = parse_json(body)
+    document = read_json(body, limits)
     if not isinstance(document, dict) or "instances" not in document:
         raise InvalidInput('JSON body must be an object with an "instances" list')
     return from_instances(document["instances"], limits, preprocess)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import InvalidInput, PayloadTooLarge
-from app.inputs import Limits, from_images, from_numbers, parse_json
+from app.inputs import Limits, from_images, from_numbers, read_json
 from app.servable import LoadedModel
 from training.export_format import SIGNATURE
 
@@ -72,7 +72,8 @@ def model_metadata(model: LoadedModel, versions: list[int]) -> dict:
             "outputs": [_tensor_metadata(n, i) for n, i in signature["outputs"].items()]}
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+def split_body(body: bytes, header_length: str | None, limits: Limits
+               ) -> tuple[dict, bytes]:
     """The JSON header and the binary tensor data after it (empty without the extension)."""
     if header_length is None:
         size = len(body)
@@ -81,7 +82,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     else:
         raise InvalidInput(f"{HEADER_LENGTH} must be a whole number no larger than the "
                            f"body ({len(body)} bytes), got {header_length[:20]!r}")
-    document = parse_json(body[:size])
+    document = read_json(body[:size], limits)
     if not isinstance(document, dict):
         raise InvalidInput("the inference request must be a JSON object")
     return document, body[size:]
@@ -208,7 +209,7 @@ def _images(tensor: dict, raw: bytes | None, limits: Limits, preprocess: bool) -
 def read_infer(body: bytes, header_length: str | None, limits: Limits, preprocess: bool,
                model: LoadedModel) -> tuple[np.ndarray, InferRequest]:
     """An inference request → (images, what the answer must look like)."""
-    document, data = split_body(body, header_length)
+    document, data = split_body(body, header_length, limits)
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise InvalidInput('the inference request needs "inputs", a list of tensors')

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.errors import InvalidInput
-from app.inputs import Limits, from_instances, parse_json
+from app.inputs import Limits, from_instances, read_json
 from app.servable import LoadedModel
 from training.export_format import SIGNATURE
 
@@ -57,7 +57,7 @@ def _columns(value: object, input_name: str) -> object:
 def read_predict(body: bytes, limits: Limits, preprocess: bool, input_name: str
                  ) -> tuple[np.ndarray, str]:
     """A :predict body → (images, ROW or COLUMNAR, which decides the answer's key)."""
-    document = parse_json(body)
+    document = read_json(body, limits)
     if not isinstance(document, dict):
         raise InvalidInput('the body must be a JSON object with "instances" or "inputs"')
     _check_signature(document)

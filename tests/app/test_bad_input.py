@@ -281,3 +281,38 @@ def test_a_gzip_multipart_body_has_the_same_form_limits_as_a_plain_one(url, coun
                            headers={"Content-Type": content_type, "Content-Encoding": "gzip"})
     assert "more than 1,000 parts" in error_of(packed, 413)
     assert error_of(plain, 413) == error_of(packed, 413)
+
+
+@pytest.fixture(scope="module")
+def lone_worker(fit_run, tmp_path_factory):
+    """A server of its own, whose one worker's peak memory is only what this test sends."""
+    running = start_server(fit_run.models_dir,
+                           tmp_path_factory.mktemp("lone_worker") / "gunicorn.log",
+                           WORKERS="1")
+    yield running
+    stop_server(running)
+
+
+def tiny_instances(path: str, count: int) -> bytes:
+    """Close to 10 MB (MAX_CONTENT_LENGTH) of empty instances: 3.3 million of them parse
+    to 230 MB of Python lists, from 10 MB."""
+    items = b",".join([b"[]"] * count)
+    if path == V2_INFER:
+        return (b'{"inputs": [{"name": "image", "shape": [1, 784], "datatype": "FP32", '
+                b'"data": [' + items + b"]}]}")
+    return b'{"instances": [' + items + b"]}"
+
+
+def test_a_json_body_of_millions_of_tiny_instances_is_refused_before_it_is_parsed(
+        lone_worker):
+    url = lone_worker.url
+    warm = requests.post(url + "/predict", json={"instances": [[[0.0] * 28] * 28]}, timeout=30)
+    assert warm.status_code == 200, warm.text
+    (before,) = lone_worker.worker_rss_mb("VmHWM").values()
+    responses = [requests.post(url + path, data=tiny_instances(path, 3_300_000), timeout=60,
+                               headers={"Content-Type": "application/json"})
+                 for path in ("/predict", V1_PREDICT, V2_INFER)]
+    (after,) = lone_worker.worker_rss_mb("VmHWM").values()
+    assert after - before < 60, f"the worker's peak grew {after - before:.0f} MB"
+    for response in responses:
+        assert "counted before parsing" in error_of(response, 413)
