@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import orjson
@@ -42,6 +43,8 @@ GZIP_MAGIC = b"\x1f\x8b"  # the start of every gzip member
 SLOW_JSON_BYTES = 1 << 20  # largest body the standard library's JSON parser may re-read
 NPY_HEADER_BYTES = 10_000  # NumPy's own default cap on an .npy header
 WBITS = {"gzip": 31, "deflate": 15}  # zlib's window bits for each Content-Encoding
+NUMBER_TYPES = frozenset({int, float})  # what JSON numbers parse to; bool is neither
+MAX_NESTING = 5  # [N, 28, 28, 1] is the deepest array of pixels any form sends
 # The most JSON values one image takes: the 28×28×1 form makes each pixel a one-element
 # list (784 numbers + 784 lists + 28 rows + the image), and a wrapper such as {"b64": ...}.
 JSON_VALUES_PER_IMAGE = 2 * SIDE * SIDE + SIDE + 4
@@ -101,8 +104,25 @@ def from_images(blobs: Iterable[bytes], limits: Limits, preprocess: bool) -> np.
     return np.stack(digits)[..., np.newaxis]
 
 
+def all_numbers(value: object) -> bool:
+    """Whether every leaf of nested JSON arrays is a number. NumPy would read ``true`` and
+    ``"0.5"`` as pixels (and a ``true`` among floats without a trace); the protocols take
+    numbers only. Walks the nesting a level at a time with ``map`` and ``chain``, in C:
+    a batch of 256 digits takes about as long as NumPy's own conversion."""
+    level = [value]
+    for _ in range(MAX_NESTING + 1):
+        kinds = set(map(type, level))
+        if kinds != {list}:
+            return kinds <= NUMBER_TYPES
+        level = list(chain.from_iterable(level))
+    return False
+
+
 def from_array(instance: object, index: int) -> np.ndarray:
     """One JSON array instance → (28, 28) float32, checked for shape, NaN and range."""
+    if not all_numbers(instance):
+        raise InvalidInput(f"instance {index}: pixels must be JSON numbers, not true, false, "
+                           "null or strings")
     try:
         array = np.asarray(instance, dtype=np.float64)
     except (ValueError, TypeError, OverflowError, RecursionError):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import InvalidInput, PayloadTooLarge
-from app.inputs import Limits, from_images, from_numbers, read_json
+from app.inputs import Limits, all_numbers, from_images, from_numbers, read_json
 from app.servable import LoadedModel
 from training.export_format import SIGNATURE
 
@@ -140,12 +140,14 @@ def _numbers(tensor: dict, datatype: str, raw: bytes | None, shape: list[int], n
         return np.frombuffer(raw, dtype).reshape(shape)
     wrong = InvalidInput(f"input {name!r}: data must be {datatype} numbers, "
                          "flat or nested in row-major order")
+    # Strings ("0.5") and booleans are not numbers to the protocol, though NumPy would
+    # convert them; nor are integers past 64 bits; UINT8 must not wrap 300 round to 44.
+    if not all_numbers(tensor.get("data")):
+        raise wrong
     try:
         values = np.asarray(tensor.get("data"))
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise wrong from None
-    # Strings ("0.5"), booleans and integers past 64 bits are not numbers to the protocol,
-    # though NumPy would convert the first two; UINT8 must not wrap 300 round to 44.
     if values.dtype.kind not in "iuf" or (datatype == "UINT8" and values.size and (
             values.dtype.kind == "f" or values.min() < 0 or values.max() > 255)):
         raise wrong
@@ -218,12 +220,21 @@ def read_infer(body: bytes, header_length: str | None, limits: Limits, preproces
         raise InvalidInput(f"the model takes one input, {model.input_name!r}; got {given}")
     (raw,) = _binary_parts(inputs, data)
     parameters = _object(document.get("parameters"), "parameters")
+    binary_output = _flag(parameters, "binary_data_output", False)
     outputs = _checked_outputs(document.get("outputs"), model)
     request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f'"id" must be a string, got {type(request_id).__name__}')
     images = _images(inputs[0], raw, limits, preprocess)
-    return images, InferRequest(str(request_id) if request_id is not None else None,
-                                outputs, bool(parameters.get("binary_data_output")),
-                                parameters)
+    return images, InferRequest(request_id, outputs, binary_output, parameters)
+
+
+def _flag(parameters: dict, name: str, default: bool) -> bool:
+    """A boolean parameter: JSON true or false, never a string ("false" is truthy)."""
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"parameter {name!r} must be true or false, got {value!r:.40}")
+    return value
 
 
 def _checked_outputs(outputs: object, model: LoadedModel) -> list[dict] | None:
@@ -238,8 +249,9 @@ def _checked_outputs(outputs: object, model: LoadedModel) -> list[dict] | None:
         if output.get("name") != model.output_name:
             raise InvalidInput(f"the model has one output, {model.output_name!r}; "
                                f"got {output.get('name')!r}")
-        count = _object(output.get("parameters"), "output parameters").get(
-            "classification", 1)
+        parameters = _object(output.get("parameters"), "output parameters")
+        _flag(parameters, "binary_data", False)
+        count = parameters.get("classification", 1)
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= classes:
             raise InvalidInput(f"classification must be a whole number from 1 to {classes}, "
                                f"got {count!r}")
@@ -280,7 +292,7 @@ def infer_response(model: LoadedModel, request: InferRequest, probabilities: np.
         values = probabilities if "classification" not in parameters else \
             _top_classes(probabilities, parameters["classification"])
         tensor, raw = _output(model.output_name, values,
-                              bool(parameters.get("binary_data", request.binary_output)))
+                              parameters.get("binary_data", request.binary_output))
         tensors.append(tensor)
         chunks.append(raw)
     header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}

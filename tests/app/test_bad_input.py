@@ -263,6 +263,16 @@ def test_a_large_transparent_canvas_png_still_gives_its_digit(url):
     assert response.json()["predictions"][0]["digit"] == 7
 
 
+@pytest.mark.parametrize("path", ["/predict", V1_PREDICT])
+@pytest.mark.parametrize("pixel", [True, False, "0.5", None])
+def test_a_pixel_that_is_not_a_json_number_is_400_as_on_v2(url, path, pixel):
+    """NumPy reads true and "0.5" as 1.0 and 0.5; pixels are numbers on every protocol."""
+    digit = [[0.0] * 28 for _ in range(28)]
+    digit[3][5] = pixel
+    response = requests.post(url + path, json={"instances": [digit]}, timeout=30)
+    assert "pixels must be JSON numbers" in error_of(response, 400)
+
+
 def multipart_fields(count: int, size: int) -> tuple[bytes, str]:
     """A multipart body of ``count`` text fields of ``size`` bytes each, and no file."""
     parts = [b'--b0und\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n%s\r\n'

@@ -218,3 +218,35 @@ def test_binary_data_must_match_its_declared_sizes(url):
 def test_health_endpoints_answer_json(url):
     assert requests.get(url + "/v2/health/live", timeout=5).json() == {"live": True}
     assert requests.get(url + "/v2/health/ready", timeout=5).json() == {"ready": True}
+
+
+@pytest.mark.parametrize("parameters", [
+    {"parameters": {"binary_data_output": "false"}},  # was read as true
+    {"parameters": {"binary_data_output": 0}},
+    {"outputs": [{"name": "output_0", "parameters": {"binary_data": "false"}}]},
+])
+def test_flags_are_json_booleans(url, parameters):
+    response = requests.post(url + INFER, json={"inputs": [ZEROS], **parameters}, timeout=30)
+    assert_v2_error(response, 400, "true or false")
+
+
+def test_false_flags_answer_json(url):
+    response = requests.post(url + INFER, timeout=30, json={
+        "inputs": [ZEROS], "parameters": {"binary_data_output": False},
+        "outputs": [{"name": "output_0", "parameters": {"binary_data": False}}]})
+    assert response.status_code == 200 and len(response.json()["outputs"][0]["data"]) == 10
+
+
+@pytest.mark.parametrize("data", [[True] + [0.5] * 783, [0.5] * 783 + ["0.5"],
+                                  [0.5] * 783 + [None]])
+def test_pixels_among_numbers_that_are_not_numbers_are_400(url, data):
+    """NumPy reads [true, 0.5, ...] as floats without a trace; the protocol does not."""
+    response = requests.post(url + INFER, json={"inputs": [{**ZEROS, "data": data}]},
+                             timeout=30)
+    assert_v2_error(response, 400, "FP32 numbers")
+
+
+def test_a_request_id_is_a_string(url):
+    response = requests.post(url + INFER, json={"inputs": [ZEROS], "id": [1] * 1000},
+                             timeout=30)
+    assert_v2_error(response, 400, '"id" must be a string')
