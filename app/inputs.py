@@ -70,7 +70,9 @@ class Limits:
         return self.max_batch * SIDE * SIDE
 
 
-def _check_batch(count: int, limits: Limits) -> None:
+def check_batch(count: int, limits: Limits) -> None:
+    """A request's image count, before its images are read: 400 for none, 413 over
+    MAX_BATCH."""
     if count == 0:
         raise InvalidInput("the request holds no image")
     if count > limits.max_batch:
@@ -90,7 +92,7 @@ def _check_pixels(blobs: list[bytes], limits: Limits) -> None:
 def from_images(blobs: Iterable[bytes], limits: Limits, preprocess: bool) -> np.ndarray:
     """Encoded images → (N, 28, 28, 1) float32. Errors name the image's position."""
     blobs = list(blobs)
-    _check_batch(len(blobs), limits)
+    check_batch(len(blobs), limits)
     _check_pixels(blobs, limits)
     digits = []
     for index, blob in enumerate(blobs):
@@ -135,12 +137,22 @@ def from_array(instance: object, index: int) -> np.ndarray:
     return _checked_values(array, f"instance {index}")
 
 
+def quoted(names: Iterable[object], most: int = 3) -> str:
+    """The first ``most`` of a client's names for an error message, each cut to 40
+    characters, so that an answer never echoes a body's worth of keys back."""
+    names = list(names)
+    shown = [repr(name)[:40] for name in names[:most]]
+    if len(names) > most:
+        shown.append(f"and {len(names) - most:,} more")
+    return ", ".join(shown) or "none"
+
+
 def _b64(instance: dict, index: int) -> bytes:
     """``{"b64": "<base64>"}`` → the image bytes; raises InvalidInput."""
     value = instance.get("b64")
     if set(instance) != {"b64"} or not isinstance(value, str):
         raise InvalidInput(f'instance {index}: an encoded image is {{"b64": "<base64 '
-                           f'string>"}}, got keys {", ".join(map(repr, instance)) or "none"}')
+                           f'string>"}}, got keys {quoted(instance)}')
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -152,9 +164,8 @@ def _unwrap(instance: object, index: int, input_name: str) -> object:
     (a dict left after unwrapping is checked as ``{"b64": ...}`` by ``_b64``)."""
     if isinstance(instance, dict) and "b64" not in instance:
         if set(instance) != {input_name}:
-            names = ", ".join(map(repr, instance)) or "no key"
             raise InvalidInput(f"instance {index}: expected the model's input {input_name!r} "
-                               f'or {{"b64": ...}}, got {names}')
+                               f'or {{"b64": ...}}, got keys {quoted(instance)}')
         instance = instance[input_name]
     return instance
 
@@ -168,7 +179,7 @@ def from_instances(instances: object, limits: Limits, preprocess: bool,
     """
     if not isinstance(instances, list):
         raise InvalidInput("instances must be a list, one entry per image")
-    _check_batch(len(instances), limits)
+    check_batch(len(instances), limits)
     instances = [_unwrap(instance, index, input_name)
                  for index, instance in enumerate(instances)]
     encoded = {index: _b64(instance, index) for index, instance in enumerate(instances)
@@ -327,7 +338,7 @@ def from_numbers(array: np.ndarray, limits: Limits, what: str) -> np.ndarray:
     if array.ndim != 3 or array.shape[1:] != (SIDE, SIDE):
         raise UnprocessableInput(f"{what}: expected N×28×28, N×28×28×1, N×1×28×28 or N×784, got "
                                  f"{'×'.join(map(str, shape)) or 'a scalar'}")
-    _check_batch(len(array), limits)
+    check_batch(len(array), limits)
     array = array / 255.0 if array.dtype == np.uint8 else array.astype(np.float64)
     return _checked_values(array, what)[..., np.newaxis]
 
