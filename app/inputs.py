@@ -24,7 +24,9 @@ import json
 import math
 import zlib
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import orjson
@@ -41,6 +43,15 @@ GZIP_MAGIC = b"\x1f\x8b"  # the start of every gzip member
 SLOW_JSON_BYTES = 1 << 20  # largest body the standard library's JSON parser may re-read
 NPY_HEADER_BYTES = 10_000  # NumPy's own default cap on an .npy header
 WBITS = {"gzip": 31, "deflate": 15}  # zlib's window bits for each Content-Encoding
+NUMBER_TYPES = frozenset({int, float})  # what JSON numbers parse to; bool is neither
+MAX_NESTING = 5  # [N, 28, 28, 1] is the deepest array of pixels any form sends
+# The most JSON values one image takes: the 28×28×1 form makes each pixel a one-element
+# list (784 numbers + 784 lists + 28 rows + the image), and a wrapper such as {"b64": ...}.
+JSON_VALUES_PER_IMAGE = 2 * SIDE * SIDE + SIDE + 4
+JSON_ENVELOPE_VALUES = 1_000  # the keys, parameters and outputs around the images
+# A parsed value (a float and its list slot, or an empty list: 32-64 bytes) held in the
+# decode budget as 16 decoded pixels (~4 bytes each).
+JSON_VALUE_PIXELS = 16
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,9 @@ class Limits:
         return self.max_batch * SIDE * SIDE
 
 
-def _check_batch(count: int, limits: Limits) -> None:
+def check_batch(count: int, limits: Limits) -> None:
+    """A request's image count, before its images are read: 400 for none, 413 over
+    MAX_BATCH."""
     if count == 0:
         raise InvalidInput("the request holds no image")
     if count > limits.max_batch:
@@ -79,7 +92,7 @@ def _check_pixels(blobs: list[bytes], limits: Limits) -> None:
 def from_images(blobs: Iterable[bytes], limits: Limits, preprocess: bool) -> np.ndarray:
     """Encoded images → (N, 28, 28, 1) float32. Errors name the image's position."""
     blobs = list(blobs)
-    _check_batch(len(blobs), limits)
+    check_batch(len(blobs), limits)
     _check_pixels(blobs, limits)
     digits = []
     for index, blob in enumerate(blobs):
@@ -93,8 +106,25 @@ def from_images(blobs: Iterable[bytes], limits: Limits, preprocess: bool) -> np.
     return np.stack(digits)[..., np.newaxis]
 
 
+def all_numbers(value: object) -> bool:
+    """Whether every leaf of nested JSON arrays is a number. NumPy would read ``true`` and
+    ``"0.5"`` as pixels (and a ``true`` among floats without a trace); the protocols take
+    numbers only. Walks the nesting a level at a time with ``map`` and ``chain``, in C:
+    a batch of 256 digits takes about as long as NumPy's own conversion."""
+    level = [value]
+    for _ in range(MAX_NESTING + 1):
+        kinds = set(map(type, level))
+        if kinds != {list}:
+            return kinds <= NUMBER_TYPES
+        level = list(chain.from_iterable(level))
+    return False
+
+
 def from_array(instance: object, index: int) -> np.ndarray:
     """One JSON array instance → (28, 28) float32, checked for shape, NaN and range."""
+    if not all_numbers(instance):
+        raise InvalidInput(f"instance {index}: pixels must be JSON numbers, not true, false, "
+                           "null or strings")
     try:
         array = np.asarray(instance, dtype=np.float64)
     except (ValueError, TypeError, OverflowError, RecursionError):
@@ -107,12 +137,22 @@ def from_array(instance: object, index: int) -> np.ndarray:
     return _checked_values(array, f"instance {index}")
 
 
+def quoted(names: Iterable[object], most: int = 3) -> str:
+    """The first ``most`` of a client's names for an error message, each cut to 40
+    characters, so that an answer never echoes a body's worth of keys back."""
+    names = list(names)
+    shown = [repr(name)[:40] for name in names[:most]]
+    if len(names) > most:
+        shown.append(f"and {len(names) - most:,} more")
+    return ", ".join(shown) or "none"
+
+
 def _b64(instance: dict, index: int) -> bytes:
     """``{"b64": "<base64>"}`` → the image bytes; raises InvalidInput."""
     value = instance.get("b64")
     if set(instance) != {"b64"} or not isinstance(value, str):
         raise InvalidInput(f'instance {index}: an encoded image is {{"b64": "<base64 '
-                           f'string>"}}, got keys {", ".join(map(repr, instance)) or "none"}')
+                           f'string>"}}, got keys {quoted(instance)}')
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -124,9 +164,8 @@ def _unwrap(instance: object, index: int, input_name: str) -> object:
     (a dict left after unwrapping is checked as ``{"b64": ...}`` by ``_b64``)."""
     if isinstance(instance, dict) and "b64" not in instance:
         if set(instance) != {input_name}:
-            names = ", ".join(map(repr, instance)) or "no key"
             raise InvalidInput(f"instance {index}: expected the model's input {input_name!r} "
-                               f'or {{"b64": ...}}, got {names}')
+                               f'or {{"b64": ...}}, got keys {quoted(instance)}')
         instance = instance[input_name]
     return instance
 
@@ -140,7 +179,7 @@ def from_instances(instances: object, limits: Limits, preprocess: bool,
     """
     if not isinstance(instances, list):
         raise InvalidInput("instances must be a list, one entry per image")
-    _check_batch(len(instances), limits)
+    check_batch(len(instances), limits)
     instances = [_unwrap(instance, index, input_name)
                  for index, instance in enumerate(instances)]
     encoded = {index: _b64(instance, index) for index, instance in enumerate(instances)
@@ -196,9 +235,35 @@ def _refuse_lone_surrogates(document: object) -> None:
         raise InvalidInput("malformed JSON: nested too deeply") from None
 
 
+def json_values_bound(body: bytes) -> int:
+    """The most values a JSON text can parse to, counted without parsing it: every value
+    but the first in an array or object, and the document itself, follows a comma, so
+    values ≤ commas + arrays + objects + 1 (commas and brackets inside strings only add)."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+
+
+def read_json(body: bytes, limits: Limits) -> object:
+    """``parse_json`` for a body that carries images: refused (413) before parsing when
+    it may hold more values than MAX_BATCH images take (a 10 MB body of 3.3 million
+    empty lists parses to 230 MB of objects), and parsed inside the worker's decode
+    budget, each value held as JSON_VALUE_PIXELS pixels, so concurrent bodies cannot add
+    up past it. The budget is freed before any image in the document is decoded (which
+    takes its own), so a request never holds it while waiting for more."""
+    values, most = json_values_bound(body), (limits.max_batch * JSON_VALUES_PER_IMAGE
+                                             + JSON_ENVELOPE_VALUES)
+    if values > most:
+        raise PayloadTooLarge(f"the JSON body holds up to {values:,} values (commas and "
+                              f"brackets, counted before parsing); {limits.max_batch} images "
+                              f"(MAX_BATCH) take at most {most:,}")
+    held = nullcontext() if limits.budget is None else \
+        limits.budget.hold(values * JSON_VALUE_PIXELS, limits.deadline)
+    with held:
+        return parse_json(body)
+
+
 def from_json(body: bytes, limits: Limits, preprocess: bool) -> np.ndarray:
     """``{"instances": [...]}`` → (N, 28, 28, 1) float32."""
-    document = parse_json(body)
+    document = read_json(body, limits)
     if not isinstance(document, dict) or "instances" not in document:
         raise InvalidInput('JSON body must be an object with an "instances" list')
     return from_instances(document["instances"], limits, preprocess)
@@ -288,7 +353,7 @@ def from_numbers(array: np.ndarray, limits: Limits, what: str) -> np.ndarray:
     if array.ndim != 3 or array.shape[1:] != (SIDE, SIDE):
         raise UnprocessableInput(f"{what}: expected N×28×28, N×28×28×1, N×1×28×28 or N×784, got "
                                  f"{'×'.join(map(str, shape)) or 'a scalar'}")
-    _check_batch(len(array), limits)
+    check_batch(len(array), limits)
     array = array / 255.0 if array.dtype == np.uint8 else array.astype(np.float64)
     return _checked_values(array, what)[..., np.newaxis]
 

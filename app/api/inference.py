@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from flask import current_app, g, request
-from werkzeug.formparser import FormDataParser
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.api.common import ArrivalOrderMultiDict, metrics, settings
+from app.api.common import metrics, settings
 from app.batching import Deadline
-from app.errors import InvalidInput, UnsupportedMediaType
+from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from app.inputs import MULTIPART_TYPE, WBITS, Limits, decompress
 from app.preprocess import DecodeBudget
 from app.servable import LoadedModel
@@ -72,10 +72,17 @@ def limits() -> Limits:
 
 
 def multipart_files(body: bytes) -> list[bytes]:
-    """The file parts of a multipart body we had to decompress ourselves, in order."""
-    parser = FormDataParser(cls=ArrivalOrderMultiDict)
-    _, _, files = parser.parse(io.BytesIO(body), request.mimetype, len(body),
-                               request.mimetype_params)
+    """The file parts of a multipart body, in the order sent, read by the parser Flask
+    itself would use (``request.make_form_data_parser()``): the same MAX_FORM_PARTS and
+    MAX_FORM_MEMORY_SIZE (Flask's settings: 1,000 parts, 500,000 bytes a form field)
+    whether the body came compressed or not. Past either: PayloadTooLarge naming both."""
+    try:
+        _, _, files = request.make_form_data_parser().parse(
+            io.BytesIO(body), request.mimetype, len(body), request.mimetype_params)
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge(f"the multipart body has more than {request.max_form_parts:,} "
+                              f"parts, or a form field over {request.max_form_memory_size:,} "
+                              "bytes (MAX_FORM_PARTS, MAX_FORM_MEMORY_SIZE)") from None
     return [part.read() for _, part in files.arrival]
 
 
@@ -84,15 +91,14 @@ def body_and_files(limit: int) -> tuple[bytes, list[bytes]]:
     encoding = (request.content_encoding or "identity").lower()
     if encoding in WBITS:
         body = decompress(request.get_data(cache=False), encoding, limit)
-        return body, multipart_files(body) if request.mimetype == MULTIPART_TYPE else []
-    if encoding != "identity":
+    elif encoding == "identity":
+        # Read raw whatever the Content-Type says: TF Serving's own examples post JSON
+        # with `curl -d`, which labels it a form; a form parser would swallow the body.
+        body = request.get_data(cache=False)
+    else:
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported: "
                                    "send gzip, deflate or no encoding")
-    if request.mimetype == MULTIPART_TYPE:
-        return b"", [part.read() for _, part in request.files.arrival]  # in the order sent
-    # Read raw whatever the Content-Type says: TF Serving's own examples post JSON with
-    # `curl -d`, which labels it a form; a form parser would swallow the body.
-    return request.get_data(cache=False), []
+    return body, multipart_files(body) if request.mimetype == MULTIPART_TYPE else []
 
 
 def infer(model: LoadedModel, read: Reader) -> tuple[Parsed, np.ndarray]:

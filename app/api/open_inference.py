@@ -7,12 +7,13 @@ from flask import Blueprint, Response, jsonify, request
 
 from app import SERVICE_NAME, __version__
 from app.api.common import ready_store, store
-from app.api.inference import Parsed, infer, limits, preprocess_flag
+from app.api.inference import Parsed, infer, limits, preprocess_flag, request_deadline
 from app.errors import InvalidInput
-from app.inputs import parse_json
+from app.inputs import json_values_bound, parse_json
 from app.protocols import open_inference
 
 bp = Blueprint("open_inference", __name__, url_prefix="/v2")
+INDEX_MOST_VALUES = 8  # {"ready": true} is two
 
 
 @bp.get("")
@@ -37,11 +38,15 @@ def ready():
 def repository_index():
     """The model-repository extension's index: every model and version folder with its
     state (READY, LOADING, UNAVAILABLE) and, when not ready, why; ``{"ready": true}``
-    keeps only the ready ones."""
+    keeps only the ready ones. A body of more than a few JSON values is refused unparsed:
+    parsing 10 MB of them would cost a worker hundreds of MB (app/inputs.py)."""
     body = request.get_data(cache=False)
+    wrong = InvalidInput('the index request must be a JSON object like {"ready": true}')
+    if json_values_bound(body) > INDEX_MOST_VALUES:
+        raise wrong
     document = parse_json(body) if body.strip() else {}
     if not isinstance(document, dict) or not isinstance(document.get("ready", False), bool):
-        raise InvalidInput('the index request must be a JSON object like {"ready": true}')
+        raise wrong
     rows = [row for row in store().index()
             if row.state == "READY" or not document.get("ready", False)]
     return jsonify([{"name": row.name, "version": row.version, "state": row.state,
@@ -73,7 +78,8 @@ def run_inference(name: str, version: int | None = None):
     header_length = request.headers.get(open_inference.HEADER_LENGTH)
     parsed, probabilities = infer(model, lambda body, _files: Parsed(
         *open_inference.read_infer(body, header_length, bounds, preprocess, model)))
-    header, binary = open_inference.infer_response(model, parsed.details, probabilities)
+    header, binary = open_inference.infer_response(model, parsed.details, probabilities,
+                                                   request_deadline())
     if not binary:
         return jsonify(header)
     encoded = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -28,8 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from app.batching import Deadline
 from app.errors import InvalidInput, PayloadTooLarge
-from app.inputs import Limits, from_images, from_numbers, parse_json
+from app.inputs import (
+    Limits,
+    all_numbers,
+    check_batch,
+    from_images,
+    from_numbers,
+    quoted,
+    read_json,
+)
 from app.servable import LoadedModel
 from training.export_format import SIGNATURE
 
@@ -72,7 +81,8 @@ def model_metadata(model: LoadedModel, versions: list[int]) -> dict:
             "outputs": [_tensor_metadata(n, i) for n, i in signature["outputs"].items()]}
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+def split_body(body: bytes, header_length: str | None, limits: Limits
+               ) -> tuple[dict, bytes]:
     """The JSON header and the binary tensor data after it (empty without the extension)."""
     if header_length is None:
         size = len(body)
@@ -81,7 +91,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     else:
         raise InvalidInput(f"{HEADER_LENGTH} must be a whole number no larger than the "
                            f"body ({len(body)} bytes), got {header_length[:20]!r}")
-    document = parse_json(body[:size])
+    document = read_json(body[:size], limits)
     if not isinstance(document, dict):
         raise InvalidInput("the inference request must be a JSON object")
     return document, body[size:]
@@ -139,12 +149,14 @@ def _numbers(tensor: dict, datatype: str, raw: bytes | None, shape: list[int], n
         return np.frombuffer(raw, dtype).reshape(shape)
     wrong = InvalidInput(f"input {name!r}: data must be {datatype} numbers, "
                          "flat or nested in row-major order")
+    # Strings ("0.5") and booleans are not numbers to the protocol, though NumPy would
+    # convert them; nor are integers past 64 bits; UINT8 must not wrap 300 round to 44.
+    if not all_numbers(tensor.get("data")):
+        raise wrong
     try:
         values = np.asarray(tensor.get("data"))
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise wrong from None
-    # Strings ("0.5"), booleans and integers past 64 bits are not numbers to the protocol,
-    # though NumPy would convert the first two; UINT8 must not wrap 300 round to 44.
     if values.dtype.kind not in "iuf" or (datatype == "UINT8" and values.size and (
             values.dtype.kind == "f" or values.min() < 0 or values.max() > 255)):
         raise wrong
@@ -156,10 +168,11 @@ def _numbers(tensor: dict, datatype: str, raw: bytes | None, shape: list[int], n
     return array.reshape(shape)
 
 
-def _split_bytes(raw: bytes, name: str) -> list[bytes]:
-    """Binary BYTES tensor: elements each led by their 4-byte little-endian length."""
+def _split_bytes(raw: bytes, name: str, count: int) -> list[bytes]:
+    """Binary BYTES tensor: elements each led by their 4-byte little-endian length; one
+    more than the ``count`` its shape declares is an error, before any further split."""
     elements, offset = [], 0
-    while offset < len(raw):
+    while offset < len(raw) and len(elements) <= count:
         if offset + LENGTH.size > len(raw):
             raise InvalidInput(f"input {name!r}: BYTES data ends inside a length prefix")
         (size,) = LENGTH.unpack_from(raw, offset)
@@ -171,8 +184,9 @@ def _split_bytes(raw: bytes, name: str) -> list[bytes]:
     return elements
 
 
-def _json_bytes(data: object, name: str) -> list[bytes]:
-    """JSON BYTES tensor: base64 strings (JSON cannot carry raw image bytes)."""
+def _json_bytes(data: object, name: str, count: int) -> list[bytes]:
+    """JSON BYTES tensor: base64 strings (JSON cannot carry raw image bytes), decoded
+    only when there are as many as the shape's ``count``."""
     try:
         flat = np.asarray(data, dtype=object).ravel().tolist() if isinstance(data, list) \
             else None
@@ -180,6 +194,8 @@ def _json_bytes(data: object, name: str) -> list[bytes]:
         flat = None
     if not flat or not all(isinstance(item, str) for item in flat):
         raise InvalidInput(f"input {name!r}: BYTES data must be a list of base64 strings")
+    if len(flat) != count:
+        raise InvalidInput(f"input {name!r}: shape [{count}] but {len(flat)} elements")
     try:
         return [base64.b64decode(item, validate=True) for item in flat]
     except (binascii.Error, ValueError):
@@ -198,8 +214,9 @@ def _images(tensor: dict, raw: bytes | None, limits: Limits, preprocess: bool) -
     if len(shape) not in (1, 2) or shape[1:] not in ([], [1]):
         raise InvalidInput(f"input {name!r}: a BYTES tensor of images has shape [N] or "
                            f"[N, 1], got {shape}")
-    blobs = _split_bytes(raw, name) if raw is not None else _json_bytes(tensor.get("data"),
-                                                                         name)
+    check_batch(shape[0], limits)
+    blobs = _split_bytes(raw, name, shape[0]) if raw is not None else \
+        _json_bytes(tensor.get("data"), name, shape[0])
     if len(blobs) != shape[0]:
         raise InvalidInput(f"input {name!r}: shape {shape} but {len(blobs)} elements")
     return from_images(blobs, limits, preprocess)
@@ -207,41 +224,62 @@ def _images(tensor: dict, raw: bytes | None, limits: Limits, preprocess: bool) -
 
 def read_infer(body: bytes, header_length: str | None, limits: Limits, preprocess: bool,
                model: LoadedModel) -> tuple[np.ndarray, InferRequest]:
-    """An inference request → (images, what the answer must look like)."""
-    document, data = split_body(body, header_length)
+    """An inference request → (images, what the answer must look like). Everything but
+    the images is checked first, so that a request the answer cannot be written for
+    never costs a decode or a model call."""
+    document, data = split_body(body, header_length, limits)
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise InvalidInput('the inference request needs "inputs", a list of tensors')
-    if [t.get("name") for t in inputs] != [model.input_name]:
-        given = ", ".join(repr(t.get("name")) for t in inputs) or "none"
-        raise InvalidInput(f"the model takes one input, {model.input_name!r}; got {given}")
+    if len(inputs) != 1 or inputs[0].get("name") != model.input_name:
+        raise InvalidInput(f"the model takes one input, {model.input_name!r}; got "
+                           f"{quoted(t.get('name') for t in inputs)}")
     (raw,) = _binary_parts(inputs, data)
     parameters = _object(document.get("parameters"), "parameters")
+    binary_output = _flag(parameters, "binary_data_output", False)
     outputs = _checked_outputs(document.get("outputs"), model)
     request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f'"id" must be a string, got {type(request_id).__name__}')
     images = _images(inputs[0], raw, limits, preprocess)
-    return images, InferRequest(str(request_id) if request_id is not None else None,
-                                outputs, bool(parameters.get("binary_data_output")),
-                                parameters)
+    return images, InferRequest(request_id, outputs, binary_output, parameters)
+
+
+def _flag(parameters: dict, name: str, default: bool) -> bool:
+    """A boolean parameter: JSON true or false, never a string ("false" is truthy)."""
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"parameter {name!r} must be true or false, got {value!r:.40}")
+    return value
 
 
 def _checked_outputs(outputs: object, model: LoadedModel) -> list[dict] | None:
-    """The requested outputs, checked before the model runs for them."""
+    """The requested outputs, checked before the model runs for them: each of the
+    model's outputs at most once (as Triton requires), so the answer holds at most one
+    tensor per output, whatever the length of the list sent."""
     if outputs is None:
         return None
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InvalidInput('"outputs" must be a list of {"name": ...} objects')
+    if not outputs:
+        raise InvalidInput('"outputs" names no output; leave it out to get every output')
     classes = _tensor_metadata(model.output_name, model.signature_defs[SIGNATURE][
         "outputs"][model.output_name])["shape"][-1]
+    seen = set()
     for output in outputs:
-        if output.get("name") != model.output_name:
+        name = output.get("name")
+        if name != model.output_name:
             raise InvalidInput(f"the model has one output, {model.output_name!r}; "
-                               f"got {output.get('name')!r}")
-        count = _object(output.get("parameters"), "output parameters").get(
-            "classification", 1)
+                               f"got {quoted([name])}")
+        if name in seen:
+            raise InvalidInput(f"output {name!r} is requested more than once")
+        seen.add(name)
+        parameters = _object(output.get("parameters"), "output parameters")
+        _flag(parameters, "binary_data", False)
+        count = parameters.get("classification", 1)
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= classes:
             raise InvalidInput(f"classification must be a whole number from 1 to {classes}, "
-                               f"got {count!r}")
+                               f"got {count!r:.40}")
     return outputs
 
 
@@ -269,17 +307,21 @@ def _output(name: str, values: np.ndarray, binary: bool) -> tuple[dict, bytes]:
     return tensor, b""
 
 
-def infer_response(model: LoadedModel, request: InferRequest, probabilities: np.ndarray
-                   ) -> tuple[dict, bytes]:
-    """The response header object and the binary data that follows it (maybe empty)."""
+def infer_response(model: LoadedModel, request: InferRequest, probabilities: np.ndarray,
+                   deadline: Deadline | None = None) -> tuple[dict, bytes]:
+    """The response header object and the binary data that follows it (maybe empty);
+    DeadlineExceeded if the request's deadline passes before a tensor is written, since
+    its client (and any proxy) has stopped waiting for it."""
     wanted = request.outputs if request.outputs is not None else [{"name": model.output_name}]
     tensors, chunks = [], []
-    for output in wanted:  # checked by read_infer
+    for output in wanted:  # checked by read_infer: each output at most once
+        if deadline is not None:
+            deadline.check("while the answer was written")
         parameters = output.get("parameters") or {}
         values = probabilities if "classification" not in parameters else \
             _top_classes(probabilities, parameters["classification"])
         tensor, raw = _output(model.output_name, values,
-                              bool(parameters.get("binary_data", request.binary_output)))
+                              parameters.get("binary_data", request.binary_output))
         tensors.append(tensor)
         chunks.append(raw)
     header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.errors import InvalidInput
-from app.inputs import Limits, from_instances, parse_json
+from app.inputs import Limits, from_instances, quoted, read_json
 from app.servable import LoadedModel
 from training.export_format import SIGNATURE
 
@@ -45,9 +45,8 @@ def _columns(value: object, input_name: str) -> object:
     """Columnar ``inputs``: the input's batch itself, or ``{"<input>": batch}``."""
     if isinstance(value, dict) and "b64" not in value:
         if set(value) != {input_name}:
-            names = ", ".join(map(repr, value)) or "no key"
             raise InvalidInput(f"inputs: expected the model's input {input_name!r}, "
-                               f"got {names}")
+                               f"got keys {quoted(value)}")
         value = value[input_name]
     if not isinstance(value, list):
         raise InvalidInput("inputs must hold a batch: a list with one entry per image")
@@ -57,7 +56,7 @@ def _columns(value: object, input_name: str) -> object:
 def read_predict(body: bytes, limits: Limits, preprocess: bool, input_name: str
                  ) -> tuple[np.ndarray, str]:
     """A :predict body → (images, ROW or COLUMNAR, which decides the answer's key)."""
-    document = parse_json(body)
+    document = read_json(body, limits)
     if not isinstance(document, dict):
         raise InvalidInput('the body must be a JSON object with "instances" or "inputs"')
     _check_signature(document)

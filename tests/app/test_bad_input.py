@@ -287,3 +287,68 @@ def test_a_large_transparent_canvas_png_still_gives_its_digit(url):
                              timeout=60, headers={"Content-Type": "image/png"})
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["digit"] == 7
+
+
+@pytest.mark.parametrize("path", ["/predict", V1_PREDICT])
+@pytest.mark.parametrize("pixel", [True, False, "0.5", None])
+def test_a_pixel_that_is_not_a_json_number_is_400_as_on_v2(url, path, pixel):
+    """NumPy reads true and "0.5" as 1.0 and 0.5; pixels are numbers on every protocol."""
+    digit = [[0.0] * 28 for _ in range(28)]
+    digit[3][5] = pixel
+    response = requests.post(url + path, json={"instances": [digit]}, timeout=30)
+    assert "pixels must be JSON numbers" in error_of(response, 400)
+
+
+def multipart_fields(count: int, size: int) -> tuple[bytes, str]:
+    """A multipart body of ``count`` text fields of ``size`` bytes each, and no file."""
+    parts = [b'--b0und\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n%s\r\n'
+             % (index, b"v" * size) for index in range(count)]
+    return b"".join(parts) + b"--b0und--\r\n", "multipart/form-data; boundary=b0und"
+
+
+@pytest.mark.parametrize(("count", "size"), [(1001, 1), (1, 600_000)])
+def test_a_gzip_multipart_body_has_the_same_form_limits_as_a_plain_one(url, count, size):
+    """MAX_FORM_PARTS and MAX_FORM_MEMORY_SIZE hold whether or not the body is gzip
+    (a compressed body used to be parsed without them: 400 "no file parts")."""
+    body, content_type = multipart_fields(count, size)
+    plain = requests.post(url + "/predict", data=body, timeout=30,
+                          headers={"Content-Type": content_type})
+    packed = requests.post(url + "/predict", data=gzip.compress(body), timeout=30,
+                           headers={"Content-Type": content_type, "Content-Encoding": "gzip"})
+    assert "more than 1,000 parts" in error_of(packed, 413)
+    assert error_of(plain, 413) == error_of(packed, 413)
+
+
+@pytest.fixture(scope="module")
+def lone_worker(fit_run, tmp_path_factory):
+    """A server of its own, whose one worker's peak memory is only what this test sends."""
+    running = start_server(fit_run.models_dir,
+                           tmp_path_factory.mktemp("lone_worker") / "gunicorn.log",
+                           WORKERS="1")
+    yield running
+    stop_server(running)
+
+
+def tiny_instances(path: str, count: int) -> bytes:
+    """Close to 10 MB (MAX_CONTENT_LENGTH) of empty instances: 3.3 million of them parse
+    to 230 MB of Python lists, from 10 MB."""
+    items = b",".join([b"[]"] * count)
+    if path == V2_INFER:
+        return (b'{"inputs": [{"name": "image", "shape": [1, 784], "datatype": "FP32", '
+                b'"data": [' + items + b"]}]}")
+    return b'{"instances": [' + items + b"]}"
+
+
+def test_a_json_body_of_millions_of_tiny_instances_is_refused_before_it_is_parsed(
+        lone_worker):
+    url = lone_worker.url
+    warm = requests.post(url + "/predict", json={"instances": [[[0.0] * 28] * 28]}, timeout=30)
+    assert warm.status_code == 200, warm.text
+    (before,) = lone_worker.worker_rss_mb("VmHWM").values()
+    responses = [requests.post(url + path, data=tiny_instances(path, 3_300_000), timeout=60,
+                               headers={"Content-Type": "application/json"})
+                 for path in ("/predict", V1_PREDICT, V2_INFER)]
+    (after,) = lone_worker.worker_rss_mb("VmHWM").values()
+    assert after - before < 60, f"the worker's peak grew {after - before:.0f} MB"
+    for response in responses:
+        assert "counted before parsing" in error_of(response, 413)

@@ -8,6 +8,8 @@ Nothing here builds V2 requests by hand except the error cases: ``tritonclient.h
 from __future__ import annotations
 
 import base64
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +17,10 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from app.batching import Deadline
+from app.errors import DeadlineExceeded
+from app.model_store import ModelStore
+from app.protocols.open_inference import InferRequest, infer_response
 from tests.restyle import encode, ink_on_paper
 
 
@@ -218,3 +224,100 @@ def test_binary_data_must_match_its_declared_sizes(url):
 def test_health_endpoints_answer_json(url):
     assert requests.get(url + "/v2/health/live", timeout=5).json() == {"live": True}
     assert requests.get(url + "/v2/health/ready", timeout=5).json() == {"ready": True}
+
+
+def images_predicted(url: str) -> float:
+    """images_predicted_total for mnist_cnn, summed over the workers: what the model ran."""
+    text = requests.get(url + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('images_predicted_total{model="mnist_cnn",'))
+
+
+@pytest.mark.parametrize(("outputs", "word"), [
+    ([{"name": "output_0"}] * 5000, "more than once"),  # was 13.6 s, +920 MB, 167 MB
+    ([{"name": "output_0"}, {"name": "probabilities"}], "'probabilities'"),
+    ([], "names no output"),  # was 200 with "outputs": [] after running the model
+])
+def test_outputs_name_each_known_output_once_or_are_refused_before_the_model_runs(
+        url, outputs, word):
+    before = images_predicted(url)
+    response = requests.post(url + INFER, json={"inputs": [ZEROS], "outputs": outputs},
+                             timeout=30)
+    assert_v2_error(response, 400, word)
+    assert len(response.content) < 200  # the answer does not grow with the list
+    assert images_predicted(url) == before
+
+
+def test_one_requested_output_answers_one_tensor_of_the_images_size(url):
+    response = requests.post(url + INFER, timeout=30, json={
+        "inputs": [{**ZEROS, "shape": [2, 784], "data": [0.0] * 1568}],
+        "outputs": [{"name": "output_0", "parameters": {"classification": 3}}]})
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    assert output["shape"] == [2, 3] and len(output["data"]) == 6
+
+
+@pytest.mark.parametrize("parameters", [
+    {"parameters": {"binary_data_output": "false"}},  # was read as true
+    {"parameters": {"binary_data_output": 0}},
+    {"outputs": [{"name": "output_0", "parameters": {"binary_data": "false"}}]},
+])
+def test_flags_are_json_booleans(url, parameters):
+    response = requests.post(url + INFER, json={"inputs": [ZEROS], **parameters}, timeout=30)
+    assert_v2_error(response, 400, "true or false")
+
+
+def test_false_flags_answer_json(url):
+    response = requests.post(url + INFER, timeout=30, json={
+        "inputs": [ZEROS], "parameters": {"binary_data_output": False},
+        "outputs": [{"name": "output_0", "parameters": {"binary_data": False}}]})
+    assert response.status_code == 200 and len(response.json()["outputs"][0]["data"]) == 10
+
+
+@pytest.mark.parametrize("data", [[True] + [0.5] * 783, [0.5] * 783 + ["0.5"],
+                                  [0.5] * 783 + [None]])
+def test_pixels_among_numbers_that_are_not_numbers_are_400(url, data):
+    """NumPy reads [true, 0.5, ...] as floats without a trace; the protocol does not."""
+    response = requests.post(url + INFER, json={"inputs": [{**ZEROS, "data": data}]},
+                             timeout=30)
+    assert_v2_error(response, 400, "FP32 numbers")
+
+
+def test_a_request_id_is_a_string(url):
+    response = requests.post(url + INFER, json={"inputs": [ZEROS], "id": [1] * 1000},
+                             timeout=30)
+    assert_v2_error(response, 400, '"id" must be a string')
+
+
+def test_a_bytes_tensor_is_sized_by_its_shape_before_its_elements_are_read(url):
+    """Its N is held to MAX_BATCH before the data is looked at, and a binary split stops
+    one element past N, however many the data holds."""
+    response = requests.post(url + INFER, timeout=30, json={"inputs": [
+        {"name": "image", "shape": [300], "datatype": "BYTES", "data": ["AA=="]}]})
+    assert_v2_error(response, 413, "MAX_BATCH")
+    data = b"\0\0\0\0" * 100_000  # 100,000 empty elements
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(data)}}]})
+    response = requests.post(url + INFER, data=header.encode() + data, timeout=30,
+                             headers={"Inference-Header-Content-Length": str(len(header))})
+    assert_v2_error(response, 400, "shape [1] but 2 elements")
+
+
+def test_an_answer_is_not_written_past_the_requests_deadline(served_models, tmp_path):
+    """The answer is built only while its client still waits (REQUEST_TIMEOUT_MS)."""
+    shutil.copytree(served_models / "mnist_tiny", tmp_path / "mnist_tiny")
+    store = ModelStore(tmp_path, "mnist_tiny")
+    store.load()
+    model = store.get("mnist_tiny")
+    probabilities = np.full((1, 10), 0.1, np.float32)
+    header, _ = infer_response(model, InferRequest(), probabilities, Deadline(60))
+    assert header["outputs"][0]["shape"] == [1, 10]
+    with pytest.raises(DeadlineExceeded, match="while the answer was written"):
+        infer_response(model, InferRequest(), probabilities, Deadline(0))
+    store.close()
+
+
+def test_an_index_request_of_many_values_is_refused_unparsed(url):
+    body = b'{"ready": true, "x": [' + b",".join([b"[]"] * 3_000_000) + b"]}"
+    response = requests.post(f"{url}/v2/repository/index", data=body, timeout=60)
+    assert_v2_error(response, 400, "JSON object")
