@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from app.memory import freeze_imports
 from app.saved_model import check_signature
 from app.servable import VersionRejected, check_warm_up
 from training.export_format import SIGNATURE, TFLITE_FILE
@@ -62,6 +63,7 @@ def load_litert(folder: Path, metadata: dict[str, Any], warm_up_to: int, threads
         raise VersionRejected("metadata.json has no signature_defs (exported before "
                               f"{TFLITE_FILE} existed?)")
     check_signature(metadata["signature_defs"])  # what the metadata endpoints will describe
+    freeze_imports()  # before the first version: app/memory.py
     try:
         runtime = LiteRtRuntime(folder / TFLITE_FILE, metadata["signature_defs"], threads)
     except VersionRejected:

@@ -9,9 +9,11 @@ objects (it waits until they have grown by a quarter). A worker kept every retir
 glibc's arenas were not the cause: ``malloc_trim(0)`` after each swap and
 ``MALLOC_ARENA_MAX=2`` each changed the plateau by about 1 MB.
 
-So the store runs a full collection after each swap (``reclaim``), and TensorFlow's own
-objects, imported once and kept for the process's life, are moved out of the collector's
-sight first (``freeze_imports``): a full pass then looks at ~20,000 objects, not 330,000.
+So the store runs a full collection after each swap (``reclaim``), and the objects that
+exist before the first version loads (TensorFlow's, the app's: modules and registries
+kept for the process's life) are moved out of the collector's sight first
+(``freeze_imports``): a full pass then looks at ~20,000 objects, not 330,000 with
+TensorFlow or 48,000 with LiteRT alone.
 """
 
 from __future__ import annotations

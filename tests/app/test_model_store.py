@@ -418,14 +418,18 @@ def swap_in_copy(store: ModelStore, models_dir: Path, version: int) -> None:
     shutil.rmtree(folder / str(version - 1))
 
 
-def test_a_version_retired_idle_is_freed_by_the_swap(tmp_path, fit_run,
+@pytest.mark.parametrize("prefer_tflite", [False, True], ids=["savedmodel", "litert"])
+def test_a_version_retired_idle_is_freed_by_the_swap(tmp_path, fit_run, prefer_tflite,
                                                      rare_full_collections):
-    """A loaded SavedModel is a web of reference cycles: nothing frees it but the cyclic
-    collector (app/memory.py)."""
+    """A loaded version is a web of reference cycles (a SavedModel's trackable objects;
+    the interpreter and its signature runner): nothing frees it but the cyclic collector
+    (app/memory.py)."""
     shutil.copytree(fit_run.version_dir, tmp_path / "mnist_cnn" / "1")
-    store = ModelStore(tmp_path, "mnist_cnn", batch_max_size=64, batch_timeout_ms=2)
+    store = ModelStore(tmp_path, "mnist_cnn", batch_max_size=64, batch_timeout_ms=2,
+                       prefer_tflite=prefer_tflite)
     store.load()
     first = weakref.ref(store.get().runtime)
+    assert first().kind == ("litert" if prefer_tflite else "savedmodel")
     swap_in_copy(store, tmp_path, 2)
     store.close()
     assert first() is None
