@@ -4,7 +4,8 @@ over hot swaps").
 A real gunicorn (two workers, as `make serve`) watches a scratch MODELS_DIR. Each cycle
 publishes a copy of the newest version as the next one (staged under a hidden name, then
 renamed, as an operator would), waits until every worker has loaded it and released the
-one before, deletes the old folder, and sends a few real digits. Each worker's resident
+one before, while a burst of concurrent requests for a real digit is answered (some by
+the old version, some by the new), then deletes the old folder. Each worker's resident
 memory (VmRSS) is read after the first version and after every ``--every`` cycles, and
 the table of both runtimes is printed as Markdown.
 
@@ -97,9 +98,11 @@ def run(export: Path, scratch: Path, runtime: str, cycles: int, every: int, work
         for cycle in range(cycles + 1):
             if cycle:
                 publish(models_dir, cycle + 1)
-                wait_for(server, f'released {MODEL} version {cycle}"', workers)
+                with ThreadPoolExecutor(1) as clients:  # requests in flight across the swap
+                    burst = clients.submit(predict, server, png, requests_per_cycle)
+                    wait_for(server, f'released {MODEL} version {cycle}"', workers)
+                    burst.result()
                 shutil.rmtree(models_dir / MODEL / str(cycle))
-                predict(server, png, requests_per_cycle)
             if cycle % every == 0:
                 if sorted(server.worker_pids()) != pids:
                     raise RuntimeError(f"a worker was replaced:\n{server.log()[-3000:]}")
