@@ -22,7 +22,7 @@ SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
 	/usr/sbin/nginx:nginx /usr/bin/docker-compose:docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test lint bench bench-protocols fuzz soak clean
+.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test lint bench bench-protocols bench-swaps fuzz soak clean
 
 install: $(STAMP)
 
@@ -78,6 +78,11 @@ bench: install system-tools train-if-missing
 # What each protocol's wire format costs against /predict (BENCHMARKS.md, "Protocols").
 bench-protocols: install system-tools train-if-missing
 	$(BIN)/python -m tests.bench.protocols
+
+# Each worker's memory over 100 hot swaps of a quickly trained CNN, on both runtimes
+# (BENCHMARKS.md, "Memory over hot swaps"); it trains its own model, not MODELS_DIR's.
+bench-swaps: install
+	$(BIN)/python -m tests.bench.swaps --cycles 100
 
 # The long fuzz profiles (make test runs the short ones): see RELIABILITY.md.
 fuzz: install

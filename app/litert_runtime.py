@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from app.memory import freeze_imports
 from app.servable import VersionRejected, check_warm_up
 from training.export_format import SIGNATURE, TFLITE_FILE
 
@@ -58,6 +59,7 @@ def load_litert(folder: Path, metadata: dict[str, Any], warm_up_to: int, threads
                 ) -> LiteRtRuntime:
     """Load and warm ``folder/model.tflite`` of a version that export_format.servable
     passed (so metadata.json describes its signature); raises VersionRejected."""
+    freeze_imports()  # before the first version: app/memory.py
     try:
         runtime = LiteRtRuntime(folder / TFLITE_FILE, metadata["signature_defs"], threads)
     except VersionRejected:

@@ -32,6 +32,7 @@ from typing import Any
 
 from app.errors import ModelNotFound, ModelNotReady
 from app.litert_runtime import load_litert
+from app.memory import reclaim
 from app.repository import Fingerprint, ModelFolder, Scanner, Snapshot, VersionFolder
 from app.saved_model import load_saved_model
 from app.servable import LoadedModel, VersionRejected
@@ -138,8 +139,10 @@ class ModelStore:
                               self.models_dir, self.poll_seconds)
 
     def refresh(self) -> None:
-        """One pass: scan MODELS_DIR, load what is new, swap, retire what is gone."""
+        """One pass: scan MODELS_DIR, load what is new, swap, retire what is gone; then
+        free what the versions retired idle held (app/memory.py)."""
         with self._refreshing:
+            served = self.versions
             snapshot = self._scanner.scan()
             if snapshot.error:
                 if snapshot.error != self._scan_error:
@@ -155,6 +158,10 @@ class ModelStore:
                 log.info("model folder %s is gone: unloading it", self.models_dir / name)
                 self._swap(name, {})
             self._count_rejections()
+            swapped = self.versions is not served
+            del served  # the retired versions must be unreachable when reclaim() runs
+        if swapped:
+            reclaim()
 
     def _reconcile(self, folder: ModelFolder) -> dict[int, LoadedModel]:
         """The versions to serve: the policy's candidates that are loaded or load now.

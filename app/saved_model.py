@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from app.memory import freeze_imports
 from app.servable import VersionRejected, check_warm_up
 from training.export_format import SIGNATURE, read_signature_defs, signature_problem
 
@@ -98,6 +99,7 @@ def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
     import tensorflow as tf
 
     limit_threads(threads)
+    freeze_imports()  # before the first version: app/memory.py
 
     try:
         signature_defs = read_signature_defs(folder)

@@ -10,11 +10,12 @@ import sys
 from tests.conftest import ROOT
 
 
-def run_bench(module: str, *args: str) -> None:
-    """A harness as `make` runs it, in a fresh interpreter."""
+def run_bench(module: str, *args: str) -> str:
+    """A harness as `make` runs it, in a fresh interpreter; returns what it printed."""
     result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def test_the_bench_harness_measures_every_server_and_writes_its_table(served_models,
@@ -52,3 +53,13 @@ def test_the_protocol_bench_measures_every_format_against_its_baseline(served_mo
         assert row[7] == "0", row  # errors
         assert float(row[3]) > 0, row  # requests/s
     assert [row[8] for row in rows if "(baseline)" in row[1]] == ["1.00× |", "1.00× |"]
+
+
+def test_the_swap_bench_reads_each_workers_memory_over_swaps(fit_run):
+    printed = run_bench("tests.bench.swaps", "--cycles", "2", "--every", "1",
+                        "--runtime", "litert", "--export", str(fit_run.version_dir))
+    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["| cycle", "litert w1 MB", "litert w2 MB |"]
+    assert [row[0] for row in rows[2:]] == ["| 0", "| 1", "| 2"]
+    assert all("(+0)" in cell for cell in rows[2][1:])  # growth counts from cycle 0
+    assert re.search(r"litert: \d+ collections after swaps, median [\d.]+ ms", printed)
