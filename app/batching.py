@@ -107,8 +107,6 @@ class MicroBatcher:
         self.timeout = timeout_ms / 1000.0
         self.deadline = deadline_s  # for callers that bring no Deadline of their own
         self.name = name
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent sizes, for tests and metrics
-        self.expired_dropped = 0  # queued requests dropped unrun: their deadline had passed
         self._queue: deque[_Job] = deque()
         self._running: list[_Job] = []
         self._arriving = 0
@@ -150,7 +148,6 @@ class MicroBatcher:
         job = _Job(images, deadline)
         lane = self._admit(job, arrived, max_queue)
         if lane != "queued":
-            self.batch_sizes.append(len(images))
             try:
                 return run_direct(self.predict, images, deadline)
             finally:
@@ -242,7 +239,6 @@ class MicroBatcher:
             job = self._queue[0]
             if job.deadline.expired():
                 self._queue.popleft()
-                self.expired_dropped += 1
                 job.finish(error=job.deadline.error("while the request was queued"))
                 continue
             if batch and size + len(job.images) > self.max_size:
@@ -281,7 +277,6 @@ class MicroBatcher:
             handler()
 
     def _execute(self, batch: list[_Job]) -> None:
-        self.batch_sizes.append(sum(len(job.images) for job in batch))
         try:
             outputs = self.predict(np.concatenate([job.images for job in batch]))
         except Exception:
