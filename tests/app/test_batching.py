@@ -11,6 +11,7 @@ import pytest
 
 from app.batching import Deadline, MicroBatcher, on_batcher_death
 from app.errors import DeadlineExceeded, ModelFailed, ModelNotReady, Overloaded
+from app.metrics import Metrics
 from app.model_store import ModelStore
 from app.servable import _Direct
 from tests.conftest import wait_until
@@ -32,6 +33,15 @@ def requests_(mnist):
     sizes = rng.integers(1, 4, 60)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     return [to_model_input(mnist.x_test[s:s + n]) for s, n in zip(starts, sizes, strict=True)]
+
+
+def queue_gauge():
+    """A real ``model_queue_requests`` gauge for a batcher, and its value as /metrics
+    exports it: how the tests see requests waiting for a batch."""
+    metrics = Metrics()
+    return (metrics.queued.labels("model"),
+            lambda: metrics.registry.get_sample_value("model_queue_requests",
+                                                      {"model": "model"}))
 
 
 def recording(predict, calls: list[int]):
@@ -56,11 +66,12 @@ def held_until_all_arrive(predict, gate: threading.Event):
 
 def test_many_concurrent_clients_get_exactly_their_own_results(model, requests_):
     calls, gate = [], threading.Event()
+    gauge, queued = queue_gauge()
     batcher = MicroBatcher(recording(held_until_all_arrive(model.predict, gate), calls),
-                           max_size=32, timeout_ms=5)
+                           max_size=32, timeout_ms=5, queue_gauge=gauge)
     with ThreadPoolExecutor(len(requests_)) as pool:
         futures = [pool.submit(batcher.run, images) for images in requests_]
-        wait_until(lambda: batcher.queued() == len(requests_) - 1, "all but one queued")
+        wait_until(lambda: queued() == len(requests_) - 1, "all but one queued")
         gate.set()
         batched = [future.result(timeout=60) for future in futures]
     batcher.close()
@@ -102,15 +113,16 @@ def test_a_request_that_fills_a_batch_runs_at_once_beside_a_held_batch(model, mn
             gate.wait(60)
         return model.predict(images)
 
+    gauge, queued = queue_gauge()
     batcher = MicroBatcher(recording(small_ones_held, calls), max_size=4,
-                           timeout_ms=600_000)
+                           timeout_ms=600_000, queue_gauge=gauge)
     first = occupy(batcher, requests_[0], seen)  # holds the model until the gate opens
     full = to_model_input(mnist.x_test[:4])
     try:
         result = {}
         assert finishes(lambda: result.update(full=batcher.run(full)))
         np.testing.assert_allclose(result["full"], model.predict(full), atol=1e-5)
-        assert first.is_alive() and batcher.queued() == 0  # it never queued behind it
+        assert first.is_alive() and queued() == 0  # it never queued behind it
     finally:
         gate.set()
         first.join(60)
@@ -137,12 +149,14 @@ def test_a_lone_request_is_never_held_waiting_for_company(model, requests_):
 
 def test_an_arriving_request_is_waited_for_and_joins_the_batch(model, requests_):
     calls = []
-    patient = MicroBatcher(recording(model.predict, calls), max_size=64, timeout_ms=600_000)
+    gauge, queued = queue_gauge()
+    patient = MicroBatcher(recording(model.predict, calls), max_size=64, timeout_ms=600_000,
+                           queue_gauge=gauge)
     results = {}
     with patient.arriving() as ticket:
         other = threading.Thread(target=lambda: results.update(b=patient.run(requests_[1])))
         other.start()
-        wait_until(lambda: patient.queued() >= 1, "1 queued")
+        wait_until(lambda: queued() >= 1, "1 queued")
         assert other.is_alive()  # held: a request it knows of is still arriving
         results["a"] = ticket.run(requests_[0])
     other.join(60)
@@ -171,13 +185,14 @@ def test_a_poisoned_request_fails_alone(model, requests_):
             raise RuntimeError("kernel crashed")
         return model.predict(images)
 
-    batcher = MicroBatcher(fragile, max_size=64, timeout_ms=1)
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(fragile, max_size=64, timeout_ms=1, queue_gauge=gauge)
     inputs = [requests_[0], *requests_[1:8], poison, *requests_[8:16]]
     with ThreadPoolExecutor(17) as pool:
         futures = [pool.submit(batcher.run, inputs[0])]
         wait_until(lambda: calls, "the first model call")
         futures += [pool.submit(batcher.run, images) for images in inputs[1:]]
-        wait_until(lambda: batcher.queued() >= len(inputs) - 1, "every request queued")
+        wait_until(lambda: queued() >= len(inputs) - 1, "every request queued")
         gate.set()
     batcher.close()
     queued_images = sum(len(images) for images in inputs[1:])
@@ -222,16 +237,17 @@ def test_a_request_waiting_behind_others_has_a_deadline_and_is_never_computed(re
 
 def test_a_full_queue_is_overloaded_at_once(requests_):
     gate, seen = threading.Event(), []
-    batcher = MicroBatcher(held_model(gate, seen), max_size=64, timeout_ms=1)
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(held_model(gate, seen), max_size=64, timeout_ms=1, queue_gauge=gauge)
     first = occupy(batcher, requests_[0], seen)
     with ThreadPoolExecutor(2) as pool:
-        queued = [pool.submit(batcher.run, requests_[i], max_queue=2) for i in (1, 2)]
-        wait_until(lambda: batcher.queued() >= 2, "2 queued")
+        waiting = [pool.submit(batcher.run, requests_[i], max_queue=2) for i in (1, 2)]
+        wait_until(lambda: queued() >= 2, "2 queued")
         with pytest.raises(Overloaded, match="QUEUE_MAX_REQUESTS") as refused:
             batcher.run(requests_[3], max_queue=2)
         gate.set()
-        assert [len(f.result(timeout=60)) for f in queued] == [len(requests_[1]),
-                                                                len(requests_[2])]
+        assert [len(f.result(timeout=60)) for f in waiting] == [len(requests_[1]),
+                                                                 len(requests_[2])]
     first.join()
     batcher.close()
     assert refused.value.status == 503 and refused.value.retry_after == 1
@@ -267,11 +283,12 @@ def test_a_dead_batcher_refuses_at_once_and_calls_its_death_handlers(requests_):
     def fatal(images):
         raise SystemExit("a BaseException escaping the model")
 
-    batcher = MicroBatcher(fatal, max_size=8, timeout_ms=600_000)
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(fatal, max_size=8, timeout_ms=600_000, queue_gauge=gauge)
     try:
         with batcher.arriving():  # keeps the next request off the lone path: it queues
             waiting = ThreadPoolExecutor(1).submit(batcher.run, requests_[0])
-            wait_until(lambda: batcher.queued() >= 1, "1 queued")
+            wait_until(lambda: queued() >= 1, "1 queued")
         with pytest.raises(ModelNotReady, match="stopped"):
             waiting.result(timeout=60)  # answered at once, not after 30 s
         assert not batcher.alive and deaths == [1]
@@ -296,11 +313,12 @@ def test_a_lone_request_runs_in_its_own_thread(model, requests_):
 
 def test_shutdown_answers_requests_in_flight_then_refuses(model, mnist):
     gate, seen = threading.Event(), []
-    batcher = MicroBatcher(held_model(gate, seen), max_size=2, timeout_ms=1)
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(held_model(gate, seen), max_size=2, timeout_ms=1, queue_gauge=gauge)
     singles = [to_model_input(mnist.x_test[i:i + 1]) for i in range(12)]
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(batcher.run, images) for images in singles]
-        wait_until(lambda: batcher.queued() == 11, "11 queued behind the first")
+        wait_until(lambda: queued() == 11, "11 queued behind the first")
         closer = threading.Thread(target=batcher.close, kwargs={"timeout": 60})
         closer.start()
         wait_until(lambda: not batcher.alive, "the close to begin")
@@ -310,7 +328,7 @@ def test_shutdown_answers_requests_in_flight_then_refuses(model, mnist):
         closer.join(60)
         assert not closer.is_alive()  # close returned: the batcher thread ended
         results = [future.result(timeout=60) for future in futures]
-    assert [len(result) for result in results] == [1] * 12
+    assert [len(result) for result in results] == [1] * 12 and queued() == 0
     assert [len(images) for images in seen] == [1, 2, 2, 2, 2, 2, 1]  # then 11 queued, by 2
 
 
