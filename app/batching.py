@@ -29,10 +29,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from app.errors import DeadlineExceeded, ModelFailed, ModelNotReady, Overloaded
+
+if TYPE_CHECKING:
+    from prometheus_client import Gauge
 
 log = logging.getLogger(__name__)
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -101,15 +105,17 @@ class MicroBatcher:
     """Queues requests for one model and runs them in batches on one thread."""
 
     def __init__(self, predict: Predict, max_size: int, timeout_ms: float,
-                 deadline_s: float = 30.0, name: str = "model"):
+                 deadline_s: float = 30.0, name: str = "model",
+                 queue_gauge: Gauge | None = None):
+        """``queue_gauge`` (``model_queue_requests``, app/metrics.py) follows the number
+        of requests waiting for a batch."""
         self.predict = predict
         self.max_size = max_size
         self.timeout = timeout_ms / 1000.0
         self.deadline = deadline_s  # for callers that bring no Deadline of their own
         self.name = name
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent sizes; read by tests only
-        self.expired_dropped = 0  # queued requests dropped unrun: their deadline had passed
         self._queue: deque[_Job] = deque()
+        self._queue_gauge = queue_gauge
         self._running: list[_Job] = []
         self._arriving = 0
         self._busy = False  # a model call (batched or direct) is running
@@ -150,7 +156,6 @@ class MicroBatcher:
         job = _Job(images, deadline)
         lane = self._admit(job, arrived, max_queue)
         if lane != "queued":
-            self.batch_sizes.append(len(images))
             try:
                 return run_direct(self.predict, images, deadline)
             finally:
@@ -185,13 +190,15 @@ class MicroBatcher:
                 raise Overloaded(f"{len(self._queue)} requests already wait for model "
                                  f"{self.name!r} (QUEUE_MAX_REQUESTS); retry later")
             self._queue.append(job)
+            self._count_queued(1)
             self._cond.notify_all()
             return "queued"
 
-    def queued(self) -> int:
-        """Requests waiting for a batch right now."""
-        with self._cond:
-            return len(self._queue)
+    def _count_queued(self, change: int) -> None:
+        """Move the queue gauge by ``change`` (``_cond`` held); increments, not the
+        length, so that a model's versions (each with its batcher) add up."""
+        if self._queue_gauge is not None:
+            self._queue_gauge.inc(change)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking requests, answer those already queued, then stop the thread."""
@@ -242,12 +249,13 @@ class MicroBatcher:
             job = self._queue[0]
             if job.deadline.expired():
                 self._queue.popleft()
-                self.expired_dropped += 1
+                self._count_queued(-1)
                 job.finish(error=job.deadline.error("while the request was queued"))
                 continue
             if batch and size + len(job.images) > self.max_size:
                 break
             batch.append(self._queue.popleft())
+            self._count_queued(-1)
             size += len(job.images)
         return batch
 
@@ -272,6 +280,7 @@ class MicroBatcher:
         with self._cond:
             self._dead = True
             waiting = [*self._running, *self._queue]
+            self._count_queued(-len(self._queue))
             self._queue.clear()
             self._cond.notify_all()
         for job in waiting:
@@ -281,7 +290,6 @@ class MicroBatcher:
             handler()
 
     def _execute(self, batch: list[_Job]) -> None:
-        self.batch_sizes.append(sum(len(job.images) for job in batch))
         try:
             outputs = self.predict(np.concatenate([job.images for job in batch]))
         except Exception:

@@ -1,5 +1,5 @@
 """Prometheus metrics: requests by endpoint and status, latency, images, model load time,
-rejected version folders.
+rejected version folders, requests waiting for a micro-batch.
 
 Each app gets its own registry (so tests can build many apps). Under gunicorn the
 workers are separate processes: ``app/gunicorn.conf.py`` sets PROMETHEUS_MULTIPROC_DIR
@@ -45,6 +45,9 @@ class Metrics:
                               "Version folders of a model that failed a check (or are no "
                               "version), by the last scan", ["model"], registry=self.registry,
                               multiprocess_mode="livemax")
+        self.queued = Gauge("model_queue_requests", "Requests waiting for a micro-batch "
+                            "(QUEUE_MAX_REQUESTS bounds it per worker)", ["model"],
+                            registry=self.registry, multiprocess_mode="livesum")
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         """Count one request; an unknown method is counted as ``other``."""

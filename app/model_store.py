@@ -221,7 +221,8 @@ class ModelStore:
         if key in self._rejections:
             self._rejections = {k: v for k, v in self._rejections.items() if k != key}
         if self.batch_max_size > 1:
-            model.start_batching(self.batch_max_size, self.batch_timeout_ms)
+            model.start_batching(self.batch_max_size, self.batch_timeout_ms, None
+                                 if self.metrics is None else self.metrics.queued.labels(name))
         log.info("loaded %s version %d in %.2f s", name, found.version, model.load_seconds)
         if self.metrics is not None:
             self.metrics.load_seconds.labels(name, str(found.version)).set(model.load_seconds)

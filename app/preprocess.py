@@ -92,7 +92,6 @@ class DecodeBudget:
     def __init__(self, pixels: int):
         self.capacity = pixels
         self.in_use = 0
-        self.peak = 0  # the most held at once, for tests and RELIABILITY.md
         self._cond = threading.Condition()
 
     @contextmanager
@@ -107,7 +106,6 @@ class DecodeBudget:
                                          "(DECODE_BUDGET_PIXELS)")
                 self._cond.wait(left)
             self.in_use += cost
-            self.peak = max(self.peak, self.in_use)
         try:
             yield
         finally:

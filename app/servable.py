@@ -16,11 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from app.batching import Deadline, MicroBatcher, run_direct
+
+if TYPE_CHECKING:
+    from prometheus_client import Gauge
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +105,11 @@ class LoadedModel:
         """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities, one direct call."""
         return self.runtime.predict(images)
 
-    def start_batching(self, max_size: int, timeout_ms: float) -> None:
+    def start_batching(self, max_size: int, timeout_ms: float,
+                       queue_gauge: Gauge | None = None) -> None:
         """Share model calls between concurrent requests (app/batching.py)."""
-        self.batcher = MicroBatcher(self.predict, max_size, timeout_ms, name=self.name)
+        self.batcher = MicroBatcher(self.predict, max_size, timeout_ms, name=self.name,
+                                    queue_gauge=queue_gauge)
 
     @contextmanager
     def slot(self) -> Iterator[Any]:

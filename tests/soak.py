@@ -34,7 +34,15 @@ import numpy as np
 import requests
 from PIL import Image
 
-from tests.conftest import ROOT, Server, child_pids, rss_mb, start_server, stop_server
+from tests.conftest import (
+    ROOT,
+    Server,
+    child_pids,
+    rss_mb,
+    start_server,
+    stop_server,
+    wait_until,
+)
 from tests.deploy.slow_clients import Proxy, start_proxy, stop_proxy
 from tests.restyle import canvas_seven, encode, ink_on_paper
 from training.data import load_mnist
@@ -42,7 +50,7 @@ from training.data import load_mnist
 RSS_GROWTH_MB = 50
 P99_RATIO = 1.5
 WARM_UP = 500  # requests sent before memory and latency are first measured
-TERMINATE_MAX_REQUESTS = 100_000  # far more than 5 s of load plus the shutdown can send
+TERMINATE_MAX_REQUESTS = 100_000  # far more than the load before SIGTERM and the stop send
 
 
 @dataclass(frozen=True)
@@ -92,22 +100,54 @@ def request_kinds(mnist) -> list[Kind]:
 
 @dataclass
 class Results:
-    """Per request, in send order: its kind, status (or exception name) and seconds."""
+    """Per request, in send order: its kind, status (or exception name), seconds, and
+    when it started and ended (``perf_counter``)."""
 
     kinds: list[str] = field(default_factory=list)
     statuses: list[int | str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    spans: list[tuple[float, float]] = field(default_factory=list)
+
+    def in_flight(self, moment: float) -> int:
+        """Requests sent before ``moment`` and answered (or failed) after it."""
+        return sum(start < moment < end for start, end in self.spans)
+
+    def ended_before(self, moment: float) -> int:
+        return sum(end < moment for _, end in self.spans)
 
     def unexpected(self, expected: dict[str, int]) -> Counter:
         return Counter((k, s) for k, s in zip(self.kinds, self.statuses, strict=True)
                        if expected[k] != s)
 
 
+class Progress:
+    """Requests finished so far, counted as they finish, so that a chaos step can wait
+    until the load is under way instead of guessing a time."""
+
+    def __init__(self):
+        self.finished = 0
+        self._cond = threading.Condition()
+
+    def add(self) -> None:
+        with self._cond:
+            self.finished += 1
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 300) -> None:
+        """Block until ``count`` requests have finished; fail after ``timeout`` s, a
+        bound only a hung server reaches."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.finished >= count, timeout):
+                raise AssertionError(f"only {self.finished} of {count} requests finished "
+                                     f"within {timeout:.0f} s")
+
+
 def send_load(url: str, kinds: list[Kind], count: int, concurrency: int,
-              stop: threading.Event | None = None) -> Results:
+              stop: threading.Event | None = None,
+              progress: Progress | None = None) -> Results:
     """``count`` requests cycling through ``kinds`` from ``concurrency`` threads, each
     with its own keep-alive connection, as a pool of real clients would."""
-    slots: list[tuple[str, int | str, float] | None] = [None] * count
+    slots: list[tuple[str, int | str, float, float] | None] = [None] * count
     next_index = iter(range(count))
     lock = threading.Lock()
 
@@ -128,16 +168,19 @@ def send_load(url: str, kinds: list[Kind], count: int, concurrency: int,
                 # a closed connection without an answer) is a request it dropped.
                 status = "refused" if "Connection refused" in str(err) else type(err).__name__
                 session = requests.Session()
-            slots[index] = (kind.name, status, time.perf_counter() - started)
+            slots[index] = (kind.name, status, started, time.perf_counter())
+            if progress is not None:
+                progress.add()
 
     with ThreadPoolExecutor(concurrency) as pool:
         for _ in range(concurrency):
             pool.submit(client)
     results = Results()
-    for slot in filter(None, slots):
-        results.kinds.append(slot[0])
-        results.statuses.append(slot[1])
-        results.seconds.append(slot[2])
+    for name, status, started, ended in filter(None, slots):
+        results.kinds.append(name)
+        results.statuses.append(status)
+        results.seconds.append(ended - started)
+        results.spans.append((started, ended))
     return results
 
 
@@ -170,17 +213,37 @@ def soak(url: str, worker_rss_mb: Callable[[], dict[int, float]], kinds: list[Ki
     }
 
 
+def in_background(function: Callable[[], Results]) -> Callable[[], Results]:
+    """Start ``function`` in a thread; the returned function waits for its Results."""
+    box: dict[str, Results] = {}
+    thread = threading.Thread(target=lambda: box.update(results=function()))
+    thread.start()
+
+    def results() -> Results:
+        thread.join()
+        return box["results"]
+    return results
+
+
 def kill_a_worker(server: Server, kinds: list[Kind], count: int, concurrency: int) -> dict:
-    """SIGKILL one worker two seconds into ``count`` requests: only the requests it held
-    may fail, and the master replaces it."""
+    """SIGKILL one worker once a quarter of ``count`` requests are answered: only the
+    requests it held may fail, and the master replaces it (its boot is in the log)."""
     victim = server.worker_pids()[0]
-    timer = threading.Timer(2.0, os.kill, (victim, signal.SIGKILL))
-    timer.start()
-    results = send_load(server.url, kinds, count, concurrency)
-    timer.join()
+    boots = server.log().count("Booting worker with pid")
+    progress = Progress()
+    results = in_background(lambda: send_load(server.url, kinds, count, concurrency,
+                                              progress=progress))
+    progress.wait_for(count // 4)
+    killed_at = time.perf_counter()
+    os.kill(victim, signal.SIGKILL)
+    load = results()
+    wait_until(lambda: (server.log().count("Booting worker with pid") > boots
+                        and len(server.worker_pids()) == 2), "the replacement worker", 120)
     expected = {kind.name: kind.status for kind in kinds}
-    failed = results.unexpected(expected)
-    return {"requests": len(results.statuses), "killed": victim,
+    failed = load.unexpected(expected)
+    return {"requests": len(load.statuses), "killed": victim,
+            "finished_before_kill": load.ended_before(killed_at),
+            "in_flight_at_kill": load.in_flight(killed_at),
             "failed": {f"{k} → {s}": n for (k, s), n in failed.items()},
             "failed_total": sum(failed.values()),
             "workers_after": server.worker_pids()}
@@ -189,21 +252,21 @@ def kill_a_worker(server: Server, kinds: list[Kind], count: int, concurrency: in
 def terminate_master(server: Server, kinds: list[Kind], concurrency: int) -> dict:
     """SIGTERM the master while ``concurrency`` clients keep sending: every request the
     server took must be answered; only connections it refused once closed may fail."""
-    stop = threading.Event()
-    results_box: dict = {}
-    loader = threading.Thread(target=lambda: results_box.update(
-        r=send_load(server.url, kinds, TERMINATE_MAX_REQUESTS, concurrency, stop)))
-    loader.start()
-    time.sleep(5)  # clients are sending steadily by now
+    stop, progress = threading.Event(), Progress()
+    results = in_background(lambda: send_load(
+        server.url, kinds, TERMINATE_MAX_REQUESTS, concurrency, stop, progress))
+    progress.wait_for(10 * concurrency)  # every client is sending by now
+    signalled_at = time.perf_counter()
     server.process.send_signal(signal.SIGTERM)
     server.process.wait(timeout=60)
     stop.set()
-    loader.join(120)
-    results: Results = results_box["r"]
+    load = results()
     expected = {kind.name: kind.status for kind in kinds}
-    failed = results.unexpected(expected)
+    failed = load.unexpected(expected)
     refused = sum(n for (_, s), n in failed.items() if s == "refused")
-    return {"requests": len(results.statuses), "exit_code": server.process.returncode,
+    return {"requests": len(load.statuses), "exit_code": server.process.returncode,
+            "finished_before_signal": load.ended_before(signalled_at),
+            "in_flight_at_signal": load.in_flight(signalled_at),
             "failed": {f"{k} → {s}": n for (k, s), n in failed.items()},
             "dropped": sum(failed.values()) - refused, "refused_after_close": refused}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from app.batching import Deadline, MicroBatcher, on_batcher_death
 from app.errors import DeadlineExceeded, ModelFailed, ModelNotReady, Overloaded
+from app.metrics import Metrics
 from app.model_store import ModelStore
 from app.servable import _Direct
 from tests.conftest import wait_until
@@ -35,43 +35,77 @@ def requests_(mnist):
     return [to_model_input(mnist.x_test[s:s + n]) for s, n in zip(starts, sizes, strict=True)]
 
 
-@pytest.fixture
-def batcher(model):
-    running = MicroBatcher(model.predict, max_size=32, timeout_ms=5)
-    yield running
-    running.close()
+def queue_gauge():
+    """A real ``model_queue_requests`` gauge for a batcher, and its value as /metrics
+    exports it: how the tests see requests waiting for a batch."""
+    metrics = Metrics()
+    return (metrics.queued.labels("model"),
+            lambda: metrics.registry.get_sample_value("model_queue_requests",
+                                                      {"model": "model"}))
 
 
-def test_many_concurrent_clients_get_exactly_their_own_results(batcher, model, requests_):
-    with ThreadPoolExecutor(16) as pool:
-        batched = list(pool.map(batcher.run, requests_))
+def recording(predict, calls: list[int]):
+    """``predict``, noting the number of images of each model call in ``calls``."""
+    def call(images):
+        calls.append(len(images))
+        return predict(images)
+    return call
+
+
+def held_until_all_arrive(predict, gate: threading.Event):
+    """``predict`` whose first call waits (up to 60 s) for ``gate``: the requests sent
+    meanwhile queue behind it, so they must share the calls that follow."""
+    first = threading.Lock()
+
+    def call(images):
+        if first.acquire(blocking=False):
+            gate.wait(60)
+        return predict(images)
+    return call
+
+
+def test_many_concurrent_clients_get_exactly_their_own_results(model, requests_):
+    calls, gate = [], threading.Event()
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(recording(held_until_all_arrive(model.predict, gate), calls),
+                           max_size=32, timeout_ms=5, queue_gauge=gauge)
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        futures = [pool.submit(batcher.run, images) for images in requests_]
+        wait_until(lambda: queued() == len(requests_) - 1, "all but one queued")
+        gate.set()
+        batched = [future.result(timeout=60) for future in futures]
+    batcher.close()
     for images, result in zip(requests_, batched, strict=True):
         direct = model.predict(images)
         assert result.shape == direct.shape
         np.testing.assert_allclose(result, direct, atol=1e-5)
         assert (result.argmax(axis=1) == direct.argmax(axis=1)).all()
-    assert max(batcher.batch_sizes) > 3  # requests were really combined
+    # Each image was computed once, and the 59 queued requests shared a few calls.
+    assert sum(calls) == sum(map(len, requests_))
+    assert len(calls) <= 1 + -(-sum(map(len, requests_[1:])) // 32) + 1, calls
 
 
 def test_a_batch_never_exceeds_the_maximum(model, requests_):
-    small = MicroBatcher(model.predict, max_size=4, timeout_ms=5)
+    calls = []
+    small = MicroBatcher(recording(model.predict, calls), max_size=4, timeout_ms=5)
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(small.run, requests_))
     small.close()
-    assert max(small.batch_sizes) <= 4
+    assert sum(calls) == sum(map(len, requests_)) and max(calls) <= 4
 
 
 def test_a_request_larger_than_the_maximum_runs_alone(model, mnist):
-    small = MicroBatcher(model.predict, max_size=4, timeout_ms=5)
+    calls = []
+    small = MicroBatcher(recording(model.predict, calls), max_size=4, timeout_ms=5)
     images = to_model_input(mnist.x_test[:10])
     np.testing.assert_allclose(small.run(images), model.predict(images), atol=1e-5)
     small.close()
-    assert list(small.batch_sizes) == [10]
+    assert calls == [10]
 
 
 def test_a_request_that_fills_a_batch_runs_at_once_beside_a_held_batch(model, mnist,
                                                                         requests_):
-    gate, seen = threading.Event(), []
+    gate, seen, calls = threading.Event(), [], []
 
     def small_ones_held(images):
         if len(images) < 4:
@@ -79,19 +113,21 @@ def test_a_request_that_fills_a_batch_runs_at_once_beside_a_held_batch(model, mn
             gate.wait(60)
         return model.predict(images)
 
-    batcher = MicroBatcher(small_ones_held, max_size=4, timeout_ms=600_000)
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(recording(small_ones_held, calls), max_size=4,
+                           timeout_ms=600_000, queue_gauge=gauge)
     first = occupy(batcher, requests_[0], seen)  # holds the model until the gate opens
     full = to_model_input(mnist.x_test[:4])
     try:
         result = {}
         assert finishes(lambda: result.update(full=batcher.run(full)))
         np.testing.assert_allclose(result["full"], model.predict(full), atol=1e-5)
-        assert first.is_alive() and batcher.queued() == 0  # it never queued behind it
+        assert first.is_alive() and queued() == 0  # it never queued behind it
     finally:
         gate.set()
         first.join(60)
         batcher.close()
-    assert list(batcher.batch_sizes) == [len(requests_[0]), 4]
+    assert calls == [len(requests_[0]), 4]
 
 
 def finishes(target, *args, within: float = 60.0) -> bool:
@@ -104,24 +140,28 @@ def finishes(target, *args, within: float = 60.0) -> bool:
 
 
 def test_a_lone_request_is_never_held_waiting_for_company(model, requests_):
-    patient = MicroBatcher(model.predict, max_size=64, timeout_ms=600_000)
+    calls = []
+    patient = MicroBatcher(recording(model.predict, calls), max_size=64, timeout_ms=600_000)
     assert finishes(patient.run, requests_[0])
     patient.close()
-    assert list(patient.batch_sizes) == [len(requests_[0])]
+    assert calls == [len(requests_[0])]
 
 
 def test_an_arriving_request_is_waited_for_and_joins_the_batch(model, requests_):
-    patient = MicroBatcher(model.predict, max_size=64, timeout_ms=600_000)
+    calls = []
+    gauge, queued = queue_gauge()
+    patient = MicroBatcher(recording(model.predict, calls), max_size=64, timeout_ms=600_000,
+                           queue_gauge=gauge)
     results = {}
     with patient.arriving() as ticket:
         other = threading.Thread(target=lambda: results.update(b=patient.run(requests_[1])))
         other.start()
-        wait_until(lambda: patient.queued() >= 1, "1 queued")
+        wait_until(lambda: queued() >= 1, "1 queued")
         assert other.is_alive()  # held: a request it knows of is still arriving
         results["a"] = ticket.run(requests_[0])
     other.join(60)
     patient.close()
-    assert list(patient.batch_sizes) == [len(requests_[0]) + len(requests_[1])]
+    assert calls == [len(requests_[0]) + len(requests_[1])]
     np.testing.assert_allclose(results["b"], model.predict(requests_[1]), atol=1e-5)
 
 
@@ -145,13 +185,14 @@ def test_a_poisoned_request_fails_alone(model, requests_):
             raise RuntimeError("kernel crashed")
         return model.predict(images)
 
-    batcher = MicroBatcher(fragile, max_size=64, timeout_ms=1)
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(fragile, max_size=64, timeout_ms=1, queue_gauge=gauge)
     inputs = [requests_[0], *requests_[1:8], poison, *requests_[8:16]]
     with ThreadPoolExecutor(17) as pool:
         futures = [pool.submit(batcher.run, inputs[0])]
         wait_until(lambda: calls, "the first model call")
         futures += [pool.submit(batcher.run, images) for images in inputs[1:]]
-        wait_until(lambda: batcher.queued() >= len(inputs) - 1, "every request queued")
+        wait_until(lambda: queued() >= len(inputs) - 1, "every request queued")
         gate.set()
     batcher.close()
     queued_images = sum(len(images) for images in inputs[1:])
@@ -191,21 +232,22 @@ def test_a_request_waiting_behind_others_has_a_deadline_and_is_never_computed(re
     gate.set()
     first.join()
     slow.close(timeout=30)
-    assert len(seen) == 1 and slow.expired_dropped == 1  # dropped before the model
+    assert len(seen) == 1  # dropped before the model: it computed the first request only
 
 
 def test_a_full_queue_is_overloaded_at_once(requests_):
     gate, seen = threading.Event(), []
-    batcher = MicroBatcher(held_model(gate, seen), max_size=64, timeout_ms=1)
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(held_model(gate, seen), max_size=64, timeout_ms=1, queue_gauge=gauge)
     first = occupy(batcher, requests_[0], seen)
     with ThreadPoolExecutor(2) as pool:
-        queued = [pool.submit(batcher.run, requests_[i], max_queue=2) for i in (1, 2)]
-        wait_until(lambda: batcher.queued() >= 2, "2 queued")
+        waiting = [pool.submit(batcher.run, requests_[i], max_queue=2) for i in (1, 2)]
+        wait_until(lambda: queued() >= 2, "2 queued")
         with pytest.raises(Overloaded, match="QUEUE_MAX_REQUESTS") as refused:
             batcher.run(requests_[3], max_queue=2)
         gate.set()
-        assert [len(f.result(timeout=60)) for f in queued] == [len(requests_[1]),
-                                                                len(requests_[2])]
+        assert [len(f.result(timeout=60)) for f in waiting] == [len(requests_[1]),
+                                                                 len(requests_[2])]
     first.join()
     batcher.close()
     assert refused.value.status == 503 and refused.value.retry_after == 1
@@ -241,11 +283,12 @@ def test_a_dead_batcher_refuses_at_once_and_calls_its_death_handlers(requests_):
     def fatal(images):
         raise SystemExit("a BaseException escaping the model")
 
-    batcher = MicroBatcher(fatal, max_size=8, timeout_ms=600_000)
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(fatal, max_size=8, timeout_ms=600_000, queue_gauge=gauge)
     try:
         with batcher.arriving():  # keeps the next request off the lone path: it queues
             waiting = ThreadPoolExecutor(1).submit(batcher.run, requests_[0])
-            wait_until(lambda: batcher.queued() >= 1, "1 queued")
+            wait_until(lambda: queued() >= 1, "1 queued")
         with pytest.raises(ModelNotReady, match="stopped"):
             waiting.result(timeout=60)  # answered at once, not after 30 s
         assert not batcher.alive and deaths == [1]
@@ -268,27 +311,25 @@ def test_a_lone_request_runs_in_its_own_thread(model, requests_):
     assert threads == [threading.current_thread()]
 
 
-def test_shutdown_answers_requests_in_flight_then_refuses(model, requests_):
-    gate = threading.Event()
-
-    def held(images):
-        gate.wait(10)
-        return model.predict(images)
-
-    batcher = MicroBatcher(held, max_size=2, timeout_ms=1)
+def test_shutdown_answers_requests_in_flight_then_refuses(model, mnist):
+    gate, seen = threading.Event(), []
+    gauge, queued = queue_gauge()
+    batcher = MicroBatcher(held_model(gate, seen), max_size=2, timeout_ms=1, queue_gauge=gauge)
+    singles = [to_model_input(mnist.x_test[i:i + 1]) for i in range(12)]
     with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(batcher.run, images) for images in requests_[:12]]
-        deadline = time.monotonic() + 10
-        while batcher.queued() < 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        closer = threading.Thread(target=batcher.close, kwargs={"timeout": 30})
+        futures = [pool.submit(batcher.run, images) for images in singles]
+        wait_until(lambda: queued() == 11, "11 queued behind the first")
+        closer = threading.Thread(target=batcher.close, kwargs={"timeout": 60})
         closer.start()
+        wait_until(lambda: not batcher.alive, "the close to begin")
+        with pytest.raises(ModelNotReady, match="shutting down"):
+            batcher.run(singles[0])  # refused while the queue is still being answered
         gate.set()
-        closer.join(30)
-        results = [f.result(timeout=30) for f in futures]
-    assert [len(r) for r in results] == [len(images) for images in requests_[:12]]
-    with pytest.raises(ModelNotReady, match="shutting down"):
-        batcher.run(requests_[0])
+        closer.join(60)
+        assert not closer.is_alive()  # close returned: the batcher thread ended
+        results = [future.result(timeout=60) for future in futures]
+    assert [len(result) for result in results] == [1] * 12 and queued() == 0
+    assert [len(images) for images in seen] == [1, 2, 2, 2, 2, 2, 1]  # then 11 queued, by 2
 
 
 def sleeps(thread: threading.Thread) -> int:
@@ -299,24 +340,28 @@ def sleeps(thread: threading.Thread) -> int:
                 if line.startswith("voluntary_ctxt_switches:"))
 
 
-def asleep(batcher: MicroBatcher) -> bool:
-    """The batcher thread waits on its condition and stays asleep for 50 ms."""
-    before = sleeps(batcher._thread)
-    time.sleep(0.05)
-    return bool(batcher._cond._waiters) and sleeps(batcher._thread) == before
+def waiting(thread: threading.Thread) -> bool:
+    """``thread`` is blocked in the kernel on a futex (a lock or condition), not running
+    or runnable, from /proc."""
+    task = Path(f"/proc/self/task/{thread.native_id}")
+    state = next(line for line in (task / "status").read_text().splitlines()
+                 if line.startswith("State:"))
+    return "S (sleeping)" in state and (task / "wchan").read_text().startswith("futex")
 
 
 def test_a_lone_request_never_wakes_the_batcher_thread(model, requests_):
     """The lone lane costs nothing: waking the batcher for each of a lone request's
     steps cost it ~0.4 ms of GIL hand-offs (BENCHMARKS.md). The real model releases the
     GIL while it computes, which is when a woken batcher thread would run."""
-    batcher = MicroBatcher(model.predict, max_size=8, timeout_ms=1)
-    wait_until(lambda: asleep(batcher), "the batcher asleep")
-    before = sleeps(batcher._thread)
+    calls, others = [], set(threading.enumerate())
+    batcher = MicroBatcher(recording(model.predict, calls), max_size=8, timeout_ms=1)
+    (thread,) = set(threading.enumerate()) - others  # the batcher's own
+    wait_until(lambda: waiting(thread), "the batcher thread to wait for work")
+    before = sleeps(thread)
     for images in requests_ * 5:  # 300 requests, one at a time
         with batcher.arriving() as ticket:
             ticket.run(images)
-    woken = sleeps(batcher._thread) - before
+    woken = sleeps(thread) - before
     batcher.close()
-    assert list(batcher.batch_sizes) == [len(images) for images in requests_ * 5]
+    assert calls == [len(images) for images in requests_ * 5]
     assert woken <= 3, f"the batcher thread ran {woken} times for 300 lone requests"

@@ -257,7 +257,7 @@ def test_a_new_version_is_swapped_in_and_the_old_one_released(watched, fit_run):
     watched.refresh()
     assert watched.get().version == 2
     assert list(watched.versions["digits"]) == [2]
-    assert old.retired and not old.batcher._thread.is_alive()
+    assert old.retired and not old.batcher.alive
 
 
 def test_a_request_already_in_its_slot_finishes_on_its_version(watched, fit_run, mnist):
@@ -267,9 +267,9 @@ def test_a_request_already_in_its_slot_finishes_on_its_version(watched, fit_run,
     with old.slot() as slot:
         shutil.copytree(fit_run.version_dir, watched.models_dir / "digits" / "2")
         watched.refresh()
-        assert old.retired and old.batcher._thread.is_alive()  # still in use: kept
+        assert old.retired and old.batcher.alive  # still in use: kept
         np.testing.assert_array_equal(slot.run(images), expected)
-    assert not old.batcher._thread.is_alive()  # released when its last request left
+    assert not old.batcher.alive  # released when its last request left
     assert not np.allclose(watched.get().predict(images), expected)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -55,6 +56,13 @@ def test_a_model_failure_without_batching_is_a_model_error(app_with, mnist):
     assert response.json["error"]["code"] == "model_error"
 
 
+def queued(app) -> float:
+    """Requests waiting for a batch of the default model, read from /metrics."""
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    match = re.search(r'^model_queue_requests\{model="mnist_cnn"\} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def test_a_full_queue_is_a_503_with_retry_after(app_with, mnist):
     app = app_with(queue_max_requests=1, batch_timeout_ms=0)
     batcher = app.extensions["model_store"].get().batcher
@@ -71,7 +79,7 @@ def test_a_full_queue_is_a_503_with_retry_after(app_with, mnist):
         first = pool.submit(post_npy, app.test_client(), body)  # runs, holds the model
         wait_until(lambda: calls, "the first model call")
         second = pool.submit(post_npy, app.test_client(), body)  # the queue's one place
-        wait_until(lambda: batcher.queued() >= 1, "1 queued")
+        wait_until(lambda: queued(app) >= 1, "1 queued")
         refused = post_npy(app.test_client(), body)
         gate.set()
         statuses = [first.result(60).status_code, second.result(60).status_code]
@@ -93,7 +101,7 @@ def test_a_dead_batcher_fails_readiness_and_refuses_predictions(app_with, mnist)
     with batcher.arriving():  # the next request queues, so the batcher thread runs it
         waiting = ThreadPoolExecutor(1).submit(post_npy, app.test_client(),
                                                npy_digits(mnist, 1))
-        wait_until(lambda: batcher.queued() >= 1, "1 queued")
+        wait_until(lambda: queued(app) >= 1, "1 queued")
     assert waiting.result(60).status_code == 503
     assert client.get("/ready").status_code == 503
     assert client.get("/v2/health/ready").status_code == 503
@@ -116,3 +124,5 @@ def test_a_request_past_its_deadline_is_a_504_from_gunicorn(fit_run, tmp_path):
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "deadline_exceeded"
     assert 'images_predicted_total{model="mnist_cnn"' not in metrics
+    # The queue gauge is exported by every worker (and nothing was left queued).
+    assert 'model_queue_requests{model="mnist_cnn"} 0.0' in metrics
