@@ -157,6 +157,7 @@ class Scanner:
         return ModelFolder(model_dir.name, model_dir, versions, odd)
 
     def _version(self, version: int, path: Path) -> VersionFolder:
+        """The version folder with its fingerprint, or with the reason it has none."""
         try:
             return VersionFolder(version, path, self._fingerprint(path))
         except NoAnswer as err:
@@ -259,6 +260,7 @@ def _model_entry(path: Path, root: Path) -> str:
 
 
 def _stat_key(path: Path) -> tuple[int, ...]:
+    """What changes when anything is added, removed or renamed in the folder itself."""
     info = path.stat()
     return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns,
             stat.S_IFMT(info.st_mode))

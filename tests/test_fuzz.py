@@ -2,8 +2,9 @@
 real image and .npy bytes through /predict and V2 binary tensors.
 
 Short profiles run in ``make test``; ``make fuzz`` sets FUZZ_PROFILE=long (≥ 1,000
-schemathesis cases over all operations, 600 mutated files per format). Every response
-must be a 200 or one of the typed 4xx, and the worker must stay within its memory.
+schemathesis cases over all operations, 600 mutated files per format, 60 hostile model
+repositories). Every response must be a 200 or one of the typed 4xx, and the worker
+must stay within its memory.
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import signal
+import stat
 import struct
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis.checks import (
@@ -297,3 +302,176 @@ def test_random_combinations_of_hostile_json_tokens_get_typed_answers(
         check()
     print(f"{path}: {len(statuses)} answers, statuses {dict(sorted(Counter(statuses).items()))}")
     assert len(statuses) >= JSON_EXAMPLES // 2
+
+
+# --- a hostile model repository ------------------------------------------------------
+# Random entries where models and versions belong, created and removed while a real
+# server (two workers, a 0.2 s poll) watches: no 5xx, the watch keeps up (a marker entry
+# appears in the index), the served model stays served, no byte of a file outside the
+# repository is served, and a worker killed at the end boots past whatever is there.
+
+HOSTILE_EXAMPLES = 60 if LONG else 6
+HOSTILE_KINDS = ["loop", "outside", "dangling", "up", "alias", "fifo", "device", "file",
+                 "sparse", "fifo_metadata", "sparse_metadata", "plot_to_passwd", "deep",
+                 "many"]
+VERSION_KINDS = {"fifo_metadata", "sparse_metadata", "plot_to_passwd"}  # copies of v1
+HOSTILE_NAMES = ["2", "3", "7", "10", "latest", "²", "01", "a b", os.fsdecode(b"\xff")]
+SPARSE_BYTES = 1 << 30
+WATCH_S = 180.0  # the poll may be loading a version meanwhile, on a loaded machine
+skipped_kinds: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def hostile(fit_run, tmp_path_factory):
+    models = tmp_path_factory.mktemp("hostile") / "models"
+    shutil.copytree(fit_run.version_dir, models / "mnist_cnn" / "1")
+    running = start_server(models, models.parent / "gunicorn.log", MODEL_POLL_SECONDS="0.2")
+    yield models, running
+    stop_server(running)
+    assert "rescanning" not in running.log(), running.log()[-3000:]  # no poll pass died
+
+
+def make_entry(path: Path, kind: str, good: Path) -> None:
+    """One hostile entry of ``kind`` at ``path``; a kind the system refuses is skipped."""
+    if kind in ("loop", "outside", "dangling", "up", "alias"):
+        path.symlink_to({"loop": path.name, "outside": "/usr", "dangling": "nowhere",
+                         "up": "..", "alias": good.name}[kind])
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError as err:
+            skipped_kinds["device"] = f"mknod refused: {err.strerror} (no CAP_MKNOD)"
+    elif kind == "file":
+        path.write_bytes(b"not a folder")
+    elif kind == "sparse":
+        with open(path, "wb") as handle:
+            handle.truncate(SPARSE_BYTES)
+    elif kind == "deep":
+        path.joinpath(*["d"] * 12).mkdir(parents=True)
+    elif kind == "many":
+        path.mkdir()
+        for index in range(1100):
+            (path / str(index)).touch()
+    else:
+        hostile_version(shutil.copytree(good, path), kind)
+
+
+def hostile_version(folder: Path, kind: str) -> None:
+    """A copy of a good version with its metadata.json or a plot made hostile."""
+    metadata = folder / "metadata.json"
+    if kind == "fifo_metadata":
+        metadata.unlink()
+        os.mkfifo(metadata)
+    elif kind == "sparse_metadata":
+        with open(metadata, "r+b") as handle:
+            handle.truncate(SPARSE_BYTES)
+    else:  # an export without a manifest, whose history plot leads to /etc/passwd
+        document = json.loads(metadata.read_text())
+        del document["files"]
+        metadata.write_text(json.dumps(document))
+        (folder / "plots" / "history.png").unlink()
+        (folder / "plots" / "history.png").symlink_to("/etc/passwd")
+
+
+def remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def wait_for_watch(url: str, marker: str) -> None:
+    """Until a worker's poll has listed ``marker``, a file made after the entries."""
+    deadline = time.monotonic() + WATCH_S
+    while True:
+        rows = requests.post(url + "/v2/repository/index", timeout=30).json()
+        if any(row["name"] == marker for row in rows):
+            return
+        assert time.monotonic() < deadline, f"the watch did not list {marker} in time"
+        time.sleep(0.2)
+
+
+def probe(url: str, png: bytes) -> Counter:
+    """Every route that reads the repository: no 5xx, no foreign bytes, still serving."""
+    statuses: Counter = Counter()
+    secret = Path("/etc/passwd").read_bytes()
+    with requests.Session() as session:
+        ready = session.get(url + "/ready", timeout=30)
+        assert ready.status_code == 200, ready.text
+        assert "mnist_cnn" in ready.json()["models"]
+        predicted = session.post(url + "/predict", data=png, timeout=60,
+                                 headers={"Content-Type": "image/png"})
+        assert predicted.status_code == 200, predicted.text
+        for path in ("/models", "/models/mnist_cnn", "/summary",
+                     *(f"/models/mnist_cnn/plots/{p}.png"
+                       for p in ("history", "confusion", "samples"))):
+            response = session.get(url + path, timeout=30)
+            statuses[response.status_code] += 1
+            assert response.status_code in {200, 404}, (path, response.text[:300])
+            assert secret[:64] not in response.content, path
+            if path.endswith(".png") and response.status_code == 200:
+                assert response.content.startswith(b"\x89PNG"), path
+        index = session.post(url + "/v2/repository/index", timeout=30)
+        assert index.status_code == 200
+    return statuses
+
+
+def every_kind_once(test):
+    """Explicit examples that make each kind at least once, in a version's place and at
+    the top level, whatever the random draw covers."""
+    for start in range(0, len(HOSTILE_KINDS), 4):
+        entries = [(index % 2 == 1 and kind not in VERSION_KINDS, HOSTILE_NAMES[index], kind)
+                   for index, kind in enumerate(HOSTILE_KINDS[start:start + 4])]
+        test = example(entries=entries)(test)
+    return test
+
+
+def test_a_hostile_model_repository_never_stops_serving_nor_leaks(hostile, seeds, fit_run):
+    models, server = hostile
+    good, png = models / "mnist_cnn" / "1", seeds["PNG"]
+    statuses: Counter = Counter()
+    kinds: Counter = Counter()
+    examples = []
+
+    @settings(max_examples=HOSTILE_EXAMPLES, deadline=None, derandomize=not LONG,
+              database=None, suppress_health_check=list(HealthCheck))
+    @every_kind_once
+    @given(entries=st.lists(st.tuples(st.booleans(), st.sampled_from(HOSTILE_NAMES),
+                                      st.sampled_from(HOSTILE_KINDS)),
+                            min_size=1, max_size=4, unique_by=lambda e: (e[0], e[1])))
+    def check(entries):
+        examples.append(len(examples))
+        made = []
+        for top_level, name, kind in entries:
+            path = (models if top_level else models / "mnist_cnn") / name
+            make_entry(path, kind, good)
+            made.append(path)
+            kinds[kind] += 1
+        marker = f"watch-{len(examples)}"
+        (models / marker).touch()
+        made.append(models / marker)
+        try:
+            wait_for_watch(server.url, marker)
+            statuses.update(probe(server.url, png))
+        finally:
+            for path in made:
+                remove_entry(path)
+
+    check()
+    print(f"hostile repository: {len(examples)} examples, entries {dict(kinds)}, "
+          f"statuses {dict(statuses)}, skipped {skipped_kinds}")
+    assert len(examples) >= HOSTILE_EXAMPLES // 2
+    for where, kind in (("mnist_cnn/9", "fifo_metadata"), ("mnist_cnn/8", "loop"),
+                        ("loop", "loop"), ("mnist_cnn/3", "outside"),
+                        ("mnist_cnn/4", "sparse_metadata"), ("mnist_cnn/5", "fifo")):
+        make_entry(models / where, kind, good)
+    boots = server.log().count("mnist_cnn now serves")
+    before = set(server.worker_pids())
+    os.kill(min(before), signal.SIGKILL)
+    deadline = time.monotonic() + WATCH_S
+    while server.log().count("mnist_cnn now serves") == boots:  # the new worker's boot
+        assert time.monotonic() < deadline, "a worker did not boot past the entries"
+        time.sleep(0.2)
+    probe(server.url, png)

@@ -196,6 +196,7 @@ def folder_entry(path: Path, root: Path) -> Path:
 
 
 def _kind(mode: int) -> str:
+    """What a file of ``mode`` is, in words, for the reason an entry is refused."""
     for test, kind in ((stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"),
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device")):
@@ -227,6 +228,7 @@ def scan_versions(model_dir: Path, root: Path | None = None
 
 
 def _version_entry(path: Path, root: Path) -> tuple[int | None, str]:
+    """(version, "") for a version folder, else (None, why it is none)."""
     try:
         folder_entry(path, root)
     except NotAFolder as why:

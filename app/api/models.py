@@ -6,11 +6,14 @@ rejected with the reason (a failed check, or a name that is no version number).
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request, send_from_directory, url_for
+from pathlib import Path
+
+from flask import Blueprint, Response, jsonify, request, url_for
 
 from app.api.common import int_arg, store
-from app.errors import InvalidInput
+from app.errors import InvalidInput, ModelNotFound
 from app.servable import LoadedModel
+from training.export_format import PLOT_LIMIT_BYTES, PLOTS_DIR, open_regular, read_regular
 from training.summary import memory_estimate
 
 PLOTS = {"history": "Accuracy and loss per epoch, training against validation",
@@ -35,9 +38,30 @@ def describe(model: LoadedModel) -> dict:
         "runtime": model.runtime.kind,
         "input": metadata.get("input"),
         "plots": [{"title": title, "url": url_for("models.plot", name=model.name, plot=plot)}
-                  for plot, title in PLOTS.items()
-                  if (model.path / "plots" / f"{plot}.png").is_file()],
+                  for plot, title in PLOTS.items() if _has_plot(model, plot)],
     }
+
+
+def _has_plot(model: LoadedModel, plot: str) -> bool:
+    try:
+        with open_regular(_plot_path(model, plot), PLOT_LIMIT_BYTES, inside=model.path):
+            return True
+    except OSError:
+        return False
+
+
+def _plot_path(model: LoadedModel, plot: str) -> Path:
+    return model.path / PLOTS_DIR / f"{plot}.png"
+
+
+def _plot_bytes(model: LoadedModel, plot: str) -> bytes | None:
+    """The PNG of ``plot`` when it is a regular file, within its size limit, that
+    resolves inside the version folder; None otherwise (a link to /etc/passwd, a FIFO,
+    a 1 GB file): a plot is part of the export, never a way to read other files."""
+    try:
+        return read_regular(_plot_path(model, plot), PLOT_LIMIT_BYTES, inside=model.path)
+    except OSError:
+        return None
 
 
 @bp.get("/models")
@@ -82,5 +106,9 @@ def plot(name: str, plot: str):
     model = store().get(name)
     if plot not in PLOTS:
         raise InvalidInput(f"no plot named {plot!r}; there are: {', '.join(PLOTS)}")
-    return send_from_directory(model.path / "plots", f"{plot}.png", mimetype="image/png",
-                               max_age=300)
+    data = _plot_bytes(model, plot)
+    if data is None:
+        raise ModelNotFound(f"version {model.version} of {model.name!r} has no {plot} plot")
+    response = Response(data, mimetype="image/png")
+    response.cache_control.max_age = 300
+    return response

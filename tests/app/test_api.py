@@ -6,6 +6,8 @@ import base64
 import gzip
 import io
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -574,3 +576,43 @@ def test_bad_requests_are_4xx_and_leave_the_service_healthy(url, server):
         text for text in server.log().splitlines() if text.startswith("{")))
         if line.get("request_id") in tags}
     assert logged == tags  # every one logged, with the status the client saw
+
+
+@pytest.fixture
+def plot_client(tmp_path, served_models):
+    """An app serving a copy of the tiny net, whose plots the test may replace."""
+    from app import create_app
+    from app.config import Config
+
+    shutil.copytree(served_models / "mnist_tiny" / "1", tmp_path / "mnist_tiny" / "1")
+    app = create_app(Config(models_dir=tmp_path, model_name="mnist_tiny",
+                            model_poll_seconds=0))
+    return app.test_client(), tmp_path / "mnist_tiny" / "1" / "plots"
+
+
+def test_a_plot_that_is_no_regular_file_inside_its_version_is_never_served(
+        plot_client, tmp_path):
+    client, plots = plot_client
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (plots / "history.png").unlink()
+    (plots / "history.png").symlink_to("/etc/passwd")
+    (plots / "confusion.png").unlink()
+    (plots / "confusion.png").symlink_to(secret)
+    (plots / "samples.png").unlink()
+    os.mkfifo(plots / "samples.png")
+    assert client.get("/models/mnist_tiny").get_json()["plots"] == []
+    for plot in ("history", "confusion", "samples"):
+        response = client.get(f"/models/mnist_tiny/plots/{plot}.png")
+        assert response.status_code == 404, plot
+        assert response.get_json()["error"]["code"] == "model_not_found"
+        assert b"root:" not in response.data
+
+
+def test_a_plot_linked_inside_its_version_is_served(plot_client):
+    client, plots = plot_client
+    (plots / "history.png").rename(plots / "history-v1.png")
+    (plots / "history.png").symlink_to("history-v1.png")
+    response = client.get("/models/mnist_tiny/plots/history.png")
+    assert response.status_code == 200 and response.data.startswith(b"\x89PNG")
+    assert response.headers["Content-Type"] == "image/png"

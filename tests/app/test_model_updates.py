@@ -190,3 +190,72 @@ def test_bad_folders_are_listed_never_served_and_a_restarted_worker_agrees(
     assert {(a.status_code, a.json()["model"]["version"]) for a in answers} == {(200, 2)}
     assert {(r.status_code, r.json()["models"]["mnist_cnn"]) for r in readiness} == {(200, 2)}
     assert "not serving" in server.log() and "Traceback" not in server.log()
+
+
+HOSTILE = {"3": "a symlink that leads outside MODELS_DIR",
+           "4": "a file, not a folder",
+           "5": "unreadable metadata.json: metadata.json is a FIFO, not a regular file",
+           "8": "a symlink loop"}
+
+
+def add_hostile_entries(models: Path, good: Path) -> None:
+    """What an attack on the watch used: a FIFO as metadata.json (it held the poll and a
+    booting worker), a link loop as a version (it took the model down), a link to /usr
+    (walked every poll), a file as a version, and a loop at the top level."""
+    model_dir = models / "mnist_cnn"
+    (model_dir / "3").symlink_to("/usr")
+    (model_dir / "4").write_text("a file where a version belongs")
+    fifo = shutil.copytree(good, model_dir / "5")
+    (fifo / "metadata.json").unlink()
+    os.mkfifo(fifo / "metadata.json")
+    (model_dir / "8").symlink_to("8")
+    (models / "loop").symlink_to("loop")
+
+
+def repository_index(url: str) -> dict[tuple[str, str], tuple[str, str]]:
+    rows = requests.post(f"{url}/v2/repository/index", timeout=10).json()
+    return {(row["name"], row["version"]): (row["state"], row.get("reason", ""))
+            for row in rows}
+
+
+@pytest.mark.slow
+def test_hostile_entries_are_listed_alone_and_never_hold_the_watch_or_a_booting_worker(
+        watched_server, fit_run):
+    models, server = watched_server
+    add_hostile_entries(models, fit_run.version_dir)
+    wait_for(lambda: all(repository_index(server.url).get(("mnist_cnn", entry))
+                         == ("UNAVAILABLE", reason) for entry, reason in HOSTILE.items()))
+    assert requests.get(f"{server.url}/ready", timeout=10).status_code == 200
+    staged = shutil.copytree(fit_run.version_dir, models / "mnist_cnn" / ".tmp-9")
+    metadata = json.loads((staged / "metadata.json").read_text())
+    del metadata["files"]  # an older release's export: no manifest to catch the link
+    (staged / "metadata.json").write_text(json.dumps(metadata))
+    (staged / "plots" / "history.png").unlink()
+    (staged / "plots" / "history.png").symlink_to("/etc/passwd")
+    staged.rename(models / "mnist_cnn" / "9")  # published after the hostile entries
+
+    def swapped_to_9() -> int:
+        return server.log().count("mnist_cnn now serves version(s) 9")
+
+    wait_for(lambda: swapped_to_9() >= len(worker_pids(server.process.pid)))
+    index = repository_index(server.url)
+    assert index[("mnist_cnn", "9")] == ("READY", "")
+    for entry, reason in HOSTILE.items():
+        assert index[("mnist_cnn", entry)] == ("UNAVAILABLE", reason), entry
+    assert index[("loop", "")] == ("UNAVAILABLE", "a symlink loop")
+    listed = requests.get(f"{server.url}/models", timeout=10).json()
+    assert listed["rejected"] == {"loop": "a symlink loop"}
+    assert listed["models"][0]["rejected"] == HOSTILE
+    assert [p["url"] for p in listed["models"][0]["plots"]] == [
+        "/models/mnist_cnn/plots/confusion.png", "/models/mnist_cnn/plots/samples.png"]
+    passwd = requests.get(f"{server.url}/models/mnist_cnn/plots/history.png", timeout=10)
+    assert passwd.status_code == 404 and b"root:" not in passwd.content
+
+    before = worker_pids(server.process.pid)
+    os.kill(min(before), signal.SIGKILL)
+    wait_for(lambda: len(worker_pids(server.process.pid) - before) == 1)
+    wait_for(lambda: swapped_to_9() > len(before))  # the new worker booted past them all
+    with requests.Session() as session:
+        readiness = [session.get(f"{server.url}/ready", timeout=10) for _ in range(20)]
+    assert {(r.status_code, r.json()["models"]["mnist_cnn"]) for r in readiness} == {(200, 9)}
+    assert "Traceback" not in server.log()
