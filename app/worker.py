@@ -32,8 +32,6 @@ import inspect
 import mmap
 import os
 import select
-import socket
-import struct
 import time
 
 import gunicorn
@@ -54,8 +52,6 @@ LOOP_METHODS = {"accept": ["self", "listener"],
 LOOP_STATE = ("nr_conns", "worker_connections", "_accepting", "alive", "sockets")
 LOOP_CALLS = ("self.set_accept_enabled(can_accept)",
               "self.wait_for_and_dispatch_events(timeout=")
-TCP_INFO_SIZE = 104  # struct tcp_info's size in Linux 3.x (later kernels only add fields)
-TCPI_UNACKED = 24  # its tcpi_unacked: after 8 one-byte fields and 4 unsigned ints
 
 
 class ConnectionTable:
@@ -94,17 +90,6 @@ class ConnectionTable:
         live = self._table[:, 0] != 0
         live[slot] = False
         return int(self._table[live, 1].min()) if live.any() else None
-
-
-def accept_queue_length(listener) -> int | None:
-    """The connections completed and waiting to be accepted on a listening TCP socket
-    (Linux reports it as ``tcpi_unacked`` in a listener's TCP_INFO), None where it cannot
-    be read."""
-    try:
-        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
-    except (AttributeError, OSError):  # no TCP_INFO here, or not a TCP socket
-        return None
-    return struct.unpack_from("I", info, TCPI_UNACKED)[0]
 
 
 TABLE = ConnectionTable()  # created at import, in the master, before any worker forks
@@ -218,29 +203,24 @@ class DrainingThreadWorker(ThreadWorker):
         self._retrying = False  # one look at the backlog after a wait, not more
 
     def drain_and_close_listeners(self) -> None:
-        """Hand the connections already in a listener's backlog to the thread pool, then
-        close the listener (the kernel completes no more connections on it once every
-        process holding it has closed it). Only those queued when the stop began: clients
-        that keep arriving meanwhile would hold a stopping worker past its graceful
-        timeout, and they are refused at the close, which a client may retry."""
+        """Hand the connections in a listener's backlog to the thread pool until it is
+        empty, then close the listener (the kernel completes no more connections on it
+        once every process holding it has closed it, and resets those still queued: a
+        request already sent on one is lost, so the backlog is taken to its end, not
+        only as it stood when the stop began). At most ``worker_connections`` in all:
+        clients that keep arriving cannot hold a stopping worker past it; they are
+        refused at the close, which a client may retry."""
+        taken = 0
         for listener in self.sockets:
-            for _ in range(self.drain_bound(listener)):
+            while taken < self.worker_connections:
                 if not select.select([listener], [], [], 0)[0]:
                     break  # the backlog is empty (a sibling took the rest)
                 # Non-blocking: enqueues the connection, or finds it taken by another
                 # worker or aborted by its client.
                 super().accept(listener)
+                taken += 1
             listener.close()
         self.leave_table()
-
-    def drain_bound(self, listener) -> int:
-        """How many connections a stopping worker takes from ``listener``: those queued
-        now on a TCP socket (a unix socket's queue is not reported), and never more than
-        ``worker_connections``."""
-        queued = accept_queue_length(listener)
-        if queued is None:
-            return self.worker_connections
-        return min(queued, self.worker_connections)
 
     def leave_table(self) -> None:
         """A worker that no longer accepts must not be waited for: it reads as full."""
