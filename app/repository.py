@@ -25,6 +25,7 @@ Hidden entries (``.tmp-*`` staging folders among them) are no part of the reposi
 from __future__ import annotations
 
 import os
+import queue
 import stat
 import threading
 from collections.abc import Callable, Hashable
@@ -193,14 +194,17 @@ class Scanner:
 class BoundedCalls:
     """Filesystem calls that a caller waits on for at most ``timeout`` seconds each.
 
-    Each call runs in a daemon thread: a thread stuck in the kernel (a hung NFS server)
-    cannot be stopped, but it must neither hold the caller nor keep the worker from
-    exiting, and the same call is not started again while it is stuck.
+    Calls run one after another in a daemon thread (a thread per call cost the watch
+    ~1 ms a call, 60-110 ms a poll over 60 versions): a thread stuck in the kernel (a
+    hung NFS server) cannot be stopped, but it must neither hold the caller nor keep the
+    worker from exiting. The stuck thread is left to its call and the next call gets a
+    thread of its own, and the same call is not started again while it is stuck.
     """
 
     def __init__(self, timeout: float):
         self.timeout = timeout
         self._pending: dict[Hashable, _Call] = {}
+        self._runner: _Runner | None = None
 
     def run(self, key: Hashable, work: Callable[[], T]) -> T:
         """``work()``'s result; raises NoAnswer when the call under ``key`` (this one, or
@@ -208,7 +212,12 @@ class BoundedCalls:
         call = self._pending.get(key)
         if call is None:
             call = self._pending[key] = _Call(work)
+            if self._runner is None or not self._runner.submit(call):
+                self._runner = _Runner()
+                self._runner.submit(call)
         if not call.done.wait(self.timeout):
+            if self._runner is not None and self._runner.current is call:
+                self._runner = None  # stuck in this call: later calls need another thread
             raise NoAnswer(f"no answer within {self.timeout:g} s (a hung filesystem?); "
                            "tried again at a later scan")
         del self._pending[key]
@@ -221,18 +230,17 @@ class BoundedCalls:
 
 
 class _Call:
-    """One call in its own daemon thread; its result or error is kept for the caller."""
+    """One call; its result or error is kept for the caller."""
 
     def __init__(self, work: Callable[[], object]):
         self.done = threading.Event()
+        self._work = work
         self._value: object = None
         self._error: Exception | None = None
-        threading.Thread(target=self._run, args=(work,), name="model-scan",
-                         daemon=True).start()
 
-    def _run(self, work: Callable[[], object]) -> None:
+    def execute(self) -> None:
         try:
-            self._value = work()
+            self._value = self._work()
         except Exception as err:  # noqa: BLE001 - raised in the caller by result()
             self._error = err
         finally:
@@ -242,6 +250,41 @@ class _Call:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class _Runner:
+    """A daemon thread that runs the calls submitted to it in turn, and ends once idle
+    for IDLE_SECONDS (a store that is gone leaves no thread behind)."""
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self):
+        self.current: _Call | None = None
+        self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._open = True
+        threading.Thread(target=self._loop, name="model-scan", daemon=True).start()
+
+    def submit(self, call: _Call) -> bool:
+        """Queue ``call``; False when this thread has ended (idle) and takes no more."""
+        with self._lock:
+            if self._open:
+                self._calls.put(call)
+            return self._open
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                call = self._calls.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._calls.empty():
+                        self._open = False
+                        return
+                continue
+            self.current = call
+            call.execute()
+            self.current = None
 
 
 def _model_entry(path: Path, root: Path) -> str:
