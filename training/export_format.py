@@ -82,6 +82,8 @@ _ACTIVATIONS = {**_COUNT, "maximum": 10**9}  # × 4 bytes × MAX_BATCH stays in 
 _RATIO = {"type": "number", "minimum": 0, "maximum": 1}
 _SHAPE = {"type": "array", "minItems": 1, "maxItems": 16,
           "items": {"type": ["integer", "null"], "minimum": 0, "maximum": 10**9}}
+# A dimension's size as protobuf's JSON form writes an int64: a string ("-1" unknown).
+_DIM_SIZE = r"-1|0|[1-9][0-9]{0,17}"
 
 
 def _record(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +91,13 @@ def _record(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]
     return {"type": "object", "required": required, "properties": properties,
             "propertyNames": _TEXT, "additionalProperties": _VALUE}
 
+
+# One tensor of a SignatureDef exactly as ``json_format.MessageToDict`` writes it: the
+# metadata endpoints of both protocols describe it from these fields alone.
+_TENSOR = _record(["dtype", "tensor_shape"], name=_TEXT, dtype=_TEXT, tensor_shape=_record(
+    ["dim"], unknown_rank={"const": False}, dim={"type": "array", "items": _record(
+        ["size"], name=_TEXT, size={"type": "string", "pattern": f"^({_DIM_SIZE})$"})}))
+_TENSORS = {"type": "object", "propertyNames": _TEXT, "additionalProperties": _TENSOR}
 
 METADATA_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -129,7 +138,8 @@ METADATA_SCHEMA: dict[str, Any] = {
         "input": _record([]),
         # The SavedModel's SignatureDefs in protobuf's JSON form, so that a server that
         # never imports TensorFlow (LiteRT) still describes the tensors exactly.
-        "signature_defs": _record([SIGNATURE]),
+        "signature_defs": _record([SIGNATURE], **{
+            SIGNATURE: _record([], inputs=_TENSORS, outputs=_TENSORS)}),
         "tflite": {"type": "object", "required": ["file"],
                    "properties": {"file": {"const": TFLITE_FILE}}},
         "files": {"type": "object", "additionalProperties": {
@@ -382,14 +392,31 @@ def signature_problem(signature_defs: dict[str, Any]) -> str | None:
                 "(probabilities)")
     for role, tensor, expected in (("input", *inputs.values(), INPUT_SHAPE),
                                    ("output", *outputs.values(), OUTPUT_SHAPE)):
-        try:
-            shape = [int(d.get("size", -1)) for d in tensor.get("tensor_shape", {})["dim"]]
-        except (AttributeError, KeyError, TypeError, ValueError):
-            shape = None
+        shape = _shape(tensor)
+        if shape is None:
+            return (f"{SIGNATURE} {role} has a tensor_shape not in protobuf's JSON form "
+                    '(each dim {"size": "<int64>"}, a known rank)')
         if tensor.get("dtype") != "DT_FLOAT" or shape != expected:
             return (f"{SIGNATURE} {role} is {tensor.get('dtype')} {shape}, "
                     f"expected DT_FLOAT {expected}")
     return None
+
+
+def _shape(tensor: dict[str, Any]) -> list[int] | None:
+    """The tensor's shape when it is written exactly as protobuf's JSON form writes one
+    (each dimension a ``"size"`` string such as ``"-1"``, a known rank), else None: the
+    metadata endpoints send these sizes as they are, so a missing or fractional one
+    must refuse the version, not fail (or be rounded) on a request."""
+    shape = tensor.get("tensor_shape")
+    if not isinstance(shape, dict) or shape.get("unknown_rank", False) is not False:
+        return None
+    dims = shape.get("dim")
+    if not isinstance(dims, list) or not all(isinstance(d, dict) for d in dims):
+        return None
+    sizes = [d.get("size") for d in dims]
+    if not all(isinstance(s, str) and re.fullmatch(_DIM_SIZE, s) for s in sizes):
+        return None
+    return [int(s) for s in sizes]
 
 
 def complete(folder: Path) -> Check:

@@ -27,6 +27,7 @@ from training.export_format import (
     read_metadata,
     reclaim_staging,
     servable,
+    signature_problem,
     valid_model_name,
 )
 from training.models import build_tiny
@@ -205,6 +206,50 @@ def test_a_signature_the_server_cannot_serve_makes_a_version_unservable(version,
     assert complete(version)  # the files alone are whole
     check = servable(version)
     assert not check and reason in check.reason
+
+
+def first_input_dim(value):
+    def change(metadata):
+        image = metadata["signature_defs"]["serving_default"]["inputs"]["image"]
+        image["tensor_shape"]["dim"][0] = value
+    return edit_metadata(change)
+
+
+def first_input_shape(**fields):
+    def change(metadata):
+        image = metadata["signature_defs"]["serving_default"]["inputs"]["image"]
+        image["tensor_shape"].update(fields)
+    return edit_metadata(change)
+
+
+@pytest.mark.parametrize("mutilate", [
+    first_input_dim({"name": ""}), first_input_dim({"size": 10.9, "name": ""}),
+    first_input_dim({"size": -1, "name": ""}), first_input_dim({"size": "-2", "name": ""}),
+    first_input_dim({"size": "01", "name": ""}), first_input_dim({"size": " 1", "name": ""}),
+    first_input_dim({"size": "-1", "name": 5}), first_input_dim("-1"),
+    first_input_shape(unknown_rank=True), first_input_shape(dim="-1"),
+], ids=["no size", "fractional size", "size as a number", "negative size",
+        "leading zero", "space", "name as a number", "dim as a string", "unknown rank",
+        "dims as a string"])
+def test_a_signature_not_as_protobuf_writes_it_makes_a_version_unservable(version, mutilate):
+    """The metadata endpoints describe the tensors from these fields as they are: a
+    version whose signature they could not describe exactly is never served."""
+    mutilate(version)
+    check = servable(version)
+    assert not check
+    assert "metadata.json is invalid at signature_defs/serving_default/inputs/image" in \
+        check.reason
+
+
+@pytest.mark.parametrize("dim", [{"name": ""}, {"size": 10.9}, {"size": -1}, {"size": "٣"}])
+def test_a_signature_read_from_the_graph_is_held_to_the_same_form(tiny_export, dim):
+    """signature_problem is what a SavedModel's own signature meets too (read_graph)."""
+    signature_defs = read_metadata(tiny_export)["signature_defs"]
+    assert signature_problem(signature_defs) is None
+    signature_defs["serving_default"]["outputs"]["output_0"]["tensor_shape"]["dim"][0] = dim
+    assert signature_problem(signature_defs) == (
+        "serving_default output has a tensor_shape not in protobuf's JSON form "
+        '(each dim {"size": "<int64>"}, a known rank)')
 
 
 WRITER = """
