@@ -70,6 +70,10 @@ PLOT_LIMIT_BYTES = 8 << 20
 # is refused without being read to the end.
 MAX_VERSION_ENTRIES = 1000
 MAX_VERSION_DEPTH = 8
+# How deep metadata.json may nest: an export's is 8 levels deep (a signature's dims).
+# Validation recurses once per level or more, so a file hundreds deep would raise
+# RecursionError in every reader instead of being refused with a reason.
+MAX_METADATA_DEPTH = 32
 
 # What the server sends on from metadata.json goes out through orjson, which refuses an
 # integer beyond 64 bits and a lone surrogate (a 500 on every listing): every field it
@@ -287,15 +291,34 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     except OSError as err:  # its strerror: the message would name the absolute path
         reason = err.strerror or type(err).__name__
         raise ValueError(f"unreadable {METADATA_FILE}: {reason}") from None
+    too_deep = f"{METADATA_FILE} is nested deeper than {MAX_METADATA_DEPTH} levels"
     try:
         metadata = json.loads(data.decode("utf-8"))
+    except RecursionError:  # the parser's own limit (~1,000 levels) comes first
+        raise ValueError(too_deep) from None
     except ValueError as err:
         raise ValueError(f"unreadable {METADATA_FILE}: {err}") from None
+    if _deeper_than(metadata, MAX_METADATA_DEPTH):
+        raise ValueError(too_deep)
     error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(metadata))
     if error is not None:
         where = "/".join(map(str, error.absolute_path)) or "top level"
         raise ValueError(f"{METADATA_FILE} is invalid at {where}: {error.message[:200]}")
     return metadata
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when ``value`` nests objects and arrays more than ``limit`` levels deep;
+    walked with a stack of its own, so no depth can exhaust the interpreter's."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def read_regular(path: Path, limit: int, inside: Path | None = None) -> bytes:

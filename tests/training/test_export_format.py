@@ -19,6 +19,7 @@ from tests.conftest import ROOT, wait_until
 from training.export import export_version
 from training.export_format import (
     LOCK_FILE,
+    MAX_METADATA_DEPTH,
     METADATA_LIMIT_BYTES,
     STAGING_GRACE_SECONDS,
     complete,
@@ -115,6 +116,28 @@ def test_metadata_json_may_not_lead_out_of_its_folder(version, tmp_path):
     (version / "metadata.json").symlink_to(tmp_path / "elsewhere.json")
     assert read_in_thread(version) == ("unreadable metadata.json: metadata.json leads "
                                        "outside its folder")
+
+
+@pytest.mark.parametrize("levels", [40, 246, 5000])
+def test_metadata_nested_too_deep_is_refused_with_a_reason(version, levels):
+    """Validating (or merely parsing) a deep enough document raised RecursionError,
+    which no caller expects: --if-missing crashed and the store said "load failed"."""
+    metadata = json.loads((version / "metadata.json").read_text())
+    metadata["input"] = {"deep": "DEEP"}  # json.dumps itself cannot write 5,000 levels
+    (version / "metadata.json").write_text(
+        json.dumps(metadata).replace('"DEEP"', "[" * levels + "]" * levels))
+    check = servable(version)
+    assert not check
+    assert check.reason == f"metadata.json is nested deeper than {MAX_METADATA_DEPTH} levels"
+
+
+def test_metadata_nested_as_deep_as_the_limit_is_read(version):
+    metadata = json.loads((version / "metadata.json").read_text())
+    metadata["input"] = {"deep": "DEEP"}  # below the top level and "input"
+    levels = MAX_METADATA_DEPTH - 2
+    (version / "metadata.json").write_text(
+        json.dumps(metadata).replace('"DEEP"', "[" * levels + "]" * levels))
+    assert servable(version)
 
 
 def test_a_fresh_export_is_complete_and_lists_its_files(tiny_export):
