@@ -74,6 +74,15 @@ MAX_VERSION_DEPTH = 8
 # Validation recurses once per level or more, so a file hundreds deep would raise
 # RecursionError in every reader instead of being refused with a reason.
 MAX_METADATA_DEPTH = 32
+# What checking a version's files may cost. An export's files total ~5 MB, so a manifest
+# over VERSION_LIMIT_BYTES is no export, and a listed file with far fewer bytes on disk
+# than its size (a 60 GB ``truncate -s``) is refused from its stat, before it is read;
+# hashing stops at CHECK_SECONDS (a slow filesystem) and the version is tried again
+# later. The server takes both from MODEL_MAX_BYTES and MODEL_CHECK_SECONDS.
+VERSION_LIMIT_BYTES = 1 << 30
+CHECK_SECONDS = 10.0
+SPARSE_MIN_BYTES = 1 << 20  # smaller files may be stored inline or in a compressed tail
+SPARSE_RATIO = 8  # size over bytes on disk: far beyond what compression does to weights
 
 # What the server sends on from metadata.json goes out through orjson, which refuses an
 # integer beyond 64 bits and a lone surrogate (a 500 on every listing): every field it
@@ -157,12 +166,29 @@ _VALIDATOR = jsonschema.Draft202012Validator(METADATA_SCHEMA)
 
 @dataclass(frozen=True)
 class Check:
-    """The verdict on one version folder: true when complete, else ``reason`` says why."""
+    """The verdict on one version folder: true when complete, else ``reason`` says why;
+    ``retry`` when the folder may pass unchanged (it could not be checked in time)."""
 
     reason: str | None = None
+    retry: bool = False
 
     def __bool__(self) -> bool:
         return self.reason is None
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What checking one version's files may cost: bytes listed, seconds of hashing."""
+
+    max_bytes: int = VERSION_LIMIT_BYTES
+    seconds: float = CHECK_SECONDS
+
+
+DEFAULT_BOUNDS = Bounds()
+
+
+class TooSlow(Exception):
+    """Hashing a file ran past its deadline."""
 
 
 def valid_model_name(name: str) -> bool:
@@ -373,14 +399,14 @@ def read_signature_defs(folder: Path) -> dict[str, Any]:
             for name, signature in saved.meta_graphs[0].signature_def.items()}
 
 
-def servable(folder: Path, read_graph: bool = False) -> Check:
+def servable(folder: Path, read_graph: bool = False, bounds: Bounds = DEFAULT_BOUNDS) -> Check:
     """Whether the server will serve ``folder``, by every check that runs no model: the
     files (``complete``), then the serving signature that metadata.json describes — and,
     with ``read_graph``, the one saved_model.pb holds (that imports TensorFlow's protobuf
     modules: for callers that load TensorFlow anyway). Only what needs the model loaded
     is left to the runtimes: its parameter count against the metadata, and finite
-    answers at warm-up."""
-    check = complete(folder)
+    answers at warm-up. ``bounds`` limits what checking the files may cost."""
+    check = complete(folder, bounds)
     if not check:
         return check
     try:
@@ -442,21 +468,31 @@ def _shape(tensor: dict[str, Any]) -> list[int] | None:
     return [int(s) for s in sizes]
 
 
-def complete(folder: Path) -> Check:
+def complete(folder: Path, bounds: Bounds = DEFAULT_BOUNDS) -> Check:
     """Whether ``folder`` holds a whole export, by files alone: servable's first part.
 
     A manifest in metadata.json (every export writes one) is checked file by file, size
-    and SHA-256, so a truncated or half-copied version is never taken for complete.
+    and SHA-256, so a truncated or half-copied version is never taken for complete —
+    within ``bounds``: a manifest past ``max_bytes`` is refused unread, and one that
+    takes longer than ``seconds`` to hash is refused for now (``retry``).
     """
     try:
         for required in (SAVED_MODEL_FILE, VARIABLES_INDEX):
             if not (folder / required).is_file():
                 return Check(f"no {required} (incomplete export?)")
-        metadata = read_metadata(folder)
-        for name, expected in metadata.get("files", {}).items():
-            problem = _file_problem(folder, name, expected)
+        files = read_metadata(folder).get("files", {})
+        listed = sum(expected["bytes"] for expected in files.values())
+        if listed > bounds.max_bytes:
+            return Check(f"its files total {listed} bytes, more than the "
+                         f"{bounds.max_bytes} allowed (MODEL_MAX_BYTES)")
+        deadline = time.monotonic() + bounds.seconds
+        for name, expected in files.items():
+            problem = _file_problem(folder, name, expected, deadline)
             if problem:
                 return Check(problem)
+    except TooSlow as slow:
+        return Check(f"{slow} could not be checked within {bounds.seconds:g} s (a slow "
+                     "filesystem?); tried again at a later poll", retry=True)
     except ValueError as err:
         return Check(str(err))
     except OSError as err:
@@ -465,22 +501,36 @@ def complete(folder: Path) -> Check:
     return Check()
 
 
-def _file_problem(folder: Path, name: str, expected: dict[str, Any]) -> str | None:
+def _file_problem(folder: Path, name: str, expected: dict[str, Any],
+                  deadline: float) -> str | None:
+    """What is wrong with the listed file ``name``, or None; raises TooSlow (naming
+    it) when hashing it runs past ``deadline`` (``time.monotonic``)."""
     path = folder / name
     if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
         return f"{name} is missing"
-    size = path.stat().st_size
-    if size != expected["bytes"]:
-        return f"{name} has {size} bytes, the manifest says {expected['bytes']} (truncated?)"
-    if _sha256(path) != expected["sha256"]:
+    info = path.stat()
+    if info.st_size != expected["bytes"]:
+        return (f"{name} has {info.st_size} bytes, the manifest says {expected['bytes']} "
+                "(truncated?)")
+    if info.st_size > SPARSE_MIN_BYTES and info.st_blocks * 512 * SPARSE_RATIO < info.st_size:
+        return (f"{name} is sparse ({info.st_blocks * 512} of its {info.st_size} bytes "
+                "are on disk): no export writes one")
+    try:
+        digest = _sha256(path, deadline)
+    except TooSlow:
+        raise TooSlow(name) from None
+    if digest != expected["sha256"]:
         return f"{name} does not match its SHA-256 in the manifest (corrupt?)"
     return None
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, deadline: float = float("inf")) -> str:
+    """The file's SHA-256; raises TooSlow once ``deadline`` has passed between chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
+            if time.monotonic() >= deadline:
+                raise TooSlow(path.name)
             digest.update(chunk)
     return digest.hexdigest()
 

@@ -22,6 +22,7 @@ from training.export_format import (
     MAX_METADATA_DEPTH,
     METADATA_LIMIT_BYTES,
     STAGING_GRACE_SECONDS,
+    Bounds,
     complete,
     list_versions,
     parse_version,
@@ -196,6 +197,39 @@ def test_an_incomplete_version_says_why(version, mutilate, reason):
     check = complete(version)
     assert not check
     assert reason in check.reason
+
+
+def list_file(folder, name: str, size: int, sha256: str = "0" * 64) -> None:
+    """Add ``name`` to the manifest in metadata.json as ``size`` bytes."""
+    edit_metadata(lambda m: m["files"].update({name: {"bytes": size,
+                                                      "sha256": sha256}}))(folder)
+
+
+def test_a_sparse_file_in_the_manifest_is_refused_from_its_stat(version):
+    """Hashing it would read every hole: a 60 GB one froze the watch for minutes."""
+    with open(version / "big.bin", "wb") as handle:
+        handle.truncate(64 << 20)
+    list_file(version, "big.bin", 64 << 20)
+    check = complete(version)
+    assert not check and not check.retry
+    assert check.reason.startswith("big.bin is sparse (")
+    assert check.reason.endswith(" of its 67108864 bytes are on disk): no export writes one")
+
+
+def test_a_manifest_over_the_size_limit_is_refused_before_any_file_is_read(version):
+    list_file(version, "huge.bin", 10**12)  # not even there: never looked at
+    check = complete(version, Bounds(max_bytes=1 << 30))
+    assert not check and not check.retry
+    assert check.reason.startswith("its files total 1000000")
+    assert check.reason.endswith(" bytes, more than the 1073741824 allowed (MODEL_MAX_BYTES)")
+
+
+def test_hashing_past_the_time_bound_is_refused_for_now(version):
+    check = servable(version, bounds=Bounds(seconds=0))
+    assert not check and check.retry
+    assert check.reason.endswith(" could not be checked within 0 s (a slow filesystem?); "
+                                 "tried again at a later poll")
+    assert servable(version)  # the same folder, given the time
 
 
 def test_an_export_without_a_summary_is_refused(tmp_path):
