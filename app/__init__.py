@@ -40,6 +40,7 @@ def create_app(config: Config | None = None) -> Flask:
     from app.metrics import Metrics
     from app.model_store import ModelStore
     from app.version_policy import VersionPolicy
+    from training.export_format import Bounds
 
     config = config or Config.from_env()
     logs.configure(config.log_level)
@@ -56,7 +57,8 @@ def create_app(config: Config | None = None) -> Flask:
     store = ModelStore(config.models_dir, config.model_name, config.tf_threads,
                        config.batch_max_size, config.batch_timeout_ms,
                        VersionPolicy.parse(config.model_version_policy),
-                       config.model_poll_seconds, metrics, config.prefer_tflite_model)
+                       config.model_poll_seconds, metrics, config.prefer_tflite_model,
+                       Bounds(config.model_max_bytes, config.model_check_seconds))
     store.init_app(app)
     store.load()  # what MODELS_DIR holds now; then a thread follows its changes
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from app.affinity import MODES
 from app.version_policy import VersionPolicy
+from training.export_format import CHECK_SECONDS, VERSION_LIMIT_BYTES
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -30,6 +31,8 @@ class Config:
     model_version_policy: str = "latest"  # or latest:N, all, or a list such as 1,3
     model_poll_seconds: float = 2.0  # rescan MODELS_DIR this often; 0 turns the watch off
     prefer_tflite_model: bool = False  # serve model.tflite with LiteRT where a version has one
+    model_max_bytes: int = VERSION_LIMIT_BYTES  # a version's listed files together
+    model_check_seconds: float = CHECK_SECONDS  # hashing one version's files, at most
     port: int = 8000
     max_content_length: int = 10 * 1024 * 1024  # bytes of request body
     max_batch: int = 256  # images in one request
@@ -64,13 +67,16 @@ class Config:
         for name in ("port", "max_content_length", "max_batch", "max_image_pixels",
                      "max_request_pixels", "batch_max_size", "request_timeout_ms",
                      "queue_max_requests", "decode_budget_pixels",
-                     "tf_threads", "workers", "threads"):
+                     "tf_threads", "workers", "threads", "model_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be a positive integer, "
                                   f"got {getattr(self, name)}")
         if not 0 <= self.model_poll_seconds <= 86_400:
             raise ConfigError("MODEL_POLL_SECONDS must be between 0 (off) and 86400, "
                               f"got {self.model_poll_seconds}")
+        if not 0 < self.model_check_seconds <= 3600:
+            raise ConfigError("MODEL_CHECK_SECONDS must be above 0 and at most 3600, "
+                              f"got {self.model_check_seconds}")
         if self.batch_timeout_ms < 0:
             raise ConfigError(f"BATCH_TIMEOUT_MS must be 0 or more, got {self.batch_timeout_ms}")
         if not 1 <= self.port <= 65535:

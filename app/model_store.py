@@ -11,7 +11,8 @@ under the version policy (app/version_policy.py):
   requests already holding it finish on it, and it is released after the last one
   (app/servable.py);
 - a folder that fails a check is logged once with its reason, listed with it, and tried
-  again only when its contents change; the next lower version is served meanwhile;
+  again only when its contents change (or, when it could not be checked within
+  MODEL_CHECK_SECONDS, at the next poll); the next lower version is served meanwhile;
 - candidates are tried newest first, each checked by its files before it is loaded
   (export_format.servable), and a pass that finds a newer version published while it
   loads stops loading older ones: the next poll starts from the newest, so versions
@@ -37,7 +38,14 @@ from app.repository import Fingerprint, ModelFolder, Scanner, Snapshot, VersionF
 from app.saved_model import load_saved_model
 from app.servable import LoadedModel, VersionRejected
 from app.version_policy import VersionPolicy
-from training.export_format import TFLITE_FILE, list_versions, read_metadata, servable
+from training.export_format import (
+    DEFAULT_BOUNDS,
+    TFLITE_FILE,
+    Bounds,
+    list_versions,
+    read_metadata,
+    servable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +63,15 @@ class VersionState:
 
 
 def load_version(name: str, found: VersionFolder, warm_up_to: int,
-                 prefer_tflite: bool = False, threads: int = 1) -> LoadedModel:
-    """Check and load one version folder, on LiteRT when preferred and the version has
-    a model.tflite, else on TensorFlow; raises VersionRejected with the reason."""
+                 prefer_tflite: bool = False, threads: int = 1,
+                 bounds: Bounds = DEFAULT_BOUNDS) -> LoadedModel:
+    """Check (within ``bounds``) and load one version folder, on LiteRT when preferred
+    and the version has a model.tflite, else on TensorFlow; raises VersionRejected."""
     if found.error:
         raise VersionRejected(found.error)
-    check = servable(found.path)
+    check = servable(found.path, bounds=bounds)
     if not check:
-        raise VersionRejected(check.reason)
+        raise VersionRejected(check.reason, retry=check.retry)
     started = time.perf_counter()
     try:
         metadata = read_metadata(found.path)
@@ -89,7 +98,8 @@ class ModelStore:
     def __init__(self, models_dir: Path, default_name: str, tf_threads: int = 1,
                  batch_max_size: int = 1, batch_timeout_ms: float = 0.0,
                  policy: VersionPolicy | None = None, poll_seconds: float = 0.0,
-                 metrics: Any = None, prefer_tflite: bool = False):
+                 metrics: Any = None, prefer_tflite: bool = False,
+                 bounds: Bounds = DEFAULT_BOUNDS):
         self.models_dir = Path(models_dir)
         # MODELS_DIR as error messages may spell it, longest first (see _relative).
         self._roots = sorted({str(p).rstrip("/") + "/" for p in (
@@ -103,13 +113,14 @@ class ModelStore:
         self.poll_seconds = poll_seconds
         self.metrics = metrics
         self.prefer_tflite = prefer_tflite
+        self.bounds = bounds  # MODEL_MAX_BYTES, MODEL_CHECK_SECONDS
         # Each mapping below is written by the poll thread and read by request threads:
         # it is replaced whole, never mutated, so a reader that took it iterates one
         # consistent state (a mutation under a reader's loop is a 500).
         self.versions: dict[str, dict[int, LoadedModel]] = {}
         self._scanner = Scanner(self.models_dir)
         self._snapshot = Snapshot({}, {})
-        self._rejections: dict[tuple[str, str], tuple[Fingerprint, str]] = {}
+        self._rejections: dict[tuple[str, str], tuple[Fingerprint | None, str]] = {}
         self._odd: dict[tuple[str, str], str] = {}  # (model, folder) → why it is no version
         self._missing: dict[str, frozenset[int]] = {}  # versions the policy names, absent
         self._loading: frozenset[tuple[str, int]] = frozenset()
@@ -208,9 +219,9 @@ class ModelStore:
         self._loading = self._loading | {(name, found.version)}
         try:
             model = load_version(name, found, self.batch_max_size, self.prefer_tflite,
-                                 self.tf_threads)
+                                 self.tf_threads, self.bounds)
         except VersionRejected as rejected:
-            self._reject(key, found, str(rejected), rejected.detail)
+            self._reject(key, found, str(rejected), rejected.detail, rejected.retry)
             return None
         except Exception as err:  # a folder must never stop the worker
             log.exception("loading %s failed", found.path)
@@ -229,13 +240,15 @@ class ModelStore:
         return model
 
     def _reject(self, key: tuple[str, str], found: VersionFolder, reason: str,
-                detail: str | None = None) -> None:
+                detail: str | None = None, retry: bool = False) -> None:
         """Remember why ``found`` is not served; the reason is listed to clients, so
-        it names files relative to MODELS_DIR, and the detail goes to the log only."""
+        it names files relative to MODELS_DIR, and the detail goes to the log only.
+        One to ``retry`` is remembered with no fingerprint: it is tried at the next poll."""
         log.warning("not serving %s: %s%s", found.path, reason,
                     f" [{detail}]" if detail else "")
         reason = self._relative(reason)[:300]
-        self._rejections = {**self._rejections, key: (found.fingerprint, reason)}
+        fingerprint = None if retry else found.fingerprint
+        self._rejections = {**self._rejections, key: (fingerprint, reason)}
 
     def _relative(self, text: str) -> str:
         """``text`` with MODELS_DIR's own path taken out of every path it names."""

@@ -31,11 +31,13 @@ log = logging.getLogger(__name__)
 class VersionRejected(Exception):
     """A version folder failed a check. The message is the reason clients see (in
     ``/models`` and the repository index): no paths, no exception text; ``detail``,
-    when set, is what only the log gets."""
+    when set, is what only the log gets; ``retry`` when the folder may pass unchanged
+    (it could not be checked in time), so it is tried again at the next poll."""
 
-    def __init__(self, reason: str, detail: str | None = None):
+    def __init__(self, reason: str, detail: str | None = None, retry: bool = False):
         super().__init__(reason)
         self.detail = detail
+        self.retry = retry
 
     @classmethod
     def because(cls, what: str, err: BaseException) -> VersionRejected:

@@ -70,6 +70,19 @@ PLOT_LIMIT_BYTES = 8 << 20
 # is refused without being read to the end.
 MAX_VERSION_ENTRIES = 1000
 MAX_VERSION_DEPTH = 8
+# How deep metadata.json may nest: an export's is 8 levels deep (a signature's dims).
+# Validation recurses once per level or more, so a file hundreds deep would raise
+# RecursionError in every reader instead of being refused with a reason.
+MAX_METADATA_DEPTH = 32
+# What checking a version's files may cost. An export's files total ~5 MB, so a manifest
+# over VERSION_LIMIT_BYTES is no export, and a listed file with far fewer bytes on disk
+# than its size (a 60 GB ``truncate -s``) is refused from its stat, before it is read;
+# hashing stops at CHECK_SECONDS (a slow filesystem) and the version is tried again
+# later. The server takes both from MODEL_MAX_BYTES and MODEL_CHECK_SECONDS.
+VERSION_LIMIT_BYTES = 1 << 30
+CHECK_SECONDS = 10.0
+SPARSE_MIN_BYTES = 1 << 20  # smaller files may be stored inline or in a compressed tail
+SPARSE_RATIO = 8  # size over bytes on disk: far beyond what compression does to weights
 
 # What the server sends on from metadata.json goes out through orjson, which refuses an
 # integer beyond 64 bits and a lone surrogate (a 500 on every listing): every field it
@@ -82,6 +95,8 @@ _ACTIVATIONS = {**_COUNT, "maximum": 10**9}  # × 4 bytes × MAX_BATCH stays in 
 _RATIO = {"type": "number", "minimum": 0, "maximum": 1}
 _SHAPE = {"type": "array", "minItems": 1, "maxItems": 16,
           "items": {"type": ["integer", "null"], "minimum": 0, "maximum": 10**9}}
+# A dimension's size as protobuf's JSON form writes an int64: a string ("-1" unknown).
+_DIM_SIZE = r"-1|0|[1-9][0-9]{0,17}"
 
 
 def _record(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +104,13 @@ def _record(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]
     return {"type": "object", "required": required, "properties": properties,
             "propertyNames": _TEXT, "additionalProperties": _VALUE}
 
+
+# One tensor of a SignatureDef exactly as ``json_format.MessageToDict`` writes it: the
+# metadata endpoints of both protocols describe it from these fields alone.
+_TENSOR = _record(["dtype", "tensor_shape"], name=_TEXT, dtype=_TEXT, tensor_shape=_record(
+    ["dim"], unknown_rank={"const": False}, dim={"type": "array", "items": _record(
+        ["size"], name=_TEXT, size={"type": "string", "pattern": f"^({_DIM_SIZE})$"})}))
+_TENSORS = {"type": "object", "propertyNames": _TEXT, "additionalProperties": _TENSOR}
 
 METADATA_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -129,7 +151,8 @@ METADATA_SCHEMA: dict[str, Any] = {
         "input": _record([]),
         # The SavedModel's SignatureDefs in protobuf's JSON form, so that a server that
         # never imports TensorFlow (LiteRT) still describes the tensors exactly.
-        "signature_defs": _record([SIGNATURE]),
+        "signature_defs": _record([SIGNATURE], **{
+            SIGNATURE: _record([], inputs=_TENSORS, outputs=_TENSORS)}),
         "tflite": {"type": "object", "required": ["file"],
                    "properties": {"file": {"const": TFLITE_FILE}}},
         "files": {"type": "object", "additionalProperties": {
@@ -143,12 +166,29 @@ _VALIDATOR = jsonschema.Draft202012Validator(METADATA_SCHEMA)
 
 @dataclass(frozen=True)
 class Check:
-    """The verdict on one version folder: true when complete, else ``reason`` says why."""
+    """The verdict on one version folder: true when complete, else ``reason`` says why;
+    ``retry`` when the folder may pass unchanged (it could not be checked in time)."""
 
     reason: str | None = None
+    retry: bool = False
 
     def __bool__(self) -> bool:
         return self.reason is None
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What checking one version's files may cost: bytes listed, seconds of hashing."""
+
+    max_bytes: int = VERSION_LIMIT_BYTES
+    seconds: float = CHECK_SECONDS
+
+
+DEFAULT_BOUNDS = Bounds()
+
+
+class TooSlow(Exception):
+    """Hashing a file ran past its deadline."""
 
 
 def valid_model_name(name: str) -> bool:
@@ -277,15 +317,34 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     except OSError as err:  # its strerror: the message would name the absolute path
         reason = err.strerror or type(err).__name__
         raise ValueError(f"unreadable {METADATA_FILE}: {reason}") from None
+    too_deep = f"{METADATA_FILE} is nested deeper than {MAX_METADATA_DEPTH} levels"
     try:
         metadata = json.loads(data.decode("utf-8"))
+    except RecursionError:  # the parser's own limit (~1,000 levels) comes first
+        raise ValueError(too_deep) from None
     except ValueError as err:
         raise ValueError(f"unreadable {METADATA_FILE}: {err}") from None
+    if _deeper_than(metadata, MAX_METADATA_DEPTH):
+        raise ValueError(too_deep)
     error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(metadata))
     if error is not None:
         where = "/".join(map(str, error.absolute_path)) or "top level"
         raise ValueError(f"{METADATA_FILE} is invalid at {where}: {error.message[:200]}")
     return metadata
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when ``value`` nests objects and arrays more than ``limit`` levels deep;
+    walked with a stack of its own, so no depth can exhaust the interpreter's."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def read_regular(path: Path, limit: int, inside: Path | None = None) -> bytes:
@@ -340,14 +399,14 @@ def read_signature_defs(folder: Path) -> dict[str, Any]:
             for name, signature in saved.meta_graphs[0].signature_def.items()}
 
 
-def servable(folder: Path, read_graph: bool = False) -> Check:
+def servable(folder: Path, read_graph: bool = False, bounds: Bounds = DEFAULT_BOUNDS) -> Check:
     """Whether the server will serve ``folder``, by every check that runs no model: the
     files (``complete``), then the serving signature that metadata.json describes — and,
     with ``read_graph``, the one saved_model.pb holds (that imports TensorFlow's protobuf
     modules: for callers that load TensorFlow anyway). Only what needs the model loaded
     is left to the runtimes: its parameter count against the metadata, and finite
-    answers at warm-up."""
-    check = complete(folder)
+    answers at warm-up. ``bounds`` limits what checking the files may cost."""
+    check = complete(folder, bounds)
     if not check:
         return check
     try:
@@ -382,31 +441,58 @@ def signature_problem(signature_defs: dict[str, Any]) -> str | None:
                 "(probabilities)")
     for role, tensor, expected in (("input", *inputs.values(), INPUT_SHAPE),
                                    ("output", *outputs.values(), OUTPUT_SHAPE)):
-        try:
-            shape = [int(d.get("size", -1)) for d in tensor.get("tensor_shape", {})["dim"]]
-        except (AttributeError, KeyError, TypeError, ValueError):
-            shape = None
+        shape = _shape(tensor)
+        if shape is None:
+            return (f"{SIGNATURE} {role} has a tensor_shape not in protobuf's JSON form "
+                    '(each dim {"size": "<int64>"}, a known rank)')
         if tensor.get("dtype") != "DT_FLOAT" or shape != expected:
             return (f"{SIGNATURE} {role} is {tensor.get('dtype')} {shape}, "
                     f"expected DT_FLOAT {expected}")
     return None
 
 
-def complete(folder: Path) -> Check:
+def _shape(tensor: dict[str, Any]) -> list[int] | None:
+    """The tensor's shape when it is written exactly as protobuf's JSON form writes one
+    (each dimension a ``"size"`` string such as ``"-1"``, a known rank), else None: the
+    metadata endpoints send these sizes as they are, so a missing or fractional one
+    must refuse the version, not fail (or be rounded) on a request."""
+    shape = tensor.get("tensor_shape")
+    if not isinstance(shape, dict) or shape.get("unknown_rank", False) is not False:
+        return None
+    dims = shape.get("dim")
+    if not isinstance(dims, list) or not all(isinstance(d, dict) for d in dims):
+        return None
+    sizes = [d.get("size") for d in dims]
+    if not all(isinstance(s, str) and re.fullmatch(_DIM_SIZE, s) for s in sizes):
+        return None
+    return [int(s) for s in sizes]
+
+
+def complete(folder: Path, bounds: Bounds = DEFAULT_BOUNDS) -> Check:
     """Whether ``folder`` holds a whole export, by files alone: servable's first part.
 
     A manifest in metadata.json (every export writes one) is checked file by file, size
-    and SHA-256, so a truncated or half-copied version is never taken for complete.
+    and SHA-256, so a truncated or half-copied version is never taken for complete —
+    within ``bounds``: a manifest past ``max_bytes`` is refused unread, and one that
+    takes longer than ``seconds`` to hash is refused for now (``retry``).
     """
     try:
         for required in (SAVED_MODEL_FILE, VARIABLES_INDEX):
             if not (folder / required).is_file():
                 return Check(f"no {required} (incomplete export?)")
-        metadata = read_metadata(folder)
-        for name, expected in metadata.get("files", {}).items():
-            problem = _file_problem(folder, name, expected)
+        files = read_metadata(folder).get("files", {})
+        listed = sum(expected["bytes"] for expected in files.values())
+        if listed > bounds.max_bytes:
+            return Check(f"its files total {listed} bytes, more than the "
+                         f"{bounds.max_bytes} allowed (MODEL_MAX_BYTES)")
+        deadline = time.monotonic() + bounds.seconds
+        for name, expected in files.items():
+            problem = _file_problem(folder, name, expected, deadline)
             if problem:
                 return Check(problem)
+    except TooSlow as slow:
+        return Check(f"{slow} could not be checked within {bounds.seconds:g} s (a slow "
+                     "filesystem?); tried again at a later poll", retry=True)
     except ValueError as err:
         return Check(str(err))
     except OSError as err:
@@ -415,22 +501,36 @@ def complete(folder: Path) -> Check:
     return Check()
 
 
-def _file_problem(folder: Path, name: str, expected: dict[str, Any]) -> str | None:
+def _file_problem(folder: Path, name: str, expected: dict[str, Any],
+                  deadline: float) -> str | None:
+    """What is wrong with the listed file ``name``, or None; raises TooSlow (naming
+    it) when hashing it runs past ``deadline`` (``time.monotonic``)."""
     path = folder / name
     if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
         return f"{name} is missing"
-    size = path.stat().st_size
-    if size != expected["bytes"]:
-        return f"{name} has {size} bytes, the manifest says {expected['bytes']} (truncated?)"
-    if _sha256(path) != expected["sha256"]:
+    info = path.stat()
+    if info.st_size != expected["bytes"]:
+        return (f"{name} has {info.st_size} bytes, the manifest says {expected['bytes']} "
+                "(truncated?)")
+    if info.st_size > SPARSE_MIN_BYTES and info.st_blocks * 512 * SPARSE_RATIO < info.st_size:
+        return (f"{name} is sparse ({info.st_blocks * 512} of its {info.st_size} bytes "
+                "are on disk): no export writes one")
+    try:
+        digest = _sha256(path, deadline)
+    except TooSlow:
+        raise TooSlow(name) from None
+    if digest != expected["sha256"]:
         return f"{name} does not match its SHA-256 in the manifest (corrupt?)"
     return None
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, deadline: float = float("inf")) -> str:
+    """The file's SHA-256; raises TooSlow once ``deadline`` has passed between chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
+            if time.monotonic() >= deadline:
+                raise TooSlow(path.name)
             digest.update(chunk)
     return digest.hexdigest()
 

@@ -45,6 +45,9 @@ def test_empty_variables_keep_the_default():
     ("MODEL_POLL_SECONDS", "-1", "MODEL_POLL_SECONDS must be between 0"),
     ("MODEL_POLL_SECONDS", "nan", "MODEL_POLL_SECONDS must be between 0"),
     ("PREFER_TFLITE_MODEL", "maybe", "PREFER_TFLITE_MODEL must be true or false"),
+    ("MODEL_MAX_BYTES", "0", "MODEL_MAX_BYTES must be a positive"),
+    ("MODEL_CHECK_SECONDS", "0", "MODEL_CHECK_SECONDS must be above 0"),
+    ("MODEL_CHECK_SECONDS", "nan", "MODEL_CHECK_SECONDS must be above 0"),
 ])
 def test_bad_values_name_the_variable(variable, value, words):
     with pytest.raises(ConfigError, match=words):
@@ -60,3 +63,8 @@ def test_the_poll_interval_takes_fractions_and_zero_turns_it_off(raw, seconds):
                                             ("false", False), ("0", False), ("no", False)])
 def test_prefer_tflite_model_reads_the_usual_spellings(raw, value):
     assert Config.from_env({"PREFER_TFLITE_MODEL": raw}).prefer_tflite_model is value
+
+
+def test_the_bounds_on_checking_a_version_are_read_from_the_environment():
+    config = Config.from_env({"MODEL_MAX_BYTES": "2_000_000_000", "MODEL_CHECK_SECONDS": "2.5"})
+    assert (config.model_max_bytes, config.model_check_seconds) == (2_000_000_000, 2.5)

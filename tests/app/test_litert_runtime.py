@@ -114,3 +114,25 @@ def test_a_model_tflite_that_does_not_load_is_rejected_with_a_reason(fit_run, tm
     store.load()
     assert not store.ready
     assert "model.tflite does not load" in store.rejected_versions("mnist_cnn")["1"]
+
+
+def test_a_signature_dim_without_a_size_is_refused_not_a_500(fit_run, tmp_path):
+    """LiteRT takes the signature from metadata.json: a dim the metadata endpoints
+    cannot describe rejects the version at load, and the one below is served."""
+    from app import create_app
+    from app.config import Config
+
+    shutil.copytree(fit_run.version_dir, tmp_path / "mnist_cnn" / "1")
+    folder = shutil.copytree(fit_run.version_dir, tmp_path / "mnist_cnn" / "2")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    image = metadata["signature_defs"]["serving_default"]["inputs"]["image"]
+    image["tensor_shape"]["dim"][0] = {"name": ""}
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    client = create_app(Config(models_dir=tmp_path, prefer_tflite_model=True,
+                               model_poll_seconds=0)).test_client()
+    answer = client.get("/v2/models/mnist_cnn")
+    assert answer.status_code == 200
+    assert answer.get_json()["versions"] == ["1"]
+    assert client.get("/v2/models/mnist_cnn/versions/2").status_code == 404
+    assert client.get("/models/mnist_cnn").get_json()["rejected"]["2"].startswith(
+        "metadata.json is invalid at signature_defs/serving_default/inputs/image/")

@@ -21,6 +21,7 @@ from app.model_store import ModelStore
 from app.version_policy import VersionPolicy
 from tests.conftest import wait_until
 from training.data import to_model_input
+from training.export_format import Bounds
 
 
 @pytest.fixture
@@ -689,3 +690,47 @@ def test_a_good_version_published_while_bad_ones_load_waits_for_one_load_at_most
                   if message.startswith("loaded digits version 13"))
     rejected_meanwhile = [m for m in watcher.after[:served] if m.startswith("not serving")]
     assert len(rejected_meanwhile) <= 1, rejected_meanwhile
+
+
+def publish_with_a_huge_sparse_file(good: Path, target: Path) -> None:
+    """The attack: a copy of ``good`` whose manifest lists a 60 GB sparse big.bin."""
+    folder = shutil.copytree(good, target)
+    with open(folder / "big.bin", "wb") as handle:
+        handle.truncate(60 << 30)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["files"]["big.bin"] = {"bytes": 60 << 30, "sha256": "0" * 64}
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+
+
+@pytest.mark.parametrize(("bounds", "reason"), [
+    (Bounds(), "its files total 64424"),
+    (Bounds(max_bytes=10**12), "big.bin is sparse ("),
+])
+def test_a_huge_sparse_file_in_a_manifest_costs_the_watch_nothing(watched, bounds, reason):
+    """Hashing 60 GB of holes held the poll (and the version in LOADING) for minutes,
+    and a good version published after it was not seen: now each bound alone refuses
+    it from a stat, and the next poll serves the newcomer."""
+    models = watched.models_dir / "digits"
+    watched.bounds = bounds
+    publish_with_a_huge_sparse_file(models / "1", models / "90")
+    watched.refresh()
+    assert watched.get().version == 1
+    assert watched.rejected_versions("digits")["90"].startswith(reason)
+    shutil.copytree(models / "1", models / "91")
+    watched.refresh()
+    assert watched.get().version == 91
+
+
+def test_a_version_not_checked_in_time_is_tried_again_at_the_next_poll(watched):
+    """Unlike a folder that failed a check, one that could not be checked in time may
+    pass unchanged (the filesystem was slow): it is not held back until it changes."""
+    models = watched.models_dir / "digits"
+    shutil.copytree(models / "1", models / "2")
+    watched.bounds = Bounds(seconds=0)
+    watched.refresh()
+    assert watched.get().version == 1
+    assert "could not be checked within 0 s" in watched.rejected_versions("digits")["2"]
+    watched.bounds = Bounds()  # the filesystem answers in time again; the folder is as it was
+    watched.refresh()
+    assert watched.get().version == 2
+    assert "2" not in watched.rejected_versions("digits")

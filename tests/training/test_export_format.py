@@ -19,14 +19,17 @@ from tests.conftest import ROOT, wait_until
 from training.export import export_version
 from training.export_format import (
     LOCK_FILE,
+    MAX_METADATA_DEPTH,
     METADATA_LIMIT_BYTES,
     STAGING_GRACE_SECONDS,
+    Bounds,
     complete,
     list_versions,
     parse_version,
     read_metadata,
     reclaim_staging,
     servable,
+    signature_problem,
     valid_model_name,
 )
 from training.models import build_tiny
@@ -116,6 +119,28 @@ def test_metadata_json_may_not_lead_out_of_its_folder(version, tmp_path):
                                        "outside its folder")
 
 
+@pytest.mark.parametrize("levels", [40, 246, 5000])
+def test_metadata_nested_too_deep_is_refused_with_a_reason(version, levels):
+    """Validating (or merely parsing) a deep enough document raised RecursionError,
+    which no caller expects: --if-missing crashed and the store said "load failed"."""
+    metadata = json.loads((version / "metadata.json").read_text())
+    metadata["input"] = {"deep": "DEEP"}  # json.dumps itself cannot write 5,000 levels
+    (version / "metadata.json").write_text(
+        json.dumps(metadata).replace('"DEEP"', "[" * levels + "]" * levels))
+    check = servable(version)
+    assert not check
+    assert check.reason == f"metadata.json is nested deeper than {MAX_METADATA_DEPTH} levels"
+
+
+def test_metadata_nested_as_deep_as_the_limit_is_read(version):
+    metadata = json.loads((version / "metadata.json").read_text())
+    metadata["input"] = {"deep": "DEEP"}  # below the top level and "input"
+    levels = MAX_METADATA_DEPTH - 2
+    (version / "metadata.json").write_text(
+        json.dumps(metadata).replace('"DEEP"', "[" * levels + "]" * levels))
+    assert servable(version)
+
+
 def test_a_fresh_export_is_complete_and_lists_its_files(tiny_export):
     assert complete(tiny_export)
     files = json.loads((tiny_export / "metadata.json").read_text())["files"]
@@ -174,6 +199,39 @@ def test_an_incomplete_version_says_why(version, mutilate, reason):
     assert reason in check.reason
 
 
+def list_file(folder, name: str, size: int, sha256: str = "0" * 64) -> None:
+    """Add ``name`` to the manifest in metadata.json as ``size`` bytes."""
+    edit_metadata(lambda m: m["files"].update({name: {"bytes": size,
+                                                      "sha256": sha256}}))(folder)
+
+
+def test_a_sparse_file_in_the_manifest_is_refused_from_its_stat(version):
+    """Hashing it would read every hole: a 60 GB one froze the watch for minutes."""
+    with open(version / "big.bin", "wb") as handle:
+        handle.truncate(64 << 20)
+    list_file(version, "big.bin", 64 << 20)
+    check = complete(version)
+    assert not check and not check.retry
+    assert check.reason.startswith("big.bin is sparse (")
+    assert check.reason.endswith(" of its 67108864 bytes are on disk): no export writes one")
+
+
+def test_a_manifest_over_the_size_limit_is_refused_before_any_file_is_read(version):
+    list_file(version, "huge.bin", 10**12)  # not even there: never looked at
+    check = complete(version, Bounds(max_bytes=1 << 30))
+    assert not check and not check.retry
+    assert check.reason.startswith("its files total 1000000")
+    assert check.reason.endswith(" bytes, more than the 1073741824 allowed (MODEL_MAX_BYTES)")
+
+
+def test_hashing_past_the_time_bound_is_refused_for_now(version):
+    check = servable(version, bounds=Bounds(seconds=0))
+    assert not check and check.retry
+    assert check.reason.endswith(" could not be checked within 0 s (a slow filesystem?); "
+                                 "tried again at a later poll")
+    assert servable(version)  # the same folder, given the time
+
+
 def test_an_export_without_a_summary_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"unservable export: metadata\.json is invalid"):
         export_version(build_tiny(), tmp_path / "m", {"name": "m"})
@@ -205,6 +263,50 @@ def test_a_signature_the_server_cannot_serve_makes_a_version_unservable(version,
     assert complete(version)  # the files alone are whole
     check = servable(version)
     assert not check and reason in check.reason
+
+
+def first_input_dim(value):
+    def change(metadata):
+        image = metadata["signature_defs"]["serving_default"]["inputs"]["image"]
+        image["tensor_shape"]["dim"][0] = value
+    return edit_metadata(change)
+
+
+def first_input_shape(**fields):
+    def change(metadata):
+        image = metadata["signature_defs"]["serving_default"]["inputs"]["image"]
+        image["tensor_shape"].update(fields)
+    return edit_metadata(change)
+
+
+@pytest.mark.parametrize("mutilate", [
+    first_input_dim({"name": ""}), first_input_dim({"size": 10.9, "name": ""}),
+    first_input_dim({"size": -1, "name": ""}), first_input_dim({"size": "-2", "name": ""}),
+    first_input_dim({"size": "01", "name": ""}), first_input_dim({"size": " 1", "name": ""}),
+    first_input_dim({"size": "-1", "name": 5}), first_input_dim("-1"),
+    first_input_shape(unknown_rank=True), first_input_shape(dim="-1"),
+], ids=["no size", "fractional size", "size as a number", "negative size",
+        "leading zero", "space", "name as a number", "dim as a string", "unknown rank",
+        "dims as a string"])
+def test_a_signature_not_as_protobuf_writes_it_makes_a_version_unservable(version, mutilate):
+    """The metadata endpoints describe the tensors from these fields as they are: a
+    version whose signature they could not describe exactly is never served."""
+    mutilate(version)
+    check = servable(version)
+    assert not check
+    assert "metadata.json is invalid at signature_defs/serving_default/inputs/image" in \
+        check.reason
+
+
+@pytest.mark.parametrize("dim", [{"name": ""}, {"size": 10.9}, {"size": -1}, {"size": "٣"}])
+def test_a_signature_read_from_the_graph_is_held_to_the_same_form(tiny_export, dim):
+    """signature_problem is what a SavedModel's own signature meets too (read_graph)."""
+    signature_defs = read_metadata(tiny_export)["signature_defs"]
+    assert signature_problem(signature_defs) is None
+    signature_defs["serving_default"]["outputs"]["output_0"]["tensor_shape"]["dim"][0] = dim
+    assert signature_problem(signature_defs) == (
+        "serving_default output has a tensor_shape not in protobuf's JSON form "
+        '(each dim {"size": "<int64>"}, a known rank)')
 
 
 WRITER = """

@@ -170,3 +170,18 @@ def test_if_missing_retrains_when_the_server_would_refuse_the_newest_version(
     reason = store.rejected_versions("mnist_cnn")["1"]
     assert reason.startswith("serving_default input is DT_FLOAT [-1, 32, 32, 3]")
     assert f"mnist_cnn/1 is not servable ({reason}): training" in result.stdout
+
+
+def test_if_missing_retrains_when_the_newest_metadata_is_nested_too_deep(fit_run, tmp_path):
+    """A RecursionError while validating it made --if-missing exit 1 with a traceback."""
+    model_dir = tmp_path / "models" / "mnist_cnn"
+    deep = shutil.copytree(fit_run.version_dir, model_dir / "1")
+    metadata = json.loads((deep / "metadata.json").read_text())
+    metadata["input"] = {"deep": "DEEP"}
+    (deep / "metadata.json").write_text(
+        json.dumps(metadata).replace('"DEEP"', "[" * 300 + "]" * 300))
+    result = run_fit("--if-missing", "--arch", "tiny", "--limit", "500", "--epochs", "1",
+                     "--models-dir", str(tmp_path / "models"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mnist_cnn/1 is not servable (metadata.json is nested deeper than " in result.stdout
+    assert complete(model_dir / "2")
