@@ -20,8 +20,11 @@ from gunicorn.config import Config
 from gunicorn.workers.gthread import ThreadWorker
 
 from app.worker import (
+    BOOTING,
     GUNICORN_VERSIONS,
     NOT_ACCEPTING,
+    SERVING,
+    STOPPING,
     ConnectionTable,
     DrainingThreadWorker,
     loop_differences,
@@ -105,6 +108,19 @@ def test_the_table_gives_each_worker_its_own_slot_and_the_fewest_held_elsewhere(
     third = table.claim(age=3)
     assert third == second and table.fewest_elsewhere(first) == NOT_ACCEPTING  # fresh
     assert table.claim(age=4) is not None and table.claim(age=5) is None  # full
+
+
+def test_the_table_tells_a_stopping_worker_whether_a_sibling_boots_or_serves():
+    """What ``handle_exit`` decides on: an old worker waits while a new one boots."""
+    table = ConnectionTable(slots=3)
+    old, new = table.claim(age=1), table.claim(age=2)
+    table.mark(old, SERVING)
+    table.mark(old, STOPPING)
+    assert table.any_elsewhere(old, BOOTING) and not table.any_elsewhere(old, SERVING)
+    table.mark(new, SERVING)
+    assert table.any_elsewhere(old, SERVING) and not table.any_elsewhere(old, BOOTING)
+    table.release(new)
+    assert not table.any_elsewhere(old, BOOTING)  # a new worker that died: none to wait for
 
 
 PAIRS = 40
