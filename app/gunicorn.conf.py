@@ -22,6 +22,11 @@ preload_app = False
 timeout = 60
 graceful_timeout = 20
 keepalive = 5
+# gunicorn 25.1+ opens a control socket for ``gunicornc`` at one path per user
+# ($XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl), so each gunicorn on a host
+# takes it from the one started before. Nothing here uses gunicornc: signals (HUP, TERM,
+# TTIN, TTOU) do what it would.
+control_socket_disable = True
 accesslog = None  # the app writes its own JSON access lines (app/logs.py)
 errorlog = "-"
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h

@@ -19,6 +19,12 @@ and accepts at once only while it holds no more than any sibling; a busier worke
 ACCEPT_DELAY for the least busy one to take the connection, and takes it itself if it is
 still waiting then (least-connections balancing, as proxies do it, without a proxy).
 
+A reload (SIGHUP) starts new workers and at once tells the old ones to stop, while the new
+ones still load their models (15 s on a loaded machine): a stock worker stops accepting
+then, and for a whole boot nobody takes a connection. So a worker told to stop while a
+sibling is still booting and no sibling serves keeps serving (``handle_exit``) until one
+does, or until ``graceful_timeout`` has passed; the table says which workers serve.
+
 Both lean on gthread's private event loop, not on an extension point gunicorn documents:
 ``check_config`` (called by the master at start) refuses a gunicorn outside the versions
 this was measured on (``GUNICORN_VERSIONS``; requirements.txt pins one) or whose loop lacks
@@ -41,6 +47,7 @@ from gunicorn.workers.gthread import ThreadWorker
 ACCEPT_DELAY = 0.01  # seconds a busier worker leaves a connection to the least busy one
 SLOTS = 1024  # workers alive at once that the table can tell apart
 NOT_ACCEPTING = 1 << 62  # the count of a worker that cannot accept: booting or stopping
+BOOTING, SERVING, STOPPING = 1, 2, 3  # a worker's state in the table (0: a free slot)
 # The gunicorn releases whose gthread loop this worker was read against and tested with:
 # from the first, up to but not including the second (requirements.txt pins one inside).
 GUNICORN_VERSIONS = ((27, 0, 1), (27, 1))
@@ -48,23 +55,25 @@ GUNICORN_VERSIONS = ((27, 0, 1), (27, 1))
 # their parameters), the state it reads, and the calls ``ThreadWorker.run`` must make.
 LOOP_METHODS = {"accept": ["self", "listener"],
                 "set_accept_enabled": ["self", "enabled"],
-                "wait_for_and_dispatch_events": ["self", "timeout"]}
-LOOP_STATE = ("nr_conns", "worker_connections", "_accepting", "alive", "sockets")
+                "wait_for_and_dispatch_events": ["self", "timeout"],
+                "handle_exit": ["self", "sig", "frame"]}
+LOOP_STATE = ("nr_conns", "worker_connections", "_accepting", "alive", "sockets",
+              "method_queue")
 LOOP_CALLS = ("self.set_accept_enabled(can_accept)",
               "self.wait_for_and_dispatch_events(timeout=")
 
 
 class ConnectionTable:
-    """(worker age, connections held) per slot, in memory shared across the fork.
+    """(worker age, connections held, state) per slot, in memory shared across the fork.
 
     Slots are taken and given back by the master alone (when it creates a worker, and
     when it reaps one), so no two workers ever race for one; each worker writes only its
-    own count, an aligned 8-byte store.
+    own count and state, aligned 8-byte stores.
     """
 
     def __init__(self, slots: int = SLOTS):
-        self._memory = mmap.mmap(-1, slots * 16)  # anonymous and shared: kept by children
-        self._table = np.frombuffer(self._memory, dtype=np.int64).reshape(slots, 2)
+        self._memory = mmap.mmap(-1, slots * 24)  # anonymous and shared: kept by children
+        self._table = np.frombuffer(self._memory, dtype=np.int64).reshape(slots, 3)
 
     def claim(self, age: int) -> int | None:
         """In the master: a free slot for a new worker, or None when all are taken."""
@@ -74,16 +83,29 @@ class ConnectionTable:
         slot = int(free[0])
         # Until its accept loop runs (the model takes seconds to load), the new worker
         # reads as full: siblings must not wait for a worker that cannot accept yet.
-        self._table[slot] = (age, NOT_ACCEPTING)
+        self._table[slot] = (age, NOT_ACCEPTING, BOOTING)
         return slot
 
     def release(self, slot: int | None) -> None:
         """In the master, once the worker is gone (however it died)."""
         if slot is not None:
-            self._table[slot] = (0, 0)
+            self._table[slot] = (0, 0, 0)
 
     def publish(self, slot: int, connections: int) -> None:
         self._table[slot, 1] = connections
+
+    def mark(self, slot: int, state: int) -> None:
+        """In the worker: it serves, or it was told to stop (BOOTING, SERVING, STOPPING)."""
+        self._table[slot, 2] = state
+
+    def state(self, slot: int) -> int:
+        return int(self._table[slot, 2])
+
+    def any_elsewhere(self, slot: int, state: int) -> bool:
+        """Whether a live worker other than ``slot``'s is in ``state``."""
+        live = self._table[:, 0] != 0
+        live[slot] = False
+        return bool((self._table[live, 2] == state).any())
 
     def fewest_elsewhere(self, slot: int) -> int | None:
         """The fewest connections any other live worker holds, None if it is alone."""
@@ -161,6 +183,29 @@ class DrainingThreadWorker(ThreadWorker):
         self.slot = TABLE.claim(self.age)
         self._accept_at: float | None = None  # end of the current wait for a sibling
         self._retrying = False  # that wait is over: take what the sibling left
+        self._stop_by: float | None = None  # told to stop: serve until relieved or then
+
+    def handle_exit(self, sig, frame) -> None:
+        """SIGTERM: stop, unless this worker serves while a sibling is still booting and
+        none serves (a reload: gunicorn stops the old workers as it starts the new
+        ones). Then keep serving, marked STOPPING, until a sibling serves or
+        ``graceful_timeout`` has passed (``relieved``), so connections are taken all
+        along; the stop itself (drain, then finish what is in flight) follows as usual.
+        A second SIGTERM, or one while booting, stops at once."""
+        if self.slot is None or TABLE.state(self.slot) != SERVING:
+            super().handle_exit(sig, frame)
+            return
+        TABLE.mark(self.slot, STOPPING)
+        self._stop_by = time.monotonic() + self.cfg.graceful_timeout
+        self.method_queue.defer(lambda: None)  # wake the loop to look at once
+
+    def relieved(self) -> bool:
+        """Whether a worker told to stop may stop now: no sibling is booting, one
+        serves, or it has waited ``graceful_timeout``."""
+        return (self._stop_by is not None
+                and (time.monotonic() >= self._stop_by
+                     or not TABLE.any_elsewhere(self.slot, BOOTING)
+                     or TABLE.any_elsewhere(self.slot, SERVING)))
 
     def accept(self, listener) -> None:
         """Accept at once unless a sibling holds fewer connections; then wait
@@ -196,11 +241,24 @@ class DrainingThreadWorker(ThreadWorker):
         first call, as the accept loop starts, ends the "full" of ``claim``), and wake
         when a wait for a sibling ends, to look at the backlog again."""
         self.publish()
+        self._serve_or_stop()
         left = None if self._accept_at is None else self._accept_at - time.monotonic()
         if left is not None and left > 0:
             timeout = min(timeout, left)
         super().wait_for_and_dispatch_events(timeout)
         self._retrying = False  # one look at the backlog after a wait, not more
+
+    def _serve_or_stop(self) -> None:
+        """On the first pass of the accept loop, mark this worker SERVING (siblings told
+        to stop wait for that); once a worker told to stop is ``relieved``, stop."""
+        if self.slot is None:
+            return
+        if self._stop_by is None and TABLE.state(self.slot) == BOOTING:
+            TABLE.mark(self.slot, SERVING)
+            self.log.info("Worker %s accepting connections", self.pid)
+        elif self.alive and self.relieved():
+            self._stop_by = None
+            self.alive = False
 
     def drain_and_close_listeners(self) -> None:
         """Hand the connections in a listener's backlog to the thread pool until it is
@@ -226,4 +284,5 @@ class DrainingThreadWorker(ThreadWorker):
         """A worker that no longer accepts must not be waited for: it reads as full."""
         if self.slot is not None:
             TABLE.publish(self.slot, NOT_ACCEPTING)
+            TABLE.mark(self.slot, STOPPING)
             self.slot = None

@@ -8,16 +8,19 @@ run=$(mktemp -d "${TMPDIR:-/tmp}/mnist-serve-proxy.XXXXXX")
 # Started as root, nginx's workers run as nobody: they must reach the socket through the
 # folder, which nobody can list, so its random name stays private.
 chmod 711 "$run"
-# gunicorn first, gracefully: it answers what it holds and what is queued for it. Then
-# nginx with QUIT, not TERM (which closes every connection at once): it closes its port,
-# finishes the requests in progress (one for the gone gunicorn gets a 502) and exits, so
-# each request is answered or refused, never cut.
+# nginx first, with QUIT, not TERM (which closes every connection at once): it closes
+# its port at once (new clients are refused, which they may retry), finishes the requests
+# in progress through gunicorn, still up, and exits. Then gunicorn, gracefully, with
+# nothing left to send it. So each request is answered or refused, never cut, and nginx
+# does not go on accepting with nothing behind it (gunicorn first: thousands of 503s in
+# the seconds until nginx exited). If gunicorn went first on its own, nginx answers what
+# it holds with a JSON 503 and Retry-After (nginx.conf.template).
 gunicorn="" nginx=""
 stop() {
-    kill -TERM "$gunicorn" 2>/dev/null || true
-    wait "$gunicorn" 2>/dev/null || true
     kill -QUIT "$nginx" 2>/dev/null || true
     wait "$nginx" 2>/dev/null || true
+    kill -TERM "$gunicorn" 2>/dev/null || true
+    wait "$gunicorn" 2>/dev/null || true
     rm -rf "$run"
 }
 trap stop EXIT

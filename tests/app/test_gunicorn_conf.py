@@ -1,5 +1,6 @@
-"""app/gunicorn.conf.py, run by a real gunicorn: metrics survive a reload (SIGHUP), and the
-temporary folder they live in is removed when the server stops."""
+"""app/gunicorn.conf.py, run by a real gunicorn: metrics survive a reload (SIGHUP), the
+temporary folder they live in is removed when the server stops, and servers on one host
+share no control socket."""
 
 from __future__ import annotations
 
@@ -64,3 +65,15 @@ def test_a_reload_under_load_keeps_every_counter_and_the_exit_removes_the_folder
             if after.get(key, 0.0) < value}
     assert not fell, f"counters fell at the reload (before, after): {fell}"
     assert not folder.exists(), "the temporary metrics folder was left behind"
+
+
+def test_a_server_opens_no_control_socket_that_another_server_would_take(fit_run, tmp_path):
+    """gunicorn's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl),
+    so two servers on a host would take it from each other: none is opened."""
+    home = tmp_path / "home"
+    home.mkdir()
+    server = start_server(fit_run.models_dir, tmp_path / "gunicorn.log", HOME=str(home),
+                          XDG_RUNTIME_DIR="")
+    stop_server(server)
+    assert "Control socket" not in server.log()
+    assert not (home / ".gunicorn").exists()

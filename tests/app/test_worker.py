@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 from gunicorn.config import Config
 from gunicorn.workers.gthread import ThreadWorker
 
 from app.worker import (
+    BOOTING,
     GUNICORN_VERSIONS,
     NOT_ACCEPTING,
+    SERVING,
+    STOPPING,
     ConnectionTable,
     DrainingThreadWorker,
     loop_differences,
 )
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, free_port, start_server, stop_server, wait_until
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
 LISTEN = "0A"  # the socket state's code in /proc/net/tcp
@@ -99,6 +108,19 @@ def test_the_table_gives_each_worker_its_own_slot_and_the_fewest_held_elsewhere(
     third = table.claim(age=3)
     assert third == second and table.fewest_elsewhere(first) == NOT_ACCEPTING  # fresh
     assert table.claim(age=4) is not None and table.claim(age=5) is None  # full
+
+
+def test_the_table_tells_a_stopping_worker_whether_a_sibling_boots_or_serves():
+    """What ``handle_exit`` decides on: an old worker waits while a new one boots."""
+    table = ConnectionTable(slots=3)
+    old, new = table.claim(age=1), table.claim(age=2)
+    table.mark(old, SERVING)
+    table.mark(old, STOPPING)
+    assert table.any_elsewhere(old, BOOTING) and not table.any_elsewhere(old, SERVING)
+    table.mark(new, SERVING)
+    assert table.any_elsewhere(old, SERVING) and not table.any_elsewhere(old, BOOTING)
+    table.release(new)
+    assert not table.any_elsewhere(old, BOOTING)  # a new worker that died: none to wait for
 
 
 PAIRS = 40
@@ -289,3 +311,61 @@ def test_gunicorn_refuses_to_start_the_worker_on_a_loop_that_differs(fit_run):
             "internals, which differ here: ThreadWorker.set_accept_enabled is missing"
             ) in started.stderr
     assert "Booting worker" not in started.stderr  # refused before any worker started
+
+
+READY = "accepting connections"  # a worker's log line as its accept loop starts
+CLIENTS = 4
+LOADED = re.compile(r"loaded \S+ version \d+ in ([0-9.]+) s")  # app/model_store.py
+
+
+def ask_on_new_connections(url: str, stop: threading.Event, statuses: list) -> None:
+    """Health checks, each on a new connection (as clients arrive), until ``stop``."""
+    while not stop.is_set():
+        try:
+            statuses.append(requests.get(f"{url}/health", timeout=120,
+                                         headers={"Connection": "close"}).status_code)
+        except requests.RequestException as error:
+            statuses.append(repr(error))
+
+
+def answered_while_a_new_worker_loaded(log: str) -> int:
+    """The requests answered (the app's access lines) while the first worker started by
+    the reload loaded its model: from the start of that load to its end, as the worker
+    logged it ("loaded ... in 8.62 s", with the time of its end)."""
+    lines = [json.loads(line) for line in log[log.index("Handling signal: hup"):]
+             .splitlines() if line.startswith("{")]
+    loaded = next(line for line in lines if LOADED.fullmatch(line["message"]))
+    end = datetime.fromisoformat(loaded["time"])
+    start = end - timedelta(seconds=float(LOADED.fullmatch(loaded["message"])[1]))
+    return sum(line.get("logger") == "app.access"
+               and start < datetime.fromisoformat(line["time"]) < end for line in lines)
+
+
+def test_a_reload_keeps_answering_while_the_new_workers_boot(fit_run, tmp_path):
+    """gunicorn's reload starts new workers and stops the old ones at once: the old
+    ones stopped accepting while the new ones loaded their models, and every client
+    waited a whole boot (15 s on a loaded machine), nothing answered meanwhile. Here
+    the old workers serve until a new one does: requests keep being answered while the
+    new workers load, every one of them."""
+    server = start_server(fit_run.models_dir, tmp_path / "gunicorn.log")
+    stop, statuses = threading.Event(), []
+    clients = [threading.Thread(target=ask_on_new_connections,
+                                args=(server.url, stop, statuses)) for _ in range(CLIENTS)]
+    try:
+        wait_until(lambda: server.log().count(READY) == 2, "both workers to serve", 180)
+        old_workers = set(server.worker_pids())
+        for client in clients:
+            client.start()
+        wait_until(lambda: len(statuses) >= 20, "requests before the reload")
+        server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: server.log().count(READY) == 4
+                   and not old_workers & set(server.worker_pids()), "the reload", 180)
+        answered = len(statuses)
+        wait_until(lambda: len(statuses) >= answered + 20, "requests after the reload")
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+        stop_server(server)
+    assert set(statuses) == {200}, [status for status in statuses if status != 200]
+    assert answered_while_a_new_worker_loaded(server.log()) >= CLIENTS

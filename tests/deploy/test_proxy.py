@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from app.api.pages import SECURITY_HEADERS
 from tests.conftest import ROOT, free_port, start_server, stop_server, wait_until
 from tests.deploy.slow_clients import (
     SLOW_BODY_HEAD,
@@ -283,7 +284,7 @@ def test_metrics_allow_list_lets_its_addresses_through_and_no_other(tmp_path):
         port = int(re.search(r"listen (\d+);", (tmp_path / "nginx.conf").read_text()).group(1))
         wait_until(lambda: listening(port), "nginx to listen")
         url = f"http://127.0.0.1:{port}"
-        assert get(url, "/metrics", source="127.0.0.2")[0] == 502  # passed on: none behind
+        assert get(url, "/metrics", source="127.0.0.2")[0] == 503  # passed on: none behind
         assert get(url, "/metrics", source="127.0.0.1")[0] == 403  # no longer listed
     finally:
         nginx.terminate()
@@ -365,7 +366,7 @@ def test_a_request_nginx_holds_when_gunicorn_stops_is_answered_not_cut(fit_run, 
 
 def test_stop_sh_lets_nginx_answer_the_request_it_holds_before_it_exits(tmp_path):
     """The Kubernetes preStop hook, for real: nginx closes its port, then answers the
-    request whose body it was still reading (a 502 here: nothing behind it), then exits."""
+    request whose body it was still reading (a 503 here: nothing behind it), then exits."""
     nginx = start_nginx(tmp_path)
     try:
         wait_until(lambda: (tmp_path / "nginx.conf").exists(), "the config")
@@ -378,10 +379,135 @@ def test_stop_sh_lets_nginx_answer_the_request_it_holds_before_it_exits(tmp_path
         wait_until(lambda: not listening(port), "nginx to close its port")
         assert stopping.poll() is None  # the hook lasts as long as nginx
         held.sendall(b"\0" * 100_000)
-        assert held.makefile("rb").readline().startswith(b"HTTP/1.1 502")
+        assert held.makefile("rb").readline().startswith(b"HTTP/1.1 503")
         held.close()
         assert stopping.wait(timeout=60) == 0 and nginx.wait(timeout=60) == 0
     finally:
         if nginx.poll() is None:
             nginx.terminate()
             nginx.wait(timeout=30)
+
+
+def nginx_url(prefix: Path) -> str:
+    """The URL of the nginx start_nginx runs in ``prefix``, once it listens (start.sh
+    writes its config first, which can be read while half written)."""
+    config = prefix / "nginx.conf"
+    port: list[int] = []
+
+    def written() -> bool:
+        found = config.exists() and re.search(r"listen (\d+);", config.read_text())
+        port[:] = [int(found.group(1))] if found else []
+        return bool(found)
+
+    wait_until(written, "the config")
+    wait_until(lambda: listening(port[0]), "nginx to listen")
+    return f"http://127.0.0.1:{port[0]}"
+
+
+OWN_HEADERS = ("X-Request-ID", "Content-Security-Policy", "X-Content-Type-Options",
+               "X-Frame-Options", "Referrer-Policy")
+
+
+def header_counts(url: str, method: str, path: str, source: str = "127.0.0.1",
+                  body: bytes | None = None) -> tuple[int, dict[str, list[str]], bytes]:
+    """The status, every header's values (a header sent twice has two) and the body."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30,
+                                            source_address=(source, 0))
+    try:
+        connection.request(method, path, body=body, headers={"X-Request-ID": "own-1"})
+        response = connection.getresponse()
+        values: dict[str, list[str]] = {}
+        for name, value in response.getheaders():
+            values.setdefault(name.lower(), []).append(value)
+        return response.status, values, response.read()
+    finally:
+        connection.close()
+
+
+def test_answers_nginx_makes_itself_carry_the_request_id_and_security_headers(tmp_path):
+    nginx = start_nginx(tmp_path, MAX_CONTENT_LENGTH="1000")
+    try:
+        url = nginx_url(tmp_path)
+        answers = [header_counts(url, "GET", "/metrics", source="127.0.0.2"),
+                   header_counts(url, "POST", "/predict", body=b"\0" * 1001),
+                   header_counts(url, "GET", "/health")]  # nothing behind: a 503
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=30)
+    assert [status for status, _, _ in answers] == [403, 413, 503]
+    for status, headers, _ in answers:
+        assert headers["x-request-id"] == ["own-1"], status
+        for name, value in SECURITY_HEADERS.items():  # the app's own, each once
+            assert headers.get(name.lower()) == [value], (status, name, headers)
+
+
+def test_an_answer_from_the_app_carries_each_of_its_headers_once_through_nginx(proxy):
+    status, headers, _ = header_counts(proxy.url, "GET", "/health")
+    assert status == 200
+    for name in OWN_HEADERS:
+        assert len(headers.get(name.lower(), [])) == 1, (name, headers)
+    assert "retry-after" not in headers
+
+
+def test_with_gunicorn_gone_nginx_answers_503_in_the_apps_shape_with_retry_after(tmp_path):
+    nginx = start_nginx(tmp_path)
+    try:
+        url = nginx_url(tmp_path)
+        status, headers, body = header_counts(url, "GET", "/health")
+        plain = header_counts(url, "POST", "/v2/models/mnist_cnn/infer", body=b"{}")
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=30)
+    assert status == 503 and headers["retry-after"] == ["1"]
+    assert headers["content-type"] == ["application/json"]
+    assert json.loads(body)["error"]["code"] == "unavailable"
+    assert plain[0] == 503 and plain[1]["retry-after"] == ["1"]
+    assert isinstance(json.loads(plain[2])["error"], str)  # V2's {"error": "..."}
+
+
+STOP_CLIENTS = 12
+
+
+def keep_predicting(url: str, digit: bytes, stop: threading.Event, outcomes: list) -> None:
+    """Predictions on one keep-alive session until ``stop``: each status, "refused" (once
+    nginx has closed its port), or "cut" (the connection closed under the request)."""
+    with requests.Session() as session:
+        while not stop.is_set():
+            try:
+                outcomes.append(session.post(f"{url}/predict", data=digit, timeout=60,
+                                             headers={"Content-Type": "image/png"}
+                                             ).status_code)
+            except requests.ConnectionError as error:
+                outcomes.append("refused" if "Connection refused" in str(error) else "cut")
+
+
+def test_stopping_serve_proxy_under_load_closes_nginx_first_with_no_502(
+        fit_run, tmp_path, digit):
+    """TERM to the script: nginx stops taking connections at once and answers what it
+    holds through gunicorn, which stops after it. Stopping gunicorn first left nginx
+    accepting for the seconds until it exited, and 11,747 requests got a 502."""
+    running = start_proxy(fit_run.models_dir, tmp_path / "proxy.log")
+    stop, outcomes = threading.Event(), []
+    clients = [threading.Thread(target=keep_predicting,
+                                args=(running.url, digit, stop, outcomes))
+               for _ in range(STOP_CLIENTS)]
+    try:
+        for client in clients:
+            client.start()
+        wait_until(lambda: outcomes.count(200) >= 50, "predictions through the proxy")
+        answered_before = len(outcomes)
+        os.kill(running.process.pid, signal.SIGTERM)
+        running.process.wait(timeout=120)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+        if running.process.poll() is None:
+            stop_proxy(running)
+        running.log_handle.close()
+    after = outcomes[answered_before:]
+    counts = {outcome: after.count(outcome) for outcome in set(after)}
+    print(f"after the TERM: {counts}")
+    assert set(after) <= {200, 503, "refused"}, counts  # none cut
+    assert after.count(503) <= STOP_CLIENTS, counts  # at most one each, not a storm
