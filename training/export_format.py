@@ -237,7 +237,8 @@ def folder_entry(path: Path, root: Path) -> Path:
 
 def _kind(mode: int) -> str:
     """What a file of ``mode`` is, in words, for the reason an entry is refused."""
-    for test, kind in ((stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"),
+    for test, kind in ((stat.S_ISREG, "a file"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISFIFO, "a FIFO"),
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device")):
         if test(mode):
@@ -371,6 +372,9 @@ def open_regular(path: Path, limit: int, inside: Path | None = None) -> BinaryIO
     handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY |
                                os.O_CLOEXEC), "rb")
     try:
+        opened = _opened_path(handle.fileno(), path)
+        if not Path(opened).is_relative_to(os.path.realpath(inside)):
+            raise OSError(errno.EACCES, f"{path.name} leads outside its folder")
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, f"{path.name} is {_kind(info.st_mode)}, "
@@ -382,6 +386,15 @@ def open_regular(path: Path, limit: int, inside: Path | None = None) -> BinaryIO
         handle.close()
         raise
     return handle
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """Where the open descriptor ``fd`` really leads: a link swapped in between the
+    check of the name and the open (a rename race) shows here, not in the name."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: the name, resolved again, is the best left
+        return os.path.realpath(path)
 
 
 def read_signature_defs(folder: Path) -> dict[str, Any]:
@@ -480,7 +493,13 @@ def complete(folder: Path, bounds: Bounds = DEFAULT_BOUNDS) -> Check:
         for required in (SAVED_MODEL_FILE, VARIABLES_INDEX):
             if not (folder / required).is_file():
                 return Check(f"no {required} (incomplete export?)")
-        files = read_metadata(folder).get("files", {})
+        files = read_metadata(folder).get("files")
+        if files is None:
+            return Check(f"{METADATA_FILE} has no manifest (\"files\"), which every export "
+                         "writes: the loader would read files nothing checked")
+        problem = _unlisted(folder, files)
+        if problem:
+            return Check(problem)
         listed = sum(expected["bytes"] for expected in files.values())
         if listed > bounds.max_bytes:
             return Check(f"its files total {listed} bytes, more than the "
@@ -499,6 +518,29 @@ def complete(folder: Path, bounds: Bounds = DEFAULT_BOUNDS) -> Check:
         name = os.path.relpath(os.fsdecode(err.filename), folder) if err.filename else "."
         return Check(f"{name} is unreadable: {err.strerror}")
     return Check()
+
+
+def _unlisted(folder: Path, files: dict[str, Any]) -> str | None:
+    """The first entry of ``folder`` the loaders might read that the manifest does not
+    list, or that is no regular file or folder (a FIFO would hold a loader for good),
+    or None. Hidden entries (an editor's lock) are no part of an export."""
+    seen = 0
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in [*dirs, *names]:
+            seen += 1
+            if name.startswith(".") or seen > MAX_VERSION_ENTRIES:
+                continue
+            path = Path(root, name)
+            relative = path.relative_to(folder).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode) and name in dirs:
+                continue
+            if not stat.S_ISREG(mode):
+                return f"{relative} is {_kind(mode)}, not a regular file"
+            if relative != METADATA_FILE and relative not in files:
+                return f"{relative} is not in the manifest (added after the export?)"
+    return None
 
 
 def _file_problem(folder: Path, name: str, expected: dict[str, Any],
@@ -527,7 +569,7 @@ def _file_problem(folder: Path, name: str, expected: dict[str, Any],
 def _sha256(path: Path, deadline: float = float("inf")) -> str:
     """The file's SHA-256; raises TooSlow once ``deadline`` has passed between chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path, path.stat().st_size, inside=path.parent) as handle:
         while chunk := handle.read(_HASH_CHUNK):
             if time.monotonic() >= deadline:
                 raise TooSlow(path.name)

@@ -6,6 +6,7 @@ rejected with the reason (a failed check, or a name that is no version number).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -20,6 +21,7 @@ PLOTS = {"history": "Accuracy and loss per epoch, training against validation",
          "confusion": "Confusion matrix on the 10,000 test images",
          "samples": "Test digits: predicted (true), green when right"}
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 bp = Blueprint("models", __name__)
 
 
@@ -43,6 +45,8 @@ def describe(model: LoadedModel) -> dict:
 
 
 def _has_plot(model: LoadedModel, plot: str) -> bool:
+    if _listed(model, plot) is None:
+        return False
     try:
         with open_regular(_plot_path(model, plot), PLOT_LIMIT_BYTES, inside=model.path):
             return True
@@ -54,14 +58,28 @@ def _plot_path(model: LoadedModel, plot: str) -> Path:
     return model.path / PLOTS_DIR / f"{plot}.png"
 
 
+def _listed(model: LoadedModel, plot: str) -> dict | None:
+    """The plot's entry in the version's manifest (size and SHA-256), if it has one."""
+    return model.metadata.get("files", {}).get(f"{PLOTS_DIR}/{plot}.png")
+
+
 def _plot_bytes(model: LoadedModel, plot: str) -> bytes | None:
     """The PNG of ``plot`` when it is a regular file, within its size limit, that
-    resolves inside the version folder; None otherwise (a link to /etc/passwd, a FIFO,
-    a 1 GB file): a plot is part of the export, never a way to read other files."""
+    resolves inside the version folder and whose bytes are those its manifest lists;
+    None otherwise (a link to /etc/passwd, a FIFO, a 1 GB file, a hard link to
+    /etc/shadow put in its place, which nobody but its reader can hash): a plot is
+    part of the export, never a way to read other files."""
+    expected = _listed(model, plot)
+    if expected is None:
+        return None
     try:
-        return read_regular(_plot_path(model, plot), PLOT_LIMIT_BYTES, inside=model.path)
+        data = read_regular(_plot_path(model, plot), PLOT_LIMIT_BYTES, inside=model.path)
     except OSError:
         return None
+    if not data.startswith(PNG_SIGNATURE) or \
+            hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        return None
+    return data
 
 
 @bp.get("/models")

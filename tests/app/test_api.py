@@ -609,6 +609,19 @@ def test_a_plot_that_is_no_regular_file_inside_its_version_is_never_served(
         assert b"root:" not in response.data
 
 
+def test_a_plot_hard_linked_to_another_file_is_never_served(plot_client, tmp_path):
+    """A hard link is a regular file inside the version: only the manifest's SHA-256
+    (which nobody can write for a file they cannot read) tells it from the plot."""
+    client, plots = plot_client
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\nroot:$6$secret:19000:0:99999:7:::\n")
+    (plots / "confusion.png").unlink()
+    os.link(secret, plots / "confusion.png")
+    response = client.get("/models/mnist_tiny/plots/confusion.png")
+    assert response.status_code == 404
+    assert b"root:" not in response.data
+
+
 def test_a_plot_linked_inside_its_version_is_served(plot_client):
     client, plots = plot_client
     (plots / "history.png").rename(plots / "history-v1.png")

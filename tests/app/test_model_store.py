@@ -21,7 +21,7 @@ from app.model_store import ModelStore
 from app.version_policy import VersionPolicy
 from tests.conftest import wait_until
 from training.data import to_model_input
-from training.export_format import Bounds
+from training.export_format import Bounds, manifest
 
 
 @pytest.fixture
@@ -62,15 +62,16 @@ def mutilate_missing_pb(folder):
 
 
 def mutilate_corrupt_pb(folder):
-    """Garbage where the graph was, in an export without a manifest (an older release's),
-    so only loading it can tell."""
-    drop_manifest(folder)
+    """Garbage where the graph was, under a manifest that lists it (the exporter's own
+    bytes were garbage), so only loading it can tell."""
     (folder / "saved_model.pb").write_bytes(b"\x00garbage" * 10)
+    remanifest(folder)
 
 
-def drop_manifest(folder):
+def remanifest(folder):
+    """The manifest rewritten to list the folder's files as they are now."""
     metadata = json.loads((folder / "metadata.json").read_text())
-    metadata.pop("files")
+    metadata["files"] = manifest(folder)
     (folder / "metadata.json").write_text(json.dumps(metadata))
 
 
@@ -219,7 +220,7 @@ def test_a_signature_with_two_outputs_is_skipped_with_a_reason(tmp_path, caplog)
     tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
     (folder / "metadata.json").write_text(json.dumps({"summary": {
         "layers": [], "totals": {"params": 7840, "param_bytes": 31360,
-                                 "activations_per_image": 794}}}))
+                                 "activations_per_image": 794}}, "files": manifest(folder)}))
     with caplog.at_level(logging.WARNING, logger="app.model_store"):
         store = loaded(tmp_path)
     assert not store.ready

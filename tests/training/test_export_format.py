@@ -27,6 +27,7 @@ from training.export_format import (
     list_versions,
     parse_version,
     read_metadata,
+    read_regular,
     reclaim_staging,
     servable,
     signature_problem,
@@ -191,6 +192,11 @@ def edit_metadata(change):
      "/etc/hostname is missing"),
     (edit_metadata(lambda m: m["summary"]["totals"].update(activations_per_image=10**20)),
      "invalid at summary/totals/activations_per_image"),
+    (edit_metadata(lambda m: m.pop("files")), 'metadata.json has no manifest ("files")'),
+    (lambda f: (f / "variables" / "extra.bin").write_bytes(b"x"),
+     "variables/extra.bin is not in the manifest"),
+    (lambda f: (f / "saved_model.link").symlink_to("/etc/passwd"),
+     "saved_model.link is a symlink, not a regular file"),
 ])
 def test_an_incomplete_version_says_why(version, mutilate, reason):
     mutilate(version)
@@ -415,3 +421,46 @@ def test_export_reclaims_abandoned_staging_before_writing(tmp_path):
     model = build_tiny()
     export_version(model, tmp_path / "mnist_tiny", {"summary": summarize_model(model)})
     assert sorted(p.name for p in (tmp_path / "mnist_tiny").iterdir()) == ["1"]
+
+
+def test_an_unlisted_fifo_among_the_variables_is_refused_without_blocking(version):
+    """The loader would open it and wait for a writer for good (a worker timed out in
+    boot); the check refuses it from its ``lstat``."""
+    data = next((version / "variables").glob("variables.data-*"))
+    data.unlink()
+    os.mkfifo(data)
+    check = complete(version)
+    assert check.reason == f"variables/{data.name} is a FIFO, not a regular file"
+
+
+def test_a_name_swapped_for_a_link_out_while_it_is_opened_never_reads_outside(tmp_path):
+    """A rename race (a link to /etc/passwd swapped in between the check of the name and
+    the open): what is opened is checked on its descriptor, so nothing outside is read."""
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    png, link, name = folder / "real.png", folder / "link.png", folder / "history.png"
+    png.write_bytes(b"\x89PNG real plot")
+    link.symlink_to("/etc/passwd")
+    stop, swaps = threading.Event(), []
+
+    def swap() -> None:
+        while not stop.is_set():
+            for source in (png, link):
+                os.link(source, folder / "next", follow_symlinks=False)
+                os.rename(folder / "next", name)
+                swaps.append(1)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    read, refused = [], 0
+    try:
+        for _ in range(3000):
+            try:
+                read.append(read_regular(name, 1 << 20, inside=folder))
+            except OSError:
+                refused += 1
+    finally:
+        stop.set()
+        swapper.join()
+    assert len(swaps) > 100 and refused > 0 and read  # the race really ran both ways
+    assert set(read) == {b"\x89PNG real plot"}
