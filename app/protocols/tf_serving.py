@@ -37,7 +37,8 @@ def model_metadata(model: LoadedModel) -> dict:
 def _check_signature(document: dict) -> None:
     name = document.get("signature_name", SIGNATURE) or SIGNATURE
     if name != SIGNATURE:
-        raise InvalidInput(f'Serving signature name: "{name}" not found in signature def; '
+        shown = str(name)[:40] + ("…" if len(str(name)) > 40 else "")  # no echo of 3 MB
+        raise InvalidInput(f'Serving signature name: "{shown}" not found in signature def; '
                            f'this model has "{SIGNATURE}"')
 
 

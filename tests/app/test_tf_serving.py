@@ -158,6 +158,14 @@ def test_bad_predict_bodies_get_tf_servings_error_format(url, body, status, word
     assert_tf_error(post(url, MODEL + ":predict", body), status, word)
 
 
+def test_an_unknown_signature_name_is_quoted_short_not_echoed_whole(url):
+    """A 1 MB name made a 1 MB error: the message quotes its first 40 characters."""
+    response = post(url, MODEL + ":predict", {"signature_name": "x" * 1_000_000,
+                                             "instances": [[0.0]]})
+    assert_tf_error(response, 400, "x" * 40 + "…")
+    assert len(response.content) < 1000
+
+
 def test_malformed_json_is_400(url):
     response = requests.post(url + MODEL + ":predict", data=b'{"instances": [',
                              headers={"Content-Type": "application/json"}, timeout=5)
