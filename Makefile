@@ -19,10 +19,11 @@ TRAIN_ARGS ?=
 # Two are named by their path: nginx is in /usr/sbin (not on every user's PATH), and
 # Debian's docker-compose (1.29) is not .venv/bin/docker-compose (Compose v2).
 SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
-	/usr/sbin/nginx:nginx /usr/bin/docker-compose:docker-compose
+	/usr/sbin/nginx:nginx /usr/bin/docker-compose:docker-compose \
+	/usr/sbin/dockerd:docker.io /usr/sbin/debootstrap:debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test lint bench bench-protocols bench-swaps fuzz soak clean
+.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test test-docker lint bench bench-protocols bench-swaps fuzz soak clean
 
 install: $(STAMP)
 
@@ -99,6 +100,11 @@ lint: install
 
 test: install system-tools lint
 	$(BIN)/python -m pytest
+
+# The images built and the compose stack run on a real Docker engine (started here when
+# none answers, and stopped after), under Compose 1.29 and v2: tests/docker/.
+test-docker: install system-tools
+	$(BIN)/python -m pytest -m docker tests/docker -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

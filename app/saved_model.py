@@ -20,7 +20,12 @@ import numpy as np
 
 from app.memory import freeze_imports
 from app.servable import VersionRejected, check_warm_up
-from training.export_format import SIGNATURE, read_signature_defs, signature_problem
+from training.export_format import (
+    SIGNATURE,
+    TFLITE_FILE,
+    read_signature_defs,
+    signature_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,11 @@ def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
     """Load, check and warm one SavedModel folder that export_format.servable passed;
     raises VersionRejected. The signature is checked again as saved_model.pb has it: an
     export without a manifest may hold a graph its metadata does not describe."""
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError:  # the lite image (Dockerfile): LiteRT only
+        raise VersionRejected(f"it has no {TFLITE_FILE} and TensorFlow is not installed here: "
+                              "this server runs LiteRT exports only") from None
 
     limit_threads(threads)
     freeze_imports()  # before the first version: app/memory.py

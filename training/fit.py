@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     args = parse_args(argv, environ)
     if args.if_missing and newest_is_servable(args.models_dir / args.name):
         return 0
+    if problem := unwritable(args.models_dir / args.name):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     keras_home = Path(environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
     try:
         mnist, splits = prepare_data(args, keras_home)
@@ -197,6 +200,22 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
                             plot_writer(history, evaluation, mnist))
     print(f"\nexported {folder}")
     return 0
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why the export could not be written into ``folder``, checked before minutes of
+    training rather than after: the first folder of its path that exists must be writable.
+    The usual cause is a container user that does not own a bind-mounted ./models."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    owner = existing.stat().st_uid
+    return (f"cannot write to {existing}: it belongs to uid {owner} and this runs as uid "
+            f"{os.getuid()}. Give it to this user (on the host: sudo chown -R "
+            f"{os.getuid()} ./models), or, with docker-compose, build the image for its "
+            f"owner: APP_UID={owner} docker-compose build")
 
 
 def plot_writer(history: dict[str, list[float]], evaluation: Evaluation, mnist: Mnist

@@ -104,6 +104,30 @@ def test_a_version_without_model_tflite_is_served_on_tensorflow(fit_run, tmp_pat
     assert store.get().runtime.kind == "savedmodel"
 
 
+WITHOUT_TENSORFLOW = """
+import sys
+from pathlib import Path
+sys.modules["tensorflow"] = None  # as in the lite image: `import tensorflow` fails
+from app.saved_model import load_saved_model
+from app.servable import VersionRejected
+try:
+    load_saved_model(Path(sys.argv[1]), {}, warm_up_to=1)
+except VersionRejected as rejected:
+    print(rejected)
+"""
+
+
+def test_without_tensorflow_a_version_without_model_tflite_is_rejected_with_the_reason(
+        fit_run):
+    """The lite image has no TensorFlow: a SavedModel-only version is refused with why,
+    not a worker crashing on an ImportError."""
+    run = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, str(fit_run.version_dir)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "TensorFlow is not installed here: this server runs LiteRT exports only" in (
+        run.stdout)
+
+
 def test_a_model_tflite_that_does_not_load_is_rejected_with_a_reason(fit_run, tmp_path):
     folder = shutil.copytree(fit_run.version_dir, tmp_path / "mnist_cnn" / "1")
     (folder / TFLITE_FILE).write_bytes(b"not a flatbuffer")
