@@ -37,6 +37,7 @@ KUBERNETES = "1.34.0"  # the release the manifests are validated for
 BASE = ROOT / "deploy" / "kubernetes"
 KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 RETRAIN = BASE / "retrain" / "job.yaml"
+LITE = BASE / "lite"  # an overlay: the api on the lite image
 WORKER_MIB = 700  # resident memory of one TensorFlow worker (BENCHMARKS.md: 674 MB)
 
 
@@ -94,10 +95,37 @@ def test_kustomization_lists_every_manifest():
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT) for p in BASE.rglob("*.yaml")
-                                        if p.name != "kustomization.yaml"), ids=str)
+                                        if p.name != "kustomization.yaml"
+                                        and p.parent != LITE), ids=str)
 def test_manifest_is_valid_for_the_pinned_kubernetes(path):
     for doc in documents(ROOT / path):
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def strategic_merge(base: object, patch: object) -> object:
+    """Kubernetes' strategic merge as it applies to a Deployment's pod template: mappings
+    merge key by key, lists of named items (containers) merge by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: strategic_merge(base.get(k), v) for k, v in patch.items()}}
+    if isinstance(base, list) and isinstance(patch, list) and all(
+            isinstance(item, dict) and "name" in item for item in base + patch):
+        patched = {item["name"]: item for item in patch}
+        return [strategic_merge(item, patched.get(item["name"], {})) for item in base]
+    return patch
+
+
+def test_the_lite_overlay_runs_the_api_on_the_lite_image_and_training_on_the_full_one(base):
+    overlay = yaml.safe_load((LITE / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    (patch_file,) = (entry["path"] for entry in overlay["patches"])
+    patch = yaml.safe_load((LITE / patch_file).read_text())
+    api = strategic_merge(base["Deployment", "mnist-api"], patch)
+    kubernetes_validate.validate(api, KUBERNETES, strict=True)
+    assert container(api)["image"] == "mnist-serving:lite"
+    assert container(api)["env"] == container(base["Deployment", "mnist-api"])["env"]
+    limits = container(api)["resources"]["limits"]
+    assert mebibytes(limits["memory"]) >= 2 * 200 + 100  # two ≤ 200 MiB workers, a master
+    assert container(base["Job", "mnist-train"])["image"] == "mnist-serving:latest"
 
 
 def test_proxy_configmap_carries_deploy_nginx_byte_for_byte():
