@@ -21,6 +21,7 @@ from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_pb2,
     predict_pb2,
+    status_pb2,
 )
 
 from app.errors import InvalidInput
@@ -141,8 +142,9 @@ def metadata_response(model: LoadedModel, fields: list[str]
 
 
 def status_response(models: list[LoadedModel]) -> get_model_status_pb2.GetModelStatusResponse:
-    """Every listed version is loaded, hence AVAILABLE (as over REST)."""
+    """Every listed version is loaded, hence AVAILABLE with an OK status (as over REST)."""
     available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
     return get_model_status_pb2.GetModelStatusResponse(model_version_status=[
-        get_model_status_pb2.ModelVersionStatus(version=model.version, state=available)
+        get_model_status_pb2.ModelVersionStatus(version=model.version, state=available,
+                                                status=status_pb2.StatusProto())
         for model in models])
