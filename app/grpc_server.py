@@ -28,10 +28,12 @@ from flask import Flask
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from app.api.grpc_open_inference import SERVICE, OpenInferenceServicer
+from app.api.grpc_common import add_servicer
+from app.api.grpc_open_inference import OpenInferenceServicer
 from app.config import Config
 from app.grpc_port import PortTaken
 from app.model_store import ModelStore
+from app.protocols.grpc_open_inference import OPEN_INFERENCE
 
 log = logging.getLogger(__name__)
 HEALTH_SECONDS = 1.0  # how often the health service follows the store's models
@@ -86,32 +88,24 @@ class GrpcServer:
 
 
 def _tf_serving_servicers(app: Flask) -> list[tuple]:
-    """(adder, servicer, service name) for TF Serving's two services, or none (with a
+    """(servicer, service descriptor) for TF Serving's two services, or none (with a
     log line) where TensorFlow is missing."""
     try:
-        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+        from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
 
-        from app.api.grpc_tf_serving import (
-            MODELS,
-            PREDICTION,
-            ModelServicer,
-            PredictionServicer,
-        )
+        from app.api.grpc_tf_serving import ModelServicer, PredictionServicer
     except ImportError as err:
         log.warning("TensorFlow Serving's gRPC API is off: %s", err)
         return []
-    return [(prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
-             PredictionServicer(app), PREDICTION),
-            (model_service_pb2_grpc.add_ModelServiceServicer_to_server, ModelServicer(app),
-             MODELS)]
+    return [(PredictionServicer(app),
+             prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]),
+            (ModelServicer(app), model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])]
 
 
 def start(app: Flask) -> GrpcServer | None:
     """Serve gRPC for ``app`` on GRPC_PORT (None when it is 0). Its limits are REST's:
     messages up to MAX_CONTENT_LENGTH, THREADS calls at once per worker; past THREADS +
     QUEUE_MAX_REQUESTS calls gRPC itself answers RESOURCE_EXHAUSTED."""
-    from tritonclient.grpc import service_pb2_grpc
-
     config: Config = app.extensions["config"]
     if not config.grpc_port:
         return None
@@ -120,12 +114,11 @@ def start(app: Flask) -> GrpcServer | None:
         options=[("grpc.so_reuseport", 1),
                  ("grpc.max_receive_message_length", config.max_content_length)],
         maximum_concurrent_rpcs=config.threads + config.queue_max_requests)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(app),
-                                                               server)
-    services = [SERVICE]
-    for add, servicer, name in _tf_serving_servicers(app):
-        add(servicer, server)
-        services.append(name)
+    services = []
+    for servicer, service in [(OpenInferenceServicer(app), OPEN_INFERENCE),
+                              *_tf_serving_servicers(app)]:
+        add_servicer(server, servicer, service)
+        services.append(service.full_name)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -531,7 +531,7 @@ def hostile_fields(draw) -> bytes:
                                        name="image", datatype=draw(st.sampled_from(DATATYPES)),
                                        shape=shape)])
     if draw(st.booleans()):
-        request.raw_input_contents.append(bytes(draw(st.sampled_from([0, 0x3F, 0xFF]))) * size
+        request.raw_input_contents.append(bytes([draw(st.sampled_from([0, 0x3F, 0xFF]))]) * size
                                           if size else b"")
     else:
         request.inputs[0].contents.fp32_contents.extend([0.5] * min(size, 4096))

@@ -5,6 +5,8 @@ metrics), the request's deadline, the error map, the metrics and the JSON access
 calls the very functions the REST views call (``store()``, ``limits()``,
 ``run_model``); a typed ApiError becomes its status code (``app.errors.grpc_code``)
 and anything else INTERNAL, logged once with its traceback, without internals.
+``add_servicer`` registers the methods so that even bytes that are no message reach
+``rpc`` (as an ``Unreadable``) and are answered INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from typing import Any
 
 import grpc
 from flask import Flask, g
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 
 from app.api.common import metrics, settings
 from app.batching import Deadline
-from app.errors import ApiError, grpc_code
+from app.errors import ApiError, InvalidInput, grpc_code
 from app.logs import access_log, request_id_from
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,47 @@ class Servicer:
 
     def __init__(self, app: Flask):
         self.app = app
+
+
+class Unreadable:
+    """A request whose bytes are no message of its type: gRPC would answer INTERNAL
+    ("Exception deserializing request!") for it; ``rpc`` answers INVALID_ARGUMENT."""
+
+    def __init__(self, data: bytes, error: str):
+        self.size, self.error = len(data), error
+
+    def ByteSize(self) -> int:
+        return self.size
+
+
+def lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: bytes that do not parse (malformed
+    protobuf, a string field that is not UTF-8) become an ``Unreadable``."""
+
+    def read(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as err:
+            return Unreadable(data, str(err)[:200])
+
+    return read
+
+
+def add_servicer(server: grpc.Server, servicer: Servicer, service: ServiceDescriptor) -> None:
+    """Register the unary methods ``servicer``'s class defines (the rest stay
+    UNIMPLEMENTED), each reading its request with ``lenient``."""
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming or method.server_streaming or \
+                method.name not in vars(type(servicer)):
+            continue
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name), request_deserializer=lenient(request.FromString),
+            response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name,
+                                                                          handlers),))
 
 
 def _metadata(context: grpc.ServicerContext, key: str) -> str | None:
@@ -63,6 +109,9 @@ def rpc(service: str) -> Callable:
                 g.started, g.request_id = started, request_id
                 g.deadline = _deadline(context, started)
                 try:
+                    if isinstance(request, Unreadable):
+                        raise InvalidInput(f"the request is no valid {method.__name__} "
+                                           f"message: {request.error}")
                     response = method(self, request, context)
                 except ApiError as err:
                     code, message = grpc_code(err), err.message

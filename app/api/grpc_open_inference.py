@@ -2,7 +2,7 @@
 the counterpart of a /v2 view (app/api/open_inference.py) and answering as it does.
 
 Methods of Triton's superset that this server has no use for (shared memory, model
-load/unload, tracing, streaming) are left to the base class: UNIMPLEMENTED.
+load/unload, tracing, streaming) are not registered: gRPC answers them UNIMPLEMENTED.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ tensorflow-serving-api's messages); app/grpc_server.py skips it where that fails
 
 Classify, Regress and MultiInference need a signature this model does not have, and
 HandleReloadConfigRequest would load models by request (they load by watching
-MODELS_DIR): the base classes answer them UNIMPLEMENTED.
+MODELS_DIR): they are not registered, and gRPC answers them UNIMPLEMENTED.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ from app.protocols.open_inference import (
 from app.servable import LoadedModel
 from training.export_format import parse_version
 
-SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+OPEN_INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE = OPEN_INFERENCE.full_name
 # Where each datatype's values sit in InferTensorContents (FP16 has no field: raw only).
 CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "UINT8": "uint_contents"}
 
