@@ -25,7 +25,7 @@ SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
 	/usr/sbin/nginx:nginx /usr/bin/docker-compose:docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test lint bench bench-protocols bench-swaps fuzz soak clean
+.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test lint bench bench-protocols bench-grpc bench-swaps fuzz soak clean
 
 install: $(STAMP)
 
@@ -81,6 +81,10 @@ bench: install system-tools train-if-missing
 # What each protocol's wire format costs against /predict (BENCHMARKS.md, "Protocols").
 bench-protocols: install system-tools train-if-missing
 	$(BIN)/python -m tests.bench.protocols
+
+# gRPC against REST on the same server and digits (BENCHMARKS.md, "gRPC").
+bench-grpc: install train-if-missing
+	$(BIN)/python -m tests.bench.grpc
 
 # Each worker's memory over 100 hot swaps of a quickly trained CNN, on both runtimes
 # (BENCHMARKS.md, "Memory over hot swaps"); it trains its own model, not MODELS_DIR's.

@@ -101,7 +101,7 @@ class Clients:
                 self._stop.wait(0.02)
 
     def versions_sent_after(self, moment: float) -> set[int | None]:
-        return {version for sent, _, _, version in self.answers if sent > moment}
+        return {version for sent, _, _, version, _ in self.answers if sent > moment}
 
     def count(self, version: int) -> int:
         return sum(answer[3] == version for answer in self.answers)
