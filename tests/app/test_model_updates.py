@@ -218,7 +218,25 @@ def test_bad_folders_are_listed_never_served_and_a_restarted_worker_agrees(
         readiness = [session.get(f"{server.url}/ready", timeout=10) for _ in range(20)]
     assert {(a.status_code, a.json()["model"]["version"]) for a in answers} == {(200, 2)}
     assert {(r.status_code, r.json()["models"]["mnist_cnn"]) for r in readiness} == {(200, 2)}
+    # gRPC too: the new worker bound GRPC_PORT beside its sibling (SO_REUSEPORT), and
+    # calls on new connections, which the kernel spreads over both, answer version 2.
+    assert server.log().count("gRPC serving on port") == len(before) + 1
+    assert grpc_versions(server.grpc, digit_pngs[:30]) == {"2"}
     assert "not serving" in server.log() and "Traceback" not in server.log()
+
+
+def grpc_versions(target: str, pngs: list[bytes]) -> set[str]:
+    """The model version that answers each PNG, one new gRPC connection per call."""
+    import tritonclient.grpc as triton_grpc
+
+    versions = set()
+    for png in pngs:
+        with triton_grpc.InferenceServerClient(target) as client:
+            image = triton_grpc.InferInput("image", [1], "BYTES")
+            image.set_data_from_numpy(np.array([png], dtype=object))
+            versions.add(client.infer("mnist_cnn", [image], client_timeout=30)
+                         .get_response().model_version)
+    return versions
 
 
 HOSTILE = {"3": "a symlink that leads outside MODELS_DIR",
