@@ -323,3 +323,42 @@ def test_a_full_queue_is_unavailable_and_a_passed_deadline_drops_the_work(serve_
                           "DEADLINE_EXCEEDED")._value.get() == 1  # the server's own answer
     wait_until(lambda: len(calls) == 2, "the second call")
     assert calls == [1, 1]  # the expired call never reached the model
+
+
+def test_a_stop_finishes_the_call_in_flight_and_refuses_new_ones(serve_app, mnist):
+    """What worker_exit does on SIGTERM (app/gunicorn.conf.py): stop(grace)."""
+    app, running = serve_app(batch_timeout_ms=0)
+    batcher = app.extensions["model_store"].get().batcher
+    real, gate, calls = batcher.predict, threading.Event(), []
+
+    def held(images):
+        calls.append(len(images))
+        gate.wait(60)
+        return real(images)
+
+    batcher.predict = held
+    digit = (mnist.x_test[:1] / 255.0).astype("<f4").tobytes()
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, \
+            ThreadPoolExecutor(2) as pool:
+        in_flight = pool.submit(raw_infer, channel, [1, 28, 28], raw=digit)
+        wait_until(lambda: calls, "the call in flight")
+        stopping = pool.submit(running.stop, 30)
+
+        live = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive
+
+        def refused() -> bool:  # ServerLive never waits for the model
+            try:
+                live(service_pb2.ServerLiveRequest(), timeout=10)
+            except grpc.RpcError as err:
+                return err.code() == grpc.StatusCode.UNAVAILABLE
+            return False
+
+        wait_until(refused, "a new call refused while the one in flight is held")
+        with pytest.raises(grpc.RpcError) as inference:
+            raw_infer(channel, [1, 28, 28], raw=digit)
+        assert not in_flight.done()
+        gate.set()
+        assert in_flight.result(60).outputs  # answered, not cut
+        stopping.result(60)
+    assert inference.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert calls == [1]  # the refused call never reached the model
