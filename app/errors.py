@@ -5,12 +5,14 @@ and Werkzeug's own HTTP errors, into ``{"error": {"code", "message"}}`` — or, 
 TensorFlow Serving (``/v1/``) and Open Inference Protocol (``/v2``) paths, into the
 ``{"error": "<message>"}`` both of those protocols define, which their clients parse.
 Anything else is a bug: logged once with its traceback and answered 500 without internals.
+Over gRPC (app/grpc_server.py) the same errors become status codes: ``grpc_code``.
 """
 
 from __future__ import annotations
 
 import logging
 
+import grpc
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -79,6 +81,24 @@ class ModelFailed(ApiError):
     """The model raised on valid input: a server fault, reported as one."""
 
     status, code = 500, "model_error"
+
+
+# Each HTTP status an ApiError carries, as the gRPC status code the anchors answer it with.
+# Bad input of any kind (400, 413, 415, 422) is INVALID_ARGUMENT, as Triton answers a
+# batch over its limit: the client must change the request, and retrying cannot help.
+# A full queue (503 Overloaded) is UNAVAILABLE, as TF Serving's batch scheduler and
+# Triton's dynamic batcher answer it, and as gRPC maps HTTP 503: the one code gRPC's own
+# retry policies and clients treat as "retry with backoff"; RESOURCE_EXHAUSTED is left to
+# gRPC's own limits (a message over MAX_CONTENT_LENGTH, too many concurrent calls).
+GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+              413: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT,
+              422: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE,
+              504: grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def grpc_code(err: ApiError) -> grpc.StatusCode:
+    """The gRPC status for an ApiError; INTERNAL only for a server fault (500)."""
+    return GRPC_CODES.get(err.status, grpc.StatusCode.INTERNAL)
 
 
 def error_body(code: str, message: str) -> dict:

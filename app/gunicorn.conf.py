@@ -73,8 +73,21 @@ def child_exit(server, worker):
     TABLE.release(getattr(worker, "slot", None))
 
 
+def on_starting(server):
+    """Refuse to start when GRPC_PORT is taken: each worker binds it with SO_REUSEPORT,
+    which would otherwise share it with another server (app/grpc_server.py)."""
+    if _settings.grpc_port:
+        from app.grpc_port import check_port_free
+
+        check_port_free(_settings.grpc_port)
+
+
 def worker_exit(server, worker):
-    """Answer requests still queued for a batch before the worker goes."""
+    """Let gRPC calls in flight finish (new ones go to the other workers), then answer
+    requests still queued for a batch before the worker goes."""
+    grpc_server = getattr(worker, "grpc_server", None)
+    if grpc_server is not None:
+        grpc_server.stop(graceful_timeout)
     app = getattr(worker, "wsgi", None)
     store = getattr(app, "extensions", {}).get("model_store")
     if store is not None:
@@ -132,7 +145,8 @@ def _return_large_frees():
 
 def post_worker_init(worker):
     """A worker whose model batcher died can only refuse predictions: it stops taking
-    requests (those in flight finish) and the master starts a fresh one."""
+    requests (those in flight finish) and the master starts a fresh one. Then start
+    this worker's gRPC server."""
     from app import batching
 
     def retire():
@@ -140,3 +154,7 @@ def post_worker_init(worker):
         worker.alive = False
 
     batching.on_batcher_death(retire)
+    # gRPC after the fork and after the app (its store and batchers): app/grpc_server.py.
+    from app import grpc_server
+
+    worker.grpc_server = grpc_server.start(worker.wsgi)

@@ -1,5 +1,6 @@
 """Prometheus metrics: requests by endpoint and status, latency, images, model load time,
-rejected version folders, requests waiting for a micro-batch.
+rejected version folders, requests waiting for a micro-batch; gRPC calls by method and
+status code, under the names py-grpc-prometheus and go-grpc-prometheus use.
 
 Each app gets its own registry (so tests can build many apps). Under gunicorn the
 workers are separate processes: ``app/gunicorn.conf.py`` sets PROMETHEUS_MULTIPROC_DIR
@@ -48,6 +49,19 @@ class Metrics:
         self.queued = Gauge("model_queue_requests", "Requests waiting for a micro-batch "
                             "(QUEUE_MAX_REQUESTS bounds it per worker)", ["model"],
                             registry=self.registry, multiprocess_mode="livesum")
+
+        self.grpc_handled = Counter("grpc_server_handled_total", "gRPC calls by service, "
+                                    "method and status code",
+                                    ["grpc_service", "grpc_method", "grpc_code"],
+                                    registry=self.registry)
+        self.grpc_latency = Histogram("grpc_server_handling_seconds", "gRPC call latency",
+                                      ["grpc_service", "grpc_method"],
+                                      buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def observe_grpc(self, service: str, method: str, code: str, seconds: float) -> None:
+        """Count one gRPC call; the names come from the servicers, never the client."""
+        self.grpc_handled.labels(service, method, code).inc()
+        self.grpc_latency.labels(service, method).observe(seconds)
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         """Count one request; an unknown method is counted as ``other``."""

@@ -21,6 +21,10 @@ import requests
 from training.data import Mnist, load_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every worker binds GRPC_PORT with SO_REUSEPORT (app/grpc_server.py), and a second
+# server refuses to start on a taken one: servers the tests start, in whatever way, get
+# gRPC only where a test gives them a free port (``start_server`` does).
+os.environ.setdefault("GRPC_PORT", "0")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -145,6 +149,7 @@ class Server:
     process: subprocess.Popen
     log_path: Path
     log_handle: object
+    grpc: str = ""  # host:port of its gRPC server ("" when GRPC_PORT is 0)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -173,16 +178,19 @@ def rss_mb(pids: list[int], field: str = "VmRSS") -> dict[int, float]:
 
 
 def start_server(models_dir: Path, log_path: Path, **env: str) -> Server:
-    """Start gunicorn exactly as `make serve` does and wait until /ready answers 200."""
+    """Start gunicorn exactly as `make serve` does (gRPC on a free port unless GRPC_PORT
+    is given) and wait until /ready answers 200."""
     port = free_port()
     environment = {**os.environ, "MODELS_DIR": str(models_dir), "PORT": str(port),
-                   "WORKERS": "2", **env}
+                   "WORKERS": "2", "GRPC_PORT": str(free_port()), **env}
     environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
     handle = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],
         cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path, handle)
+    grpc_port = int(environment["GRPC_PORT"])
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, handle,
+                    f"127.0.0.1:{grpc_port}" if grpc_port else "")
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() is not None:

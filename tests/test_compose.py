@@ -159,9 +159,10 @@ def test_api_waits_for_training_and_shares_its_models(compose):
     assert Path(train["volumes"][0]["source"]) == ROOT / "models"
 
 
-def test_only_the_proxy_is_published_and_it_forwards_to_the_api(compose):
+def test_the_proxy_publishes_rest_and_the_api_only_grpc(compose):
     api, proxy = compose["services"]["api"], compose["services"]["proxy"]
-    assert "ports" not in api
+    assert [(str(p["target"]), p["published"]) for p in api["ports"]] == \
+        [(api["environment"]["GRPC_PORT"], api["environment"]["GRPC_PORT"])]
     assert [str(p["target"]) for p in proxy["ports"]] == [proxy["environment"]["PORT"]]
     assert proxy["environment"]["UPSTREAM"] == f"api:{api['environment']['PORT']}"
     assert proxy["environment"]["MAX_CONTENT_LENGTH"] == api["environment"]["MAX_CONTENT_LENGTH"]

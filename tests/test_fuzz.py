@@ -472,3 +472,103 @@ def test_a_hostile_model_repository_never_stops_serving_nor_leaks(hostile, seeds
         assert time.monotonic() < deadline, "a worker did not boot past the entries"
         time.sleep(0.2)
     probe(server.url, png)
+
+
+# --- gRPC: hostile messages to both services, through a raw channel -------------------------
+
+GRPC_EXAMPLES = 600 if LONG else 40  # per method, mutated bytes and hostile fields each
+GRPC_REFUSED = {"UNKNOWN", "INTERNAL"}  # what bad input must never get
+MAX_CONTENT_LENGTH = 10 * 1024 * 1024  # the fuzz server's default
+DATATYPES = ["FP32", "FP64", "FP16", "UINT8", "BYTES", "INT8", "BOOL", "", "fp32", "FP32\u00e9"]
+
+
+def grpc_seeds(mnist, png: bytes) -> dict[str, bytes]:
+    """Valid messages for ModelInfer (raw FP32, contents FP32, BYTES PNG) and Predict."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2
+    from tritonclient.grpc import service_pb2 as pb
+
+    digits = (mnist.x_test[:2] / 255.0).astype("<f4")
+    tensor = pb.ModelInferRequest.InferInputTensor
+    seeds = {
+        "raw": pb.ModelInferRequest(model_name="mnist_cnn", raw_input_contents=[
+            digits.tobytes()], inputs=[tensor(name="image", datatype="FP32", shape=[2, 28, 28])]),
+        "contents": pb.ModelInferRequest(model_name="mnist_cnn", inputs=[tensor(
+            name="image", datatype="FP32", shape=[2, 28, 28, 1],
+            contents=pb.InferTensorContents(fp32_contents=digits.ravel()))]),
+        "png": pb.ModelInferRequest(model_name="mnist_cnn", inputs=[tensor(
+            name="image", datatype="BYTES", shape=[1],
+            contents=pb.InferTensorContents(bytes_contents=[png]))]),
+    }
+    predict = predict_pb2.PredictRequest()
+    predict.model_spec.name = "mnist_cnn"
+    predict.inputs["image"].CopyFrom(tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_content=digits.tobytes(),
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[
+            tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in (2, 28, 28, 1)])))
+    return {**{name: message.SerializeToString() for name, message in seeds.items()},
+            "predict": predict.SerializeToString()}
+
+
+def grpc_method(name: str) -> str:
+    return "/tensorflow.serving.PredictionService/Predict" if name == "predict" else \
+        "/inference.GRPCInferenceService/ModelInfer"
+
+
+@st.composite
+def hostile_fields(draw) -> bytes:
+    """A well-formed ModelInferRequest whose shape, datatype and data disagree: dims up to
+    2^63 - 1 and below 0, any datatype, raw data of any size up to past the message limit."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    shape = draw(st.lists(st.one_of(st.integers(-2**63, 2**63 - 1), st.sampled_from(
+        [0, 1, 28, 784, 256, 257])), max_size=6))
+    size = draw(st.one_of(st.integers(0, 4096), st.sampled_from(
+        [784 * 4, MAX_CONTENT_LENGTH - 1024, MAX_CONTENT_LENGTH + 1])))
+    request = pb.ModelInferRequest(model_name=draw(st.sampled_from(["mnist_cnn", "", "x"])),
+                                   model_version=draw(st.sampled_from(["", "1", "0", "01"])),
+                                   inputs=[pb.ModelInferRequest.InferInputTensor(
+                                       name="image", datatype=draw(st.sampled_from(DATATYPES)),
+                                       shape=shape)])
+    if draw(st.booleans()):
+        request.raw_input_contents.append(bytes([draw(st.sampled_from([0, 0x3F, 0xFF]))]) * size
+                                          if size else b"")
+    else:
+        request.inputs[0].contents.fp32_contents.extend([0.5] * min(size, 4096))
+    return request.SerializeToString()
+
+
+@pytest.mark.parametrize("seed", ["raw", "contents", "png", "predict", "fields"])
+def test_hostile_grpc_messages_never_get_unknown_or_internal(fuzz_server, mnist, seeds, seed):
+    import grpc
+
+    messages = grpc_seeds(mnist, seeds["PNG"])
+    codes = Counter()
+    with grpc.insecure_channel(fuzz_server.grpc, options=[
+            ("grpc.max_send_message_length", 2 * MAX_CONTENT_LENGTH)]) as channel:
+        call = channel.unary_unary(grpc_method(seed))  # bytes in, bytes out: no stub
+
+        def answer(message: bytes) -> str:
+            try:
+                call(message, timeout=SLOWEST_S)
+            except grpc.RpcError as err:
+                return err.code().name
+            return "OK"
+
+        if seed != "fields":
+            assert answer(messages[seed]) == "OK", seed  # the seed itself is valid
+
+        @settings(max_examples=GRPC_EXAMPLES, deadline=None, derandomize=not LONG,
+                  database=None, suppress_health_check=list(HealthCheck))
+        @given(message=hostile_fields() if seed == "fields" else mutated(messages[seed]))
+        def check(message):
+            code = answer(message)
+            codes[code] += 1
+            assert code not in GRPC_REFUSED, (seed, code)
+
+        check()
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
+        assert live(b"", timeout=10) == b"\x08\x01"  # ServerLiveResponse(live=True)
+    print(f"gRPC {seed}: {dict(sorted(codes.items()))}")
+    assert sum(codes.values()) >= GRPC_EXAMPLES // 2
+    assert "INVALID_ARGUMENT" in codes

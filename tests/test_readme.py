@@ -68,20 +68,24 @@ def test_a_readme_example_answers_without_error(command, server, sample_folder):
 
 
 def readme_client_programs() -> list[str]:
-    """The README's Python blocks that use a real protocol client against the server."""
+    """The README's Python blocks that use a real protocol client against the server:
+    tritonclient over HTTP (localhost:8000) and gRPC, TF Serving's gRPC stubs (8001)."""
     text = (ROOT / "README.md").read_text()
     return [block for block in re.findall(r"```python\n(.*?)```", text, flags=re.S)
-            if "tritonclient" in block]
+            if "tritonclient" in block or "tensorflow_serving" in block]
 
 
-def test_the_readme_has_a_tritonclient_example():
-    assert len(readme_client_programs()) == 1
+def test_the_readme_has_a_tritonclient_and_a_tf_serving_grpc_example():
+    programs = readme_client_programs()
+    assert len(programs) == 3
+    assert sum("localhost:8001" in program for program in programs) == 2
 
 
 @pytest.mark.parametrize("program", readme_client_programs())
 def test_a_readme_client_program_runs(program, server, sample_folder):
     host = server.url.removeprefix("http://")
-    result = subprocess.run([sys.executable, "-c", program.replace("localhost:8000", host)],
+    program = program.replace("localhost:8000", host).replace("localhost:8001", server.grpc)
+    result = subprocess.run([sys.executable, "-c", program],
                             cwd=sample_folder, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "[7]" in result.stdout and "True" in result.stdout, result.stdout

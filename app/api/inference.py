@@ -109,10 +109,17 @@ def infer(model: LoadedModel, read: Reader) -> tuple[Parsed, np.ndarray]:
     The request's deadline bounds the wait for decoding memory and for the model; a
     full queue is an Overloaded (503).
     """
+    return run_model(model, lambda: read(*body_and_files(settings().max_content_length)))
+
+
+def run_model(model: LoadedModel, read: Callable[[], Parsed]) -> tuple[Parsed, np.ndarray]:
+    """``infer`` for any transport: ``read`` gives the request's images (REST reads and
+    parses its body; gRPC, app/grpc_server.py, converts its message), inside the model's
+    batching slot, under this request's deadline and QUEUE_MAX_REQUESTS. Needs an app
+    context (the deadline lives in ``g``), not an HTTP request."""
     deadline = request_deadline()
     with model.slot() as slot:
-        body, files = body_and_files(settings().max_content_length)
-        parsed = read(body, files)
+        parsed = read()
         probabilities = slot.run(parsed.images, deadline=deadline,
                                  max_queue=settings().queue_max_requests)
     metrics().images.labels(model.name, str(model.version)).inc(len(parsed.images))

@@ -32,6 +32,11 @@ def test_empty_variables_keep_the_default():
     assert Config.from_env({"PORT": ""}).port == 8000
 
 
+def test_grpc_port_defaults_to_tritons_and_zero_turns_it_off():
+    assert Config.from_env({}).grpc_port == 8001
+    assert Config.from_env({"GRPC_PORT": "0"}).grpc_port == 0
+
+
 @pytest.mark.parametrize(("variable", "value", "words"), [
     ("PORT", "eighty", "PORT must be an integer"),
     ("PORT", "70000", "PORT must be between"),
@@ -48,6 +53,9 @@ def test_empty_variables_keep_the_default():
     ("MODEL_MAX_BYTES", "0", "MODEL_MAX_BYTES must be a positive"),
     ("MODEL_CHECK_SECONDS", "0", "MODEL_CHECK_SECONDS must be above 0"),
     ("MODEL_CHECK_SECONDS", "nan", "MODEL_CHECK_SECONDS must be above 0"),
+    ("GRPC_PORT", "-1", "GRPC_PORT must be between 0"),
+    ("GRPC_PORT", "65536", "GRPC_PORT must be between 0"),
+    ("GRPC_PORT", "8000", "differ from PORT"),
 ])
 def test_bad_values_name_the_variable(variable, value, words):
     with pytest.raises(ConfigError, match=words):

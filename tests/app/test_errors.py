@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app import create_app
+from app import create_app, errors
 from app.config import Config
 from app.errors import InvalidInput
 
@@ -30,3 +30,15 @@ def test_a_message_quoting_a_lone_surrogate_is_sent_with_its_escape(client):
     response = client.post("/quoted")
     assert response.status_code == 400
     assert response.get_json()["error"]["message"] == 'signature "\\ud800" not found'
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (errors.InvalidInput, "INVALID_ARGUMENT"), (errors.UnprocessableInput, "INVALID_ARGUMENT"),
+    (errors.PayloadTooLarge, "INVALID_ARGUMENT"),
+    (errors.UnsupportedMediaType, "INVALID_ARGUMENT"), (errors.ModelNotFound, "NOT_FOUND"),
+    (errors.ModelNotReady, "UNAVAILABLE"), (errors.Overloaded, "UNAVAILABLE"),
+    (errors.DeadlineExceeded, "DEADLINE_EXCEEDED"), (errors.ModelFailed, "INTERNAL"),
+])
+def test_each_error_has_the_grpc_code_the_anchors_answer_it_with(error, code):
+    """Bad input is never UNKNOWN or INTERNAL over gRPC; only a server fault is."""
+    assert errors.grpc_code(error("message")).name == code

@@ -14,10 +14,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import tritonclient.http as triton
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from tests.app.test_model_store import BAD_FOLDERS, add_bad_folders
 from tests.conftest import run_fit, start_server, stop_server
@@ -36,15 +38,19 @@ def digit_pngs(mnist) -> list[bytes]:
 
 
 class Clients:
-    """Eight threads posting real digits until stopped; every answer is recorded. Each
-    pauses briefly between requests, so that the training run beside them gets a core."""
+    """Eight threads posting real digits until stopped, half of them over gRPC
+    (tritonclient.grpc's ModelInfer, BYTES PNGs) when ``grpc_target`` is given; every
+    answer is recorded. Each pauses briefly between requests, so that the training run
+    beside them gets a core."""
 
-    def __init__(self, url: str, pngs: list[bytes], concurrency: int = 8):
-        self.url, self.pngs = url, pngs
-        # (sent, answered, status, version), times from time.time() like the log's
-        self.answers: list[tuple[float, float, int, int | None]] = []
+    def __init__(self, url: str, pngs: list[bytes], concurrency: int = 8,
+                 grpc_target: str = ""):
+        self.url, self.pngs, self.grpc_target = url, pngs, grpc_target
+        # (sent, answered, status, version, protocol), times from time.time() like the log's
+        self.answers: list[tuple[float, float, int, int | None, str]] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,))
+        self._threads = [threading.Thread(target=self._run_grpc if grpc_target and i % 2
+                                          else self._run, args=(i,))
                          for i in range(concurrency)]
 
     def __enter__(self) -> Clients:
@@ -68,13 +74,34 @@ class Clients:
                                             data=self.pngs[count % len(self.pngs)],
                                             headers={"Content-Type": "image/png"})
                     version = response.json()["model"]["version"] if response.ok else None
-                    self.answers.append((sent, time.time(), response.status_code, version))
+                    self.answers.append((sent, time.time(), response.status_code, version,
+                                         "REST"))
                 except requests.RequestException:
-                    self.answers.append((sent, time.time(), 0, None))
+                    self.answers.append((sent, time.time(), 0, None, "REST"))
+                self._stop.wait(0.02)
+
+    def _run_grpc(self, index: int) -> None:
+        """The same over gRPC: OK is recorded as 200, any other code as 0."""
+        import tritonclient.grpc as triton_grpc
+
+        with triton_grpc.InferenceServerClient(self.grpc_target) as client:
+            count = index
+            while not self._stop.is_set():
+                count += 1
+                image = triton_grpc.InferInput("image", [1], "BYTES")
+                image.set_data_from_numpy(np.array([self.pngs[count % len(self.pngs)]],
+                                                   dtype=object))
+                sent = time.time()
+                try:
+                    result = client.infer("mnist_cnn", [image], client_timeout=30)
+                    version = int(result.get_response().model_version)
+                    self.answers.append((sent, time.time(), 200, version, "gRPC"))
+                except InferenceServerException:
+                    self.answers.append((sent, time.time(), 0, None, "gRPC"))
                 self._stop.wait(0.02)
 
     def versions_sent_after(self, moment: float) -> set[int | None]:
-        return {version for sent, _, _, version in self.answers if sent > moment}
+        return {version for sent, _, _, version, _ in self.answers if sent > moment}
 
     def count(self, version: int) -> int:
         return sum(answer[3] == version for answer in self.answers)
@@ -109,7 +136,7 @@ def test_a_retrained_version_is_served_without_restart_or_failed_requests(
         watched_server, digit_pngs):
     models, server = watched_server
     workers = len(worker_pids(server.process.pid))
-    with Clients(server.url, digit_pngs) as clients:
+    with Clients(server.url, digit_pngs, grpc_target=server.grpc) as clients:
         wait_for(lambda: clients.count(1) >= 16)  # every client is sending
         result = run_fit("--epochs", "1", "--limit", "500", "--models-dir", str(models),
                          timeout=1200)
@@ -123,7 +150,9 @@ def test_a_retrained_version_is_served_without_restart_or_failed_requests(
     # Once both workers have swapped, each request sent is answered by version 2.
     assert clients.versions_sent_after(swapped) == {2}
     assert {answer[3] for answer in clients.answers} == {1, 2}
-    print(f"\n{len(statuses)} requests during the retrain and swap, 0 failed")
+    for protocol in ("REST", "gRPC"):  # each saw both versions, the same store
+        assert {a[3] for a in clients.answers if a[4] == protocol} == {1, 2}, protocol
+    print(f"\n{len(statuses)} requests (REST and gRPC) during the retrain and swap, 0 failed")
 
 
 def worker_pids(master: int) -> set[int]:
@@ -189,7 +218,25 @@ def test_bad_folders_are_listed_never_served_and_a_restarted_worker_agrees(
         readiness = [session.get(f"{server.url}/ready", timeout=10) for _ in range(20)]
     assert {(a.status_code, a.json()["model"]["version"]) for a in answers} == {(200, 2)}
     assert {(r.status_code, r.json()["models"]["mnist_cnn"]) for r in readiness} == {(200, 2)}
+    # gRPC too: the new worker bound GRPC_PORT beside its sibling (SO_REUSEPORT), and
+    # calls on new connections, which the kernel spreads over both, answer version 2.
+    assert server.log().count("gRPC serving on port") == len(before) + 1
+    assert grpc_versions(server.grpc, digit_pngs[:30]) == {"2"}
     assert "not serving" in server.log() and "Traceback" not in server.log()
+
+
+def grpc_versions(target: str, pngs: list[bytes]) -> set[str]:
+    """The model version that answers each PNG, one new gRPC connection per call."""
+    import tritonclient.grpc as triton_grpc
+
+    versions = set()
+    for png in pngs:
+        with triton_grpc.InferenceServerClient(target) as client:
+            image = triton_grpc.InferInput("image", [1], "BYTES")
+            image.set_data_from_numpy(np.array([png], dtype=object))
+            versions.add(client.infer("mnist_cnn", [image], client_timeout=30)
+                         .get_response().model_version)
+    return versions
 
 
 HOSTILE = {"3": "a symlink that leads outside MODELS_DIR",

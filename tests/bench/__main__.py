@@ -57,7 +57,8 @@ def start(server: Server, scratch: Path) -> None:
     """Start a server and time process start to its first 200 on /ready."""
     server.port = free_port()
     server.log = scratch / f"{server.name}.log"
-    env = {**os.environ, **server.env, "PORT": str(server.port)}
+    # gRPC on a port of its own: servers of ours running at once must not share one.
+    env = {**os.environ, "GRPC_PORT": str(free_port()), **server.env, "PORT": str(server.port)}
     started = time.perf_counter()
     server.process = subprocess.Popen(
         [a.replace("{port}", str(server.port)) for a in server.argv], cwd=ROOT, env=env,

@@ -36,6 +36,7 @@ from tests.test_compose import final_stage
 KUBERNETES = "1.34.0"  # the release the manifests are validated for
 BASE = ROOT / "deploy" / "kubernetes"
 KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+KSERVE_GRPC = ROOT / "deploy" / "kserve" / "inferenceservice-grpc.yaml"
 RETRAIN = BASE / "retrain" / "job.yaml"
 LITE = BASE / "lite"  # an overlay: the api on the lite image
 WORKER_MIB = 700  # resident memory of one TensorFlow worker (BENCHMARKS.md: 674 MB)
@@ -206,14 +207,15 @@ def test_service_hpa_and_pdb_select_the_api(base):
     assert hpa["spec"]["scaleTargetRef"]["name"] == "mnist-api"
     assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"]
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
-    (port,) = service["spec"]["ports"]
-    assert port["targetPort"] in {p["name"] for p in container(deployment)["ports"]}
+    for port in service["spec"]["ports"]:
+        assert port["targetPort"] in {p["name"] for p in container(deployment)["ports"]}
 
 
 def test_proxy_forwards_to_the_api_service_with_the_same_body_limit(base):
     proxy, api = container(base["Deployment", "mnist-proxy"]), container(base["Deployment",
                                                                               "mnist-api"])
-    (api_port,) = base["Service", "mnist-api"]["spec"]["ports"]
+    (api_port,) = [p for p in base["Service", "mnist-api"]["spec"]["ports"]
+                   if p["name"] == "http"]
     assert environment(proxy)["UPSTREAM"] == f"mnist-api:{api_port['port']}"
     assert environment(proxy)["MAX_CONTENT_LENGTH"] == environment(api)["MAX_CONTENT_LENGTH"]
     assert proxy["command"] == ["/etc/mnist-nginx/start.sh"]
@@ -310,6 +312,22 @@ def test_inference_service_matches_kserves_own_schema():
     check(isvc, "V1beta1InferenceService", "InferenceService")
 
 
+def test_the_grpc_inference_service_is_the_http_one_routing_grpc():
+    """Knative routes one port per container: the twin routes gRPC (KServe's h2c on
+    8081, probed over grpc.health.v1), and is otherwise the same container."""
+    (isvc,) = documents(KSERVE_GRPC)
+    check(isvc, "V1beta1InferenceService", "InferenceService")
+    (http,) = documents(KSERVE)[0]["spec"]["predictor"]["containers"]
+    (serving,) = isvc["spec"]["predictor"]["containers"]
+    assert serving["ports"] == [{"name": "h2c", "containerPort": 8081, "protocol": "TCP"}]
+    assert environment(serving)["GRPC_PORT"] == "8081" == environment(http)["GRPC_PORT"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert serving[probe]["grpc"] == {"port": 8081}
+    different = {"ports", "readinessProbe", "livenessProbe"}
+    assert {k: v for k, v in serving.items() if k not in different} == \
+        {k: v for k, v in http.items() if k not in different}
+
+
 def test_the_schema_check_rejects_what_kserve_would(tmp_path):
     (isvc,) = documents(KSERVE)
     isvc["spec"]["predictor"]["minReplica"] = 1  # a typo KServe's API would reject
@@ -356,6 +374,7 @@ def run_as_container(spec: dict, mounts: dict[str, Path], port: str, log: Path
     env = {**os.environ, **{k: v for k, v in image["env"].items() if k != "PATH"}}
     env.update({k: host(v) for k, v in environment(spec).items()})
     env["PORT"] = port
+    env["GRPC_PORT"] = str(free_port())  # each worker binds it with SO_REUSEPORT
     argv = spec.get("command") or image["entrypoint"]
     argv = argv + (spec.get("args") or ([] if "command" in spec else image["cmd"]))
     executable = sys.executable if argv[0] == "python" else str(
@@ -415,10 +434,30 @@ def test_container_answers_its_probes_on_its_port(manifest, base, fit_run, tmp_p
         for probe in probes:
             probe_until_ok(process, f"http://127.0.0.1:{port}{probe['httpGet']['path']}")
         assert os.listdir(env["PROMETHEUS_MULTIPROC_DIR"])  # the metrics went to the emptyDir
+        check_grpc_health(env["GRPC_PORT"])
         if manifest == "deployment":
             check_proxy_pod_in_front(base, port, tmp_path)
     finally:
         stop(process)
+
+
+def check_grpc_health(port: str) -> None:
+    """The container's gRPC server answers grpc.health.v1 as a Kubernetes gRPC probe asks."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=30, wait_for_ready=True)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_grpc_port_is_declared_where_the_api_serves_it(base):
+    spec = container(base["Deployment", "mnist-api"])
+    assert probe_port(spec, "grpc") == int(environment(spec)["GRPC_PORT"])
+    service = base["Service", "mnist-api"]
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert port["targetPort"] == "grpc" and port["appProtocol"] == "kubernetes.io/h2c"
 
 
 def check_proxy_pod_in_front(base: dict, api_port: str, tmp_path: Path) -> None:
