@@ -241,7 +241,7 @@ def test_only_the_proxy_is_published_and_it_forwards_to_the_api(compose):
 
 def test_train_service_trains_into_the_volume_then_skips(compose, image, container):
     train = compose["services"]["train"]
-    argv = [*container.command(service_argv(image, train)), "--limit", "10000",
+    argv = [*container.command(service_argv(image, train)), "--limit", "2000",
             "--epochs", "1"]
     env = container.environment(image, train)
     first = subprocess.run(argv, cwd=container.root, env=env, capture_output=True, text=True,
