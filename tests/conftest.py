@@ -132,6 +132,12 @@ class Background:
         self._pool = ThreadPoolExecutor(max_workers=4)
         self._started: dict[str, Future] = {}
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._started
+
+    def __getitem__(self, key: str) -> Future:
+        return self._started[key]
+
     def start(self, key: str, call: Callable[[], T]) -> Future:
         """Start ``call`` under ``key`` unless it already started; its future."""
         if key not in self._started:
@@ -158,8 +164,11 @@ def train_fit_run(models_dir: Path) -> FitRun:
 
 
 def start_fit_run(background: Background, tmp_path_factory) -> Future:
-    return background.start("fit_run",
-                            lambda: train_fit_run(tmp_path_factory.mktemp("models")))
+    """fit_run's training, started once; its folder is made here, in pytest's thread."""
+    if "fit_run" not in background:
+        models_dir = tmp_path_factory.mktemp("models")
+        background.start("fit_run", lambda: train_fit_run(models_dir))
+    return background["fit_run"]
 
 
 @pytest.fixture(scope="session")

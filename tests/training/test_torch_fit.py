@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ SEED = 42
 DEFAULT_NAME = {"MODEL_NAME": ""}
 
 
-def train_torch(arch: str, models_dir) -> FitRun:
+def train_torch(arch: str, models_dir: Path) -> FitRun:
     result = run_fit("--framework", "torch", "--arch", arch, "--limit", str(LIMIT),
                      "--epochs", "2", "--models-dir", str(models_dir), env=DEFAULT_NAME)
     assert result.returncode == 0, result.stderr[-3000:]
