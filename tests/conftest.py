@@ -11,14 +11,19 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
 import requests
 
 from training.data import Mnist, load_mnist
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every worker binds GRPC_PORT with SO_REUSEPORT (app/grpc_server.py), and a second
@@ -97,41 +102,105 @@ class FitRun:
     stdout: str
 
 
-def run_fit(*args: str, env: dict[str, str] | None = None, timeout: int = 600
-            ) -> subprocess.CompletedProcess:
-    """Run the real CLI in a fresh interpreter, as a user would."""
+def run_module(module: str, *args: str, env: dict[str, str] | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command line (``python -m module``) in a fresh interpreter, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "training.fit", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 
 
+def run_fit(*args: str, env: dict[str, str] | None = None, timeout: int = 600
+            ) -> subprocess.CompletedProcess:
+    """Run the real training CLI in a fresh interpreter, as a user would."""
+    return run_module("training.fit", *args, env=env, timeout=timeout)
+
+
+def side_by_side(*calls: Callable[[], T]) -> list[T]:
+    """Each call's result, the calls run at the same time (each in a thread of its own).
+
+    For independent training subprocesses: most of a short run's wall time is one core
+    busy (importing TensorFlow, reading MNIST, evaluating, exporting), so two runs side by
+    side on two cores take little more than the longer one alone."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
+
+
+class Background:
+    """Session work started ahead of the fixture that needs it, each piece once."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=4)
+        self._started: dict[str, Future] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._started
+
+    def __getitem__(self, key: str) -> Future:
+        return self._started[key]
+
+    def start(self, key: str, call: Callable[[], T]) -> Future:
+        """Start ``call`` under ``key`` unless it already started; its future."""
+        if key not in self._started:
+            self._started[key] = self._pool.submit(call)
+        return self._started[key]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 @pytest.fixture(scope="session")
-def fit_run(tmp_path_factory) -> FitRun:
-    """The served CNN trained for one epoch on 2,000 real images and exported."""
-    models_dir = tmp_path_factory.mktemp("models")
+def background():
+    """Where session fixtures start work early: a subprocess training the fit_run model
+    runs beside served_models' three, not after them (see side_by_side)."""
+    pool = Background()
+    yield pool
+    pool.close()
+
+
+def train_fit_run(models_dir: Path) -> FitRun:
     result = run_fit("--limit", "2000", "--epochs", "1", "--models-dir", str(models_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     return FitRun(models_dir, models_dir / "mnist_cnn" / "1", result.stdout)
 
 
+def start_fit_run(background: Background, tmp_path_factory) -> Future:
+    """fit_run's training, started once; its folder is made here, in pytest's thread."""
+    if "fit_run" not in background:
+        models_dir = tmp_path_factory.mktemp("models")
+        background.start("fit_run", lambda: train_fit_run(models_dir))
+    return background["fit_run"]
+
+
 @pytest.fixture(scope="session")
-def served_models(tmp_path_factory) -> Path:
+def fit_run(background, tmp_path_factory) -> FitRun:
+    """The served CNN trained for one epoch on 2,000 real images and exported."""
+    return start_fit_run(background, tmp_path_factory).result()
+
+
+@pytest.fixture(scope="session")
+def served_models(request, background, tmp_path_factory) -> Path:
     """A MODELS_DIR as training leaves it: the CNN (one epoch on all 55,000 training
     images, ~98% accurate), the tiny net, and the NumPy-trained tiny net, each trained
-    for real by its command line."""
+    for real by its command line.
+
+    The three train side by side, and fit_run's too when a collected test needs it: the
+    big CNN keeps about one core busy, the others fill the second."""
+    if any("fit_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        start_fit_run(background, tmp_path_factory)
     models_dir = tmp_path_factory.mktemp("served_models")
-    runs = [("--epochs", "1"),
-            ("--arch", "tiny", "--name", "mnist_tiny", "--limit", "10000", "--epochs", "2")]
-    for args in runs:
-        result = run_fit(*args, "--models-dir", str(models_dir))
+    into = ("--models-dir", str(models_dir))  # each run writes its own model's folder
+    results = side_by_side(
+        lambda: run_fit("--epochs", "1", *into),
+        lambda: run_fit("--arch", "tiny", "--name", "mnist_tiny", "--limit", "10000",
+                        "--epochs", "2", *into),
+        # the NumPy net, served next to the others
+        lambda: run_module("training.scratch", "--limit", "10000", "--epochs", "1", *into))
+    for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
-    scratch = subprocess.run(  # the NumPy net, served next to the others
-        [sys.executable, "-m", "training.scratch", "--limit", "10000", "--epochs", "1",
-         "--models-dir", str(models_dir)], cwd=ROOT, capture_output=True, text=True,
-        timeout=600)
-    assert scratch.returncode == 0, scratch.stderr[-3000:]
     return models_dir
 
 

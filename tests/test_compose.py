@@ -167,5 +167,3 @@ def test_the_proxy_publishes_rest_and_the_api_only_grpc(compose):
     assert proxy["environment"]["UPSTREAM"] == f"api:{api['environment']['PORT']}"
     assert proxy["environment"]["MAX_CONTENT_LENGTH"] == api["environment"]["MAX_CONTENT_LENGTH"]
     assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
-
-

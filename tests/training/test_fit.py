@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tests.conftest import run_fit
+from tests.conftest import run_fit, side_by_side
 from training.data import load_mnist, to_model_input
 from training.export_format import complete
 
@@ -95,13 +95,15 @@ def test_fit_prints_test_figures_and_the_per_class_table(fit_run):
 
 
 def test_the_same_seed_repeats_a_run_exactly(tmp_path):
-    runs = []
-    for folder in ("a", "b"):
-        result = run_fit("--arch", "tiny", "--limit", "600", "--epochs", "2", "--seed", "3",
-                         "--models-dir", str(tmp_path / folder))
+    folders = [tmp_path / "a", tmp_path / "b"]
+    results = side_by_side(*(  # side by side: repeatable even when not run alone
+        lambda f=folder: run_fit("--arch", "tiny", "--limit", "600", "--epochs", "2",
+                                 "--seed", "3", "--models-dir", str(f))
+        for folder in folders))
+    for result in results:
         assert result.returncode == 0, result.stderr[-2000:]
-        runs.append(json.loads(
-            (tmp_path / folder / "mnist_cnn" / "1" / "metadata.json").read_text()))
+    runs = [json.loads((folder / "mnist_cnn" / "1" / "metadata.json").read_text())
+            for folder in folders]
     assert runs[0]["history"] == runs[1]["history"]
     assert runs[0]["test"]["confusion_matrix"] == runs[1]["test"]["confusion_matrix"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import tensorflow as tf
 import torch
 from PIL import Image
 
-from tests.conftest import FitRun, run_fit, start_server, stop_server
+from tests.conftest import FitRun, run_fit, side_by_side, start_server, stop_server
 from training.data import split_validation, to_model_input
 from training.recipes import PRESETS
 from training.torch_cnn import SEQUENTIAL_QUIRK, TORCH_ARCHITECTURES, build_net
@@ -25,14 +26,27 @@ SEED = 42
 DEFAULT_NAME = {"MODEL_NAME": ""}
 
 
-@pytest.fixture(scope="module", params=TORCH_ARCHITECTURES)
-def torch_run(request, tmp_path_factory) -> FitRun:
-    """Each PyTorch variant trained for two epochs on 2,000 real images and exported."""
-    models_dir = tmp_path_factory.mktemp(f"torch_{request.param}")
-    result = run_fit("--framework", "torch", "--arch", request.param, "--limit", str(LIMIT),
+def train_torch(arch: str, models_dir: Path) -> FitRun:
+    result = run_fit("--framework", "torch", "--arch", arch, "--limit", str(LIMIT),
                      "--epochs", "2", "--models-dir", str(models_dir), env=DEFAULT_NAME)
     assert result.returncode == 0, result.stderr[-3000:]
     return FitRun(models_dir, models_dir / "mnist_torch" / "1", result.stdout)
+
+
+@pytest.fixture(scope="module")
+def torch_runs(tmp_path_factory) -> dict[str, FitRun]:
+    """Each PyTorch variant trained for two epochs on 2,000 real images and exported,
+    the two runs side by side."""
+    folders = {arch: tmp_path_factory.mktemp(f"torch_{arch}") for arch in TORCH_ARCHITECTURES}
+    runs = side_by_side(*(lambda a=arch: train_torch(a, folders[a])
+                          for arch in TORCH_ARCHITECTURES))
+    return dict(zip(TORCH_ARCHITECTURES, runs, strict=True))
+
+
+@pytest.fixture(scope="module", params=TORCH_ARCHITECTURES)
+def torch_run(request, torch_runs) -> FitRun:
+    """One PyTorch variant's run (see torch_runs)."""
+    return torch_runs[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +125,14 @@ def test_fit_prints_the_tables_the_keras_path_prints(torch_run, metadata):
 
 
 def test_the_same_seed_repeats_a_pytorch_run_exactly(tmp_path):
-    runs = []
-    for folder in ("a", "b"):
-        result = run_fit("--framework", "torch", "--limit", "600", "--epochs", "1",
-                         "--seed", "3", "--models-dir", str(tmp_path / folder),
-                         env=DEFAULT_NAME)
+    folders = [tmp_path / "a", tmp_path / "b"]
+    results = side_by_side(*(  # side by side: repeatable even when not run alone
+        lambda f=folder: run_fit("--framework", "torch", "--limit", "600", "--epochs", "1",
+                                 "--seed", "3", "--models-dir", str(f), env=DEFAULT_NAME)
+        for folder in folders))
+    for result in results:
         assert result.returncode == 0, result.stderr[-2000:]
-        runs.append(tmp_path / folder / "mnist_torch" / "1")
+    runs = [folder / "mnist_torch" / "1" for folder in folders]
     first, second = (json.loads((run / "metadata.json").read_text()) for run in runs)
     assert first["history"] == second["history"]
     assert first["test"]["confusion_matrix"] == second["test"]["confusion_matrix"]
