@@ -1,14 +1,12 @@
 """Who may call (app/auth.py, app/cors.py): one real gunicorn with a tokens file and one
-allowed CORS origin, called by requests and by Chromium on another origin."""
+allowed CORS origin (``secured`` in tests/conftest.py, shared with tests/test_fuzz.py),
+called by requests and by Chromium on another origin."""
 
 from __future__ import annotations
 
 import hashlib
-import http.server
 import subprocess
 import sys
-import threading
-from pathlib import Path
 
 import pytest
 import requests
@@ -18,55 +16,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 from app.auth import TokenFileError, TokenTable, check
 from app.errors import PermissionDenied, Unauthenticated
 from tests.app.test_pages import browser  # noqa: F401 - the same headless Chromium
-from tests.conftest import ROOT, start_server, stop_server, wait_until
+from tests.conftest import ADMIN_TOKEN, PREDICT_TOKEN, ROOT, TOKENS, wait_until
 from tests.deploy.slow_clients import digit_png
 
-PREDICT_TOKEN = "predict-token-0123456789abcdef"
-ADMIN_TOKEN = "admin-token-0123456789abcdef"  # listed by its SHA-256 only
-TOKENS = (f"# who may call\n{PREDICT_TOKEN} predict\n\n"
-          f"sha256:{hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()} admin  # ops\n")
 ZEROS = {"instances": [[[0.0] * 28] * 28]}
 
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture(scope="module")
-def origin_site(tmp_path_factory):
-    """A page server on another port: http://127.0.0.1:<port> is the allowed origin,
-    http://localhost:<port> the same page on an origin that is not."""
-    folder = tmp_path_factory.mktemp("origin")
-    (folder / "index.html").write_text("<!doctype html><title>another site</title>")
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args):
-            super().__init__(*args, directory=str(folder))
-
-        def log_message(self, *args) -> None:
-            pass
-
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
-    yield site.server_address[1]
-    site.shutdown()
-    site.server_close()
-
-
-@pytest.fixture(scope="module")
-def tokens_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("auth") / "tokens"
-    path.write_text(TOKENS)
-    return path
-
-
-@pytest.fixture(scope="module")
-def secured(fit_run, tokens_file, origin_site, tmp_path_factory):
-    running = start_server(fit_run.models_dir, tmp_path_factory.mktemp("secured") / "g.log",
-                           WORKERS="1", AUTH_TOKENS_FILE=str(tokens_file),
-                           CORS_ALLOWED_ORIGINS=f"http://127.0.0.1:{origin_site}")
-    yield running
-    stop_server(running)
-    assert "Traceback" not in running.log(), running.log()[-3000:]
 
 
 @pytest.mark.parametrize(("text", "line", "why"), [
