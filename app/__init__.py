@@ -9,6 +9,8 @@ Endpoints (all JSON unless said otherwise; errors are ``{"error": {"code", "mess
 - ``GET /health`` (alive), ``GET /ready`` (default model loaded, else 503)
 - ``GET /metrics`` (Prometheus text format), ``GET /openapi.json`` (OpenAPI 3.1)
 - ``GET /models/<name>/plots/<plot>.png``: the training plots exported with the model
+- with AUTH_TOKENS_FILE set, everything but the probes and pages needs a bearer token
+  (app/auth.py); CORS_ALLOWED_ORIGINS lets other origins' pages call it (app/cors.py)
 - ``GET /`` and ``GET /model``: web pages to draw a digit and to look at the model
 - ``/v1/models/...``: TensorFlow Serving's REST API (status, metadata, ``:predict``)
 - ``/v2/...``: the Open Inference Protocol (KServe V2: health, metadata, ``/infer``,
@@ -37,7 +39,7 @@ def create_app(config: Config | None = None) -> Flask:
 
     Called in each gunicorn worker after the fork, so models (and TensorFlow) load there.
     """
-    from app import errors, logs
+    from app import auth, cors, errors, logs
     from app.api import models, open_inference, operations, pages, predict, tf_serving
     from app.api.common import ServiceRequest
     from app.api.urls import WholeNumberConverter, merged_slashes
@@ -68,6 +70,8 @@ def create_app(config: Config | None = None) -> Flask:
 
     errors.register(app)
     logs.init_app(app, metrics)
+    auth.init_app(app, config.auth_tokens_file)
+    cors.init_app(app, config.cors_origins)
     for blueprint in (predict.bp, models.bp, operations.bp, pages.bp, tf_serving.bp,
                       open_inference.bp):
         app.register_blueprint(blueprint)

@@ -7,6 +7,7 @@ rest of the code receives it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -50,6 +51,8 @@ class Config:
     workers: int = 2  # gunicorn worker processes
     threads: int = 16  # gunicorn threads per worker (gthread): room for a batch to form
     cpu_affinity: str = "auto"  # pin each worker to one CPU: auto, on or off (app/affinity.py)
+    auth_tokens_file: str = ""  # bearer tokens and their scopes (app/auth.py); empty: no auth
+    cors_allowed_origins: str = ""  # origins, comma-separated, whose pages may call the API
     prometheus_multiproc_dir: str = ""  # set by app/gunicorn.conf.py for multi-worker metrics
 
     @classmethod
@@ -96,7 +99,23 @@ class Config:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                               f"got {self.log_level!r}")
+        self.cors_origins  # noqa: B018 - raises ConfigError for a malformed list
         return self
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        """CORS_ALLOWED_ORIGINS as exact origins (``scheme://host[:port]``), or ``("*",)``."""
+        origins = tuple(o.strip() for o in self.cors_allowed_origins.split(",") if o.strip())
+        if "*" in origins and len(origins) > 1:
+            raise ConfigError("CORS_ALLOWED_ORIGINS: '*' allows every origin; list no other")
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ConfigError("CORS_ALLOWED_ORIGINS: each origin is scheme://host[:port] "
+                                  f"with no path or trailing slash, got {origin[:80]!r}")
+        return origins
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
 def _parse(variable: str, raw: str, kind: type) -> object:

@@ -31,12 +31,44 @@ class ApiError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+        self.headers: dict[str, str] = {}  # sent with the answer (WWW-Authenticate, …)
 
 
 class InvalidInput(ApiError):
     """The request cannot be read: unreadable image, empty body, malformed JSON."""
 
     status, code = 400, "invalid_input"
+
+
+def bearer_challenge(realm: str, error: str | None = None, scope: str | None = None) -> str:
+    """RFC 6750's WWW-Authenticate value: ``Bearer realm="…"`` plus the error and scope."""
+    parts = [f'realm="{realm}"']
+    if error:
+        parts.append(f'error="{error}"')
+    if scope:
+        parts.append(f'scope="{scope}"')
+    return "Bearer " + ", ".join(parts)
+
+
+class Unauthenticated(ApiError):
+    """No bearer token, a malformed one, or one not listed in AUTH_TOKENS_FILE (app/auth.py).
+    gRPC: UNAUTHENTICATED."""
+
+    status, code = 401, "unauthenticated"
+
+    def __init__(self, message: str, realm: str, error: str | None = None):
+        super().__init__(message)
+        self.headers["WWW-Authenticate"] = bearer_challenge(realm, error)
+
+
+class PermissionDenied(ApiError):
+    """A listed token without the scope the endpoint needs. gRPC: PERMISSION_DENIED."""
+
+    status, code = 403, "permission_denied"
+
+    def __init__(self, message: str, realm: str, scope: str):
+        super().__init__(message)
+        self.headers["WWW-Authenticate"] = bearer_challenge(realm, "insufficient_scope", scope)
 
 
 class ModelNotFound(ApiError):
@@ -90,7 +122,8 @@ class ModelFailed(ApiError):
 # Triton's dynamic batcher answer it, and as gRPC maps HTTP 503: the one code gRPC's own
 # retry policies and clients treat as "retry with backoff"; RESOURCE_EXHAUSTED is left to
 # gRPC's own limits (a message over MAX_CONTENT_LENGTH, too many concurrent calls).
-GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+              403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
               413: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT,
               422: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE,
               504: grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -141,6 +174,7 @@ def register(app: Flask) -> None:
         response.status_code = err.status
         if err.retry_after is not None:
             response.headers["Retry-After"] = str(err.retry_after)
+        response.headers.update(err.headers)
         return response
 
     @app.errorhandler(RequestEntityTooLarge)

@@ -10,6 +10,15 @@ import tempfile
 from app.config import Config
 
 _settings = Config.from_env()  # not "config": gunicorn reads that name as a setting
+if _settings.auth_tokens_file:  # a file that does not parse stops the server here, named
+    from pathlib import Path
+
+    from app.auth import TokenFileError, TokenTable
+
+    try:
+        TokenTable.read(Path(_settings.auth_tokens_file))
+    except TokenFileError as err:
+        raise SystemExit(f"gunicorn: refusing to start: {err}") from None
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.workers
@@ -61,6 +70,18 @@ def _prepare_metrics_folder() -> tuple[str, bool]:
 
 
 _metrics_dir, _metrics_dir_is_temporary = _prepare_metrics_folder()
+
+def when_ready(server):
+    """One warning at start when anyone beyond this host can call with no token asked."""
+    from app.auth import is_loopback
+
+    exposed = [address for address in server.cfg.address
+               if isinstance(address, tuple) and not is_loopback(address[0])]
+    if exposed and not _settings.auth_tokens_file:
+        server.log.warning("listening on %s with no AUTH_TOKENS_FILE: anyone who can reach "
+                           "it may call every endpoint (README, \"Security\")",
+                           ", ".join(f"{host}:{port}" for host, port in exposed))
+
 
 def child_exit(server, worker):
     """Drop a dead worker's live gauges from the aggregate, and free its slot in the

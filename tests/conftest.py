@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import http.server
 import os
 import shutil
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -351,6 +354,51 @@ def foreign_exports(tmp_path_factory) -> dict[str, Path]:
     return {"wrong_shape": foreign_saved_model(wrong_shape, root / "wrong_shape"),
             "nan_outputs": export_version(nan_outputs, root / "nan_outputs",
                                           {"summary": summarize_model(nan_outputs)})}
+
+
+PREDICT_TOKEN = "predict-token-0123456789abcdef"
+ADMIN_TOKEN = "admin-token-0123456789abcdef"  # listed by its SHA-256 only
+TOKENS = (f"# who may call\n{PREDICT_TOKEN} predict\n\n"
+          f"sha256:{hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()} admin  # ops\n")
+
+
+@pytest.fixture(scope="session")
+def origin_site(tmp_path_factory):
+    """A page server on another port: http://127.0.0.1:<port> is the allowed origin,
+    http://localhost:<port> the same page on an origin that is not."""
+    folder = tmp_path_factory.mktemp("origin")
+    (folder / "index.html").write_text("<!doctype html><title>another site</title>")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args):
+            super().__init__(*args, directory=str(folder))
+
+        def log_message(self, *args) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    yield site.server_address[1]
+    site.shutdown()
+    site.server_close()
+
+
+@pytest.fixture(scope="session")
+def tokens_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens"
+    path.write_text(TOKENS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def secured(fit_run, tokens_file, origin_site, tmp_path_factory):
+    """gunicorn (one worker) asking for the tokens in TOKENS, with CORS for origin_site's
+    127.0.0.1 origin: tests/app/test_security.py and tests/test_fuzz.py call it."""
+    running = start_server(fit_run.models_dir, tmp_path_factory.mktemp("secured") / "g.log",
+                           WORKERS="1", AUTH_TOKENS_FILE=str(tokens_file),
+                           CORS_ALLOWED_ORIGINS=f"http://127.0.0.1:{origin_site}")
+    yield running
+    stop_server(running)
+    assert "Traceback" not in running.log(), running.log()[-3000:]
 
 
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:

@@ -1,5 +1,6 @@
 """Fuzzing the running service: schemathesis from /openapi.json, and hypothesis mutating
-real image and .npy bytes through /predict and V2 binary tensors.
+real image and .npy bytes through /predict and V2 binary tensors, and hostile
+Authorization headers against a server that asks for tokens.
 
 Short profiles run in ``make test``; ``make fuzz`` sets FUZZ_PROFILE=long (≥ 1,000
 schemathesis cases over all operations, 600 mutated files per format, 60 hostile model
@@ -9,6 +10,7 @@ must stay within its memory.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -19,6 +21,7 @@ import struct
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -34,7 +37,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import ADMIN_TOKEN, PREDICT_TOKEN, start_server, stop_server
 from tests.restyle import canvas_seven, encode, ink_on_paper
 
 LONG = os.environ.get("FUZZ_PROFILE") == "long"
@@ -572,3 +575,66 @@ def test_hostile_grpc_messages_never_get_unknown_or_internal(fuzz_server, mnist,
     print(f"gRPC {seed}: {dict(sorted(codes.items()))}")
     assert sum(codes.values()) >= GRPC_EXAMPLES // 2
     assert "INVALID_ARGUMENT" in codes
+
+
+# --- Authorization: huge, malformed and many headers against a server asking for tokens --
+
+AUTH_EXAMPLES = 400 if LONG else 40
+# 401/403 the app's; 200 a listed token; 400 and 431 gunicorn's own (a header it cannot
+# parse, one over 8,190 bytes, more than 100 headers).
+AUTH_TYPED = {200, 400, 401, 403, 431}
+HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=64)
+AUTHORIZATION = st.one_of(
+    HEADER_TEXT,
+    st.builds(lambda scheme, token: f"{scheme} {token}",
+              st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "Bearer ", ""]),
+              HEADER_TEXT),
+    st.builds(lambda n, c: "Bearer " + c * n, st.integers(1, 12_000),
+              st.sampled_from(["a", "=", "é", " ", "\t"])),
+    st.sampled_from([f"Bearer {PREDICT_TOKEN}", f"Bearer {PREDICT_TOKEN}x",
+                     f"Bearer {PREDICT_TOKEN[:-1]}", f"Bearer  {PREDICT_TOKEN}  ",
+                     f"Bearer sha256:{'0' * 64}", f"Bearer {ADMIN_TOKEN}"]),
+)
+
+
+def send_authorization(url: str, path: str, values: list[str]) -> tuple[int, bytes]:
+    """One request with these Authorization headers, as latin-1 bytes on the wire."""
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    try:
+        connection.putrequest("POST", path)
+        for value in values:
+            connection.putheader("Authorization", value.encode("latin-1"))
+        connection.putheader("Content-Type", "application/json")
+        body = json.dumps({"instances": [[[0.0] * 28] * 28]}).encode()
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("path", ["/predict", "/v2/models/mnist_cnn/infer"])
+def test_hostile_authorization_headers_get_401_403_or_gunicorns_own_never_500(secured, path):
+    statuses = []
+
+    @settings(max_examples=AUTH_EXAMPLES, deadline=None, derandomize=not LONG,
+              database=None, suppress_health_check=list(HealthCheck))
+    @given(values=st.lists(AUTHORIZATION, min_size=0, max_size=120))
+    @example(values=[])
+    @example(values=[f"Bearer {PREDICT_TOKEN}"] * 2)
+    @example(values=["Bearer " + "a" * 9000])
+    @example(values=[f"Bearer {PREDICT_TOKEN}"] * 101)
+    def check(values):
+        status, body = send_authorization(secured.url, path, values)
+        statuses.append(status)
+        assert status in AUTH_TYPED, (status, body[:300])
+        if status in (401, 403):
+            error = json.loads(body)["error"]
+            assert isinstance(error, dict if path == "/predict" else str), error
+
+    check()
+    print(f"{path}: {len(statuses)} answers, statuses {dict(sorted(Counter(statuses).items()))}")
+    assert {401, 431} <= set(statuses), sorted(set(statuses))
+    assert requests.get(secured.url + "/ready", timeout=10).status_code == 200

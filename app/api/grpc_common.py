@@ -24,6 +24,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
 from app.api.common import metrics, settings
+from app.auth import check, rpc_scope
 from app.batching import Deadline
 from app.errors import ApiError, InvalidInput, grpc_code
 from app.logs import access_log, request_id_from
@@ -112,6 +113,7 @@ def rpc(service: str) -> Callable:
                     if isinstance(request, Unreadable):
                         raise InvalidInput(f"the request is no valid {method.__name__} "
                                            f"message: {request.error}")
+                    authorize(self.app, method.__name__, context)
                     response = method(self, request, context)
                 except ApiError as err:
                     code, message = grpc_code(err), err.message
@@ -128,6 +130,15 @@ def rpc(service: str) -> Callable:
         return call
 
     return decorate
+
+
+def authorize(app: Flask, method: str, context: grpc.ServicerContext) -> None:
+    """AUTH_TOKENS_FILE's check on the call's ``authorization`` metadata, as REST's on its
+    header; raises Unauthenticated or PermissionDenied."""
+    tokens = app.extensions.get("auth")
+    scope = rpc_scope(method)
+    if tokens is not None and scope is not None:
+        check(tokens.current(), _metadata(context, "authorization"), scope)
 
 
 def _record(service: str, method: str, code: grpc.StatusCode, started: float, request: Any,

@@ -83,7 +83,7 @@ function showPrediction(body) {
 
 async function send(blob, type, asked = generation) {
   try {
-    const response = await fetch("/predict?explain=1", {
+    const response = await authFetch("/predict?explain=1", {
       method: "POST", headers: {"Content-Type": type || "application/octet-stream"}, body: blob});
     const body = await response.json();
     if (asked !== generation) return;

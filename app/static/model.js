@@ -20,7 +20,7 @@ function cells(row, values) {
 }
 
 async function getJson(url) {
-  const response = await fetch(url);
+  const response = await authFetch(url);
   const body = await response.json();
   if (!response.ok) throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
   return body;
@@ -61,13 +61,23 @@ function showSummary(summary) {
     c.digit, fmt.format(c.correct), fmt.format(c.total), `${(100 * c.accuracy).toFixed(2)}%`]));
 }
 
+// An <img src> cannot send the token: fetch the plot with it and show it as a data: URL.
+async function showImage(img, url) {
+  const response = await authFetch(url);
+  if (!response.ok) return;
+  const blob = await response.blob();
+  const reader = new FileReader();
+  reader.onload = () => { img.src = reader.result; };
+  reader.readAsDataURL(blob);
+}
+
 function showPlots(model) {
   const box = document.getElementById("plots");
   (model.plots || []).forEach((plot) => {
     const figure = document.createElement("figure");
     const img = document.createElement("img");
-    img.src = plot.url;
     img.alt = plot.title;
+    showImage(img, plot.url);
     const caption = document.createElement("figcaption");
     caption.textContent = plot.title;
     figure.append(img, caption);

@@ -8,6 +8,11 @@
 #   METRICS_ALLOW       addresses or CIDR ranges, space-separated, that may read /metrics
 #                       through nginx (default "127.0.0.1 ::1", the host itself; empty:
 #                       none); anything else is refused with a 403
+#   RATE_LIMIT_RPS      requests per second each client may send (its bearer token, else
+#                       its address); more are answered 429 with Retry-After; empty: no limit
+#   RATE_LIMIT_BURST    requests over that rate a client may send at once (default: RPS)
+#   TLS_CERT_FILE       with TLS_KEY_FILE: HTTPS on PORT (TLS 1.2 and 1.3 with forward-secret
+#   TLS_KEY_FILE        AEAD ciphers only, HTTP/2); both PEM files, the chain first
 # POSIX sh and envsubst only: it runs unchanged in the nginx image (docker-compose.yml).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,10 +32,65 @@ for address in ${METRICS_ALLOW-127.0.0.1 ::1}; do
 done
 set +f
 export METRICS_ALLOW_RULES
+PATH="$PATH:/usr/sbin"  # where Debian and the nginx image put it
+
+whole_number() {  # name value: a positive integer, or stop
+    case "$2" in
+        ''|0*|*[!0-9]*) echo "start.sh: $1 must be a whole number above 0, got '$2'" >&2
+                        exit 1 ;;
+    esac
+}
+RATE_LIMIT_ZONE="" RATE_LIMIT_RULES=""
+if [ -n "${RATE_LIMIT_RPS:-}" ]; then
+    whole_number RATE_LIMIT_RPS "$RATE_LIMIT_RPS"
+    burst="${RATE_LIMIT_BURST:-$RATE_LIMIT_RPS}"
+    whole_number RATE_LIMIT_BURST "$burst"
+    # shellcheck disable=SC2016  # nginx's variables, written for nginx
+    RATE_LIMIT_ZONE='map $http_authorization $rate_limit_key {
+        "" $binary_remote_addr;
+        default $http_authorization;
+    }
+    limit_req_zone $rate_limit_key zone=per_token:10m rate='"$RATE_LIMIT_RPS"'r/s;'
+    RATE_LIMIT_RULES="limit_req zone=per_token burst=$burst nodelay;
+        limit_req_log_level warn;
+        limit_req_status 429;"
+fi
+export RATE_LIMIT_ZONE RATE_LIMIT_RULES
+
+LISTEN_RULES="listen $PORT;"
+if [ -n "${TLS_CERT_FILE:-}${TLS_KEY_FILE:-}" ]; then
+    for file in "${TLS_CERT_FILE:-}" "${TLS_KEY_FILE:-}"; do
+        case "$file" in
+            ''|*[\"\$\;{}]*) echo "start.sh: TLS_CERT_FILE and TLS_KEY_FILE must both be set," \
+                            "to paths without quotes, \$, ; or braces" >&2
+                        exit 1 ;;
+        esac
+        [ -r "$file" ] || { echo "start.sh: cannot read $file" >&2; exit 1; }
+    done
+    # "http2 on" from nginx 1.25.1 (the image's 1.28); "listen ... http2" before (Debian's).
+    version=$(nginx -v 2>&1 | sed 's|.*nginx/||; s| .*||')
+    minor=$(echo "$version" | cut -d. -f2) patch=$(echo "$version" | cut -d. -f3)
+    if [ "${version%%.*}" -gt 1 ] || [ "$minor" -gt 25 ] || { [ "$minor" -eq 25 ] && [ "$patch" -ge 1 ]; }; then
+        http2="listen $PORT ssl;
+        http2 on;"
+    else
+        http2="listen $PORT ssl http2;"
+    fi
+    # Mozilla's "intermediate" profile: TLS 1.2 and 1.3, ECDHE/DHE with AEAD ciphers only.
+    LISTEN_RULES="$http2
+        ssl_certificate \"$TLS_CERT_FILE\";
+        ssl_certificate_key \"$TLS_KEY_FILE\";
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384;
+        ssl_prefer_server_ciphers off;
+        ssl_session_cache shared:tls:10m;
+        ssl_session_timeout 1d;
+        ssl_session_tickets off;"
+fi
+export LISTEN_RULES
 prefix="${NGINX_PREFIX:-$(mktemp -d "${TMPDIR:-/tmp}/mnist-nginx.XXXXXX")}"
 mkdir -p "$prefix"
 # shellcheck disable=SC2016  # the names are for envsubst, not for the shell
-envsubst '${PORT} ${UPSTREAM} ${MAX_CONTENT_LENGTH} ${METRICS_ALLOW_RULES}' \
+envsubst '${PORT} ${UPSTREAM} ${MAX_CONTENT_LENGTH} ${METRICS_ALLOW_RULES} ${RATE_LIMIT_ZONE} ${RATE_LIMIT_RULES} ${LISTEN_RULES}' \
     < "$here/nginx.conf.template" > "$prefix/nginx.conf"
-PATH="$PATH:/usr/sbin"  # where Debian and the nginx image put it
 exec nginx -p "$prefix" -c "$prefix/nginx.conf" -e stderr -g 'daemon off;'

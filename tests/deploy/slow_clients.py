@@ -50,9 +50,10 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_proxy(models_dir: Path, log_path: Path, **env: str) -> Proxy:
+def start_proxy(models_dir: Path, log_path: Path, ca: Path | None = None, **env: str) -> Proxy:
     """Start the script as `make serve-proxy` does, in its own process group (as a
-    terminal would), and wait until /ready answers 200 through nginx."""
+    terminal would), and wait until /ready answers 200 through nginx (over HTTPS, checked
+    against ``ca``, when ``env`` has TLS_CERT_FILE)."""
     port = free_port()
     environment = {**os.environ, "MODELS_DIR": str(models_dir), "PORT": str(port),
                    "WORKERS": "2", "GUNICORN": str(Path(sys.executable).parent / "gunicorn"),
@@ -66,14 +67,16 @@ def start_proxy(models_dir: Path, log_path: Path, **env: str) -> Proxy:
     process = subprocess.Popen([str(SERVE_PROXY)], cwd=ROOT, env=environment, stdout=handle,
                                stderr=subprocess.STDOUT, start_new_session=True,
                                preexec_fn=_default_sigint)
-    proxy = Proxy(f"http://127.0.0.1:{port}", process, log_path, handle)
+    scheme = "https" if ca else "http"
+    proxy = Proxy(f"{scheme}://127.0.0.1:{port}", process, log_path, handle)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
             handle.close()
             raise RuntimeError(f"serve-proxy exited with {process.returncode}:\n{proxy.log()}")
         try:
-            if requests.get(f"{proxy.url}/ready", timeout=2).status_code == 200:
+            if requests.get(f"{proxy.url}/ready", timeout=2,
+                            verify=str(ca) if ca else True).status_code == 200:
                 return proxy
         except requests.RequestException:  # nginx not listening yet
             pass
