@@ -67,7 +67,7 @@ def png(digit) -> bytes:
 def ready(url: str) -> bool:
     try:
         return requests.get(f"{url}/ready", timeout=5).status_code == 200
-    except requests.ConnectionError:
+    except requests.RequestException:  # not listening yet, or busy starting
         return False
 
 
