@@ -40,6 +40,7 @@ class Stack:
     project: str
     env: dict[str, str]
     url: str
+    grpc: str  # host:port of the api's published gRPC port
 
     def compose(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return subprocess.run([self.binary, "--project-name", self.project, *args],
@@ -76,12 +77,12 @@ def stack(request, images, base_images, tmp_path_factory) -> Iterator[Stack]:
     """`docker-compose build` then `up -d` on an empty ./models, until nginx answers /ready."""
     version = request.param
     folder = copy_project(tmp_path_factory.mktemp(f"compose-{version}"))
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(folder),
-           **base_images, "API_PORT": str(port), "TRAIN_ARGS": TRAIN_ARGS,
-           "MODEL_POLL_SECONDS": "1"}
+           **base_images, "API_PORT": str(port), "GRPC_PORT": str(grpc_port),
+           "TRAIN_ARGS": TRAIN_ARGS, "MODEL_POLL_SECONDS": "1"}
     running = Stack(COMPOSE[version], folder, f"mnisttest{version}", env,
-                    f"http://127.0.0.1:{port}")
+                    f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
     built = running.compose("build", timeout=3600)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     try:
@@ -107,6 +108,18 @@ def test_up_trains_and_nginx_serves_real_test_digits(stack, mnist):
     assert response.headers["Server"].startswith("nginx") or "X-Request-ID" in response.headers
     answered = [p["digit"] for p in response.json()["predictions"]]
     assert sum(a == int(y) for a, y in zip(answered, mnist.y_test[:10], strict=True)) >= 9
+
+
+def test_the_api_answers_grpc_on_its_published_port(stack, mnist):
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(stack.grpc)
+    assert client.is_model_ready(MODEL)
+    image = triton.InferInput("image", [1, 28, 28], "FP32")
+    image.set_data_from_numpy((mnist.x_test[:1] / 255.0).astype("float32"))
+    result = client.infer(MODEL, [image])
+    (output,) = result.get_response().outputs
+    assert result.as_numpy(output.name).argmax() == int(mnist.y_test[0])
 
 
 def test_the_summary_counts_the_reference_cnns_parameters(stack):
