@@ -10,7 +10,8 @@ Endpoints (all JSON unless said otherwise; errors are ``{"error": {"code", "mess
 - ``GET /metrics`` (Prometheus text format), ``GET /openapi.json`` (OpenAPI 3.1)
 - ``GET /models/<name>/plots/<plot>.png``: the training plots exported with the model
 - ``GET /`` and ``GET /model``: web pages to draw a digit and to look at the model
-- ``/v1/models/...``: TensorFlow Serving's REST API (status, metadata, ``:predict``)
+- ``/v1/models/...``: TensorFlow Serving's REST API (status, metadata, ``:predict``), by
+  version (``/versions/<v>``) or label (``/labels/<l>``); ``/models/<name>/labels/<l>/predict``
 - ``/v2/...``: the Open Inference Protocol (KServe V2: health, metadata, ``/infer``,
   ``POST /v2/repository/index``)
 
@@ -18,6 +19,8 @@ Run it with ``make serve`` (gunicorn with app/gunicorn.conf.py).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from flask import Flask
 
@@ -39,6 +42,7 @@ def create_app(config: Config | None = None) -> Flask:
     from app.api.urls import WholeNumberConverter, merged_slashes
     from app.metrics import Metrics
     from app.model_store import ModelStore
+    from app.shadow import ShadowRunner
     from app.version_policy import VersionPolicy
     from training.export_format import Bounds
 
@@ -58,8 +62,10 @@ def create_app(config: Config | None = None) -> Flask:
                        config.batch_max_size, config.batch_timeout_ms,
                        VersionPolicy.parse(config.model_version_policy),
                        config.model_poll_seconds, metrics, config.prefer_tflite_model,
-                       Bounds(config.model_max_bytes, config.model_check_seconds))
+                       Bounds(config.model_max_bytes, config.model_check_seconds),
+                       Path(config.model_config_file) if config.model_config_file else None)
     store.init_app(app)
+    app.extensions["shadow"] = ShadowRunner(metrics)
     store.load()  # what MODELS_DIR holds now; then a thread follows its changes
 
     errors.register(app)
