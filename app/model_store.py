@@ -132,6 +132,7 @@ class ModelStore:
         self._config = None if config_file is None else ConfigWatcher(config_file,
                                                                       self.models_dir)
         self._config_error: str | None = None
+        self._config_seen: ModelConfig | None = None
         self._policies: dict[str, VersionPolicy] = {}  # by model, from MODEL_CONFIG_FILE
         self._scanner = Scanner(self.models_dir)
         self._snapshot = Snapshot({}, {})
@@ -202,7 +203,14 @@ class ModelStore:
         if self._config is None:
             return None
         try:
-            return self._config.read()
+            config = self._config.read()
+            if config is not self._config_seen:
+                log.info("MODEL_CONFIG_FILE %s in force: %s", self._config.path, "; ".join(
+                    f"{e.name} ({e.policy.text}; labels "
+                    f"{', '.join(f'{k}={v}' for k, v in e.labels.items()) or 'none'})"
+                    for e in config.models.values()) or "no model")
+                self._config_seen = config
+            return config
         finally:
             if self._config.error != self._config_error and self._config.error:
                 log.warning("%s; %s", self._config.error,
