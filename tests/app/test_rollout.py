@@ -218,3 +218,52 @@ def test_moving_stable_back_is_served_by_every_worker_within_a_poll_without_fail
     assert seconds < POLL_SECONDS + 2.0, seconds  # one poll, with room for a busy CI
     print(f"\nrollback on both workers {seconds:.2f} s after the write; "
           f"{len(statuses)} requests, 0 failed")
+
+
+def predict_many(url: str, path: str, images: np.ndarray) -> tuple[np.ndarray, set]:
+    """(probabilities, versions that answered) for ``images``, 100 to a request."""
+    probabilities, versions = [], set()
+    with requests.Session() as session:
+        for start in range(0, len(images), 100):
+            buffer = io.BytesIO()
+            np.save(buffer, images[start:start + 100])
+            answer = session.post(f"{url}{path}", data=buffer.getvalue(), headers=NPY,
+                                  timeout=60).json()
+            versions.add(answer["model"]["version"])
+            probabilities += [p["probabilities"] for p in answer["predictions"]]
+    return np.array(probabilities), versions
+
+
+def test_shadow_agreement_matches_a_direct_comparison_on_1000_test_digits(rollout, mnist):
+    server, config = rollout
+    base = str(config.parent / "models" / "digits_folder")
+    images = mnist.x_test[:1000]
+    apply(server, config, config_text(base, "# rollout: digits candidate shadow 100\n",
+                                      stable=2, candidate=1),
+          "digits labels now candidate=1, stable=2")
+    try:
+        _, served_by = predict_many(server.url, "/models/digits/predict", images)
+        assert served_by == {2}  # the shadow never answers
+
+        def compared() -> list[dict]:
+            rows = requests.get(f"{server.url}/models/digits", timeout=30).json()["shadow"]
+            return [r for r in rows if (r["serving"], r["shadow"]) == (2, 1)]
+
+        wait_until(lambda: compared() and compared()[0]["compared"] >= 1000,
+                   "1,000 shadow comparisons")
+    finally:
+        apply(server, config, config_text(base, "# rollout: digits canary weight 10\n",
+                                          stable=2, canary=1),
+              "digits labels now canary=1, stable=2")
+    serving, _ = predict_many(server.url, "/models/digits/versions/2/predict", images)
+    shadow, _ = predict_many(server.url, "/models/digits/versions/1/predict", images)
+    agreement = float(np.mean(serving.argmax(axis=1) == shadow.argmax(axis=1)))
+    difference = float(np.abs(serving - shadow).mean(axis=1).mean())
+    (row,) = compared()
+    assert row["compared"] == 1000
+    assert abs(row["agreement"] - agreement) <= 0.002, (row, agreement)  # ties, rounding
+    assert abs(row["mean_abs_difference"] - difference) <= 1e-5, (row, difference)
+    exposition = requests.get(f"{server.url}/metrics", timeout=30).text
+    assert 'shadow_images_total{model="digits",serving="2",shadow="1"} 1000.0' in exposition
+    print(f"\nshadow: agreement {row['agreement']:.3f} (direct {agreement:.3f}), mean abs "
+          f"difference {row['mean_abs_difference']:.5f} (direct {difference:.5f})")
