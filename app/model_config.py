@@ -23,9 +23,9 @@ those live in ``# rollout:`` comment lines, which TF Serving skips as comments:
 - ``# rollout: <model> <label> weight <percent>``: that share of the requests that name
   no version go to the label's version (app/rollout.py; the rest go to ``stable``, or the
   highest loaded version when there is no ``stable``);
-- ``# rollout: <model> <label> shadow <percent>``: that share of those requests is also
-  run, after its answer has been sent, on the label's version, and the two answers are
-  compared (app/shadow.py).
+- ``# rollout: <model> <label> shadow <percent>``: that share of the requests answered by
+  any other version of the model is also run, after its answer has been sent, on the
+  label's version, and the two answers are compared (app/shadow.py).
 
 A file that does not parse, or says something this server cannot do, is refused whole
 with the line (``ModelConfigError``); the store keeps the last good one (app/model_store.py).
