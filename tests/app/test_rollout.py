@@ -267,3 +267,13 @@ def test_shadow_agreement_matches_a_direct_comparison_on_1000_test_digits(rollou
     assert 'shadow_images_total{model="digits",serving="2",shadow="1"} 1000.0' in exposition
     print(f"\nshadow: agreement {row['agreement']:.3f} (direct {agreement:.3f}), mean abs "
           f"difference {row['mean_abs_difference']:.5f} (direct {difference:.5f})")
+
+
+def test_a_store_does_not_start_on_a_malformed_config_file(tmp_path):
+    from app.model_store import ModelStore
+
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list { config { name: "digits" base_path: "digits" }\n')
+    store = ModelStore(tmp_path, "digits", config_file=config)
+    with pytest.raises(ModelConfigError, match=r"models.config: line 1: Expected \"}\""):
+        store.load()
