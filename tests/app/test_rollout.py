@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,17 +42,6 @@ def config_text(base: str, rules: str = "", **labels: int) -> str:
     lines = "".join(f'    version_labels {{ key: "{k}" value: {v} }}\n'
                     for k, v in labels.items())
     return CONFIG.format(base=base, labels=lines, rules=rules)
-
-
-@pytest.fixture(scope="module")
-def untrained_tiny(tmp_path_factory):
-    from training.export import export_version
-    from training.models import build_tiny
-    from training.summary import summarize_model
-
-    keras_model = build_tiny()
-    return export_version(keras_model, tmp_path_factory.mktemp("untrained") / "m",
-                          {"summary": summarize_model(keras_model)})
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +134,19 @@ def test_labels_resolve_on_every_route_and_protocol(rollout, mnist):
         assert answer.status_code == 404, (path, answer.text)
 
 
+def version_requests(url: str) -> dict[int, float]:
+    """model_version_requests_total of ``digits`` by version, over both workers."""
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    found = re.findall(r'^model_version_requests_total\{model="digits",version="(\d+)"\} (\S+)$',
+                       text, flags=re.M)
+    return {1: 0.0, 2: 0.0} | {int(version): float(value) for version, value in found}
+
+
 def test_a_canary_at_10_percent_gets_10_percent_and_each_client_keeps_its_side(
         rollout, mnist):
     server, _ = rollout
     body, sides = digit_npy(mnist), {}
+    before = version_requests(server.url)
     with requests.Session() as session:
         for client in range(2000):
             answer = session.post(f"{server.url}/models/digits/predict", data=body,
@@ -155,6 +154,8 @@ def test_a_canary_at_10_percent_gets_10_percent_and_each_client_keeps_its_side(
             sides[client] = answer.json()["model"]["version"]
         canary = sum(version == 1 for version in sides.values())
         assert 170 <= canary <= 230, canary  # 10% ± 3 of 2,000
+        counted = version_requests(server.url)
+        assert (counted[1] - before[1], counted[2] - before[2]) == (canary, 2000 - canary)
         again = {client: session.post(
             f"{server.url}/models/digits/predict", data=body,
             headers={**NPY, "X-Client-ID": f"user-{client}"}, timeout=30
