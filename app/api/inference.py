@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
-from flask import after_this_request, current_app, g, request
+from flask import Response, after_this_request, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.api.common import metrics, settings, store
@@ -113,7 +113,8 @@ def shadow_copy(model: LoadedModel, images: np.ndarray, probabilities: np.ndarra
         routes, model, images, probabilities)))
 
 
-def _on_close(response, action):
+def _on_close(response: Response, action: Callable[[], None]) -> Response:
+    """Run ``action`` once the server has sent ``response`` (WSGI's ``close``)."""
     response.call_on_close(action)
     return response
 
