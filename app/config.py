@@ -30,6 +30,7 @@ class Config:
     models_dir: Path = Path("models")
     model_name: str = "mnist_cnn"
     model_version_policy: str = "latest"  # or latest:N, all, or a list such as 1,3
+    model_config_file: str = ""  # TF Serving's model_config_list: models, labels, canary
     model_poll_seconds: float = 2.0  # rescan MODELS_DIR this often; 0 turns the watch off
     prefer_tflite_model: bool = False  # serve model.tflite with LiteRT where a version has one
     model_max_bytes: int = VERSION_LIMIT_BYTES  # a version's listed files together

@@ -1,6 +1,7 @@
-"""Prometheus metrics: requests by endpoint and status, latency, images, model load time,
-rejected version folders, requests waiting for a micro-batch; gRPC calls by method and
-status code, under the names py-grpc-prometheus and go-grpc-prometheus use.
+"""Prometheus metrics: requests by endpoint and status, latency, images, requests per
+model version, model load time, rejected version folders, requests waiting for a
+micro-batch, the shadow comparisons of app/shadow.py; gRPC calls by method and status
+code, under the names py-grpc-prometheus and go-grpc-prometheus use.
 
 Each app gets its own registry (so tests can build many apps). Under gunicorn the
 workers are separate processes: ``app/gunicorn.conf.py`` sets PROMETHEUS_MULTIPROC_DIR
@@ -39,6 +40,25 @@ class Metrics:
                                  registry=self.registry)
         self.images = Counter("images_predicted_total", "Images classified",
                               ["model", "version"], registry=self.registry)
+        self.version_requests = Counter(
+            "model_version_requests_total", "Prediction requests answered, by the version "
+            "that answered (canary splits show here)", ["model", "version"],
+            registry=self.registry)
+        pair = ["model", "serving", "shadow"]
+        self.shadow_images = Counter(
+            "shadow_images_total", "Images run on a shadow version as well as the serving "
+            "one, after the answer was sent", pair, registry=self.registry)
+        self.shadow_agreed = Counter(
+            "shadow_agreed_images_total", "Of those, images both versions gave the same "
+            "digit (agreement rate: this over shadow_images_total)", pair,
+            registry=self.registry)
+        self.shadow_difference = Counter(
+            "shadow_abs_difference_total", "Sum over those images of the mean absolute "
+            "difference of the ten probabilities (over shadow_images_total: the mean)",
+            pair, registry=self.registry)
+        self.shadow_dropped = Counter(
+            "shadow_dropped_requests_total", "Requests not copied to a shadow version "
+            "because its queue was full", ["model"], registry=self.registry)
         self.load_seconds = Gauge("model_load_seconds", "Seconds to load and warm a model",
                                   ["model", "version"], registry=self.registry,
                                   multiprocess_mode="max")
@@ -69,10 +89,31 @@ class Metrics:
         self.requests.labels(endpoint, method, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
+    def _whole(self) -> CollectorRegistry:
+        """This worker's registry, or one aggregating every worker's under gunicorn."""
+        if not self.multiprocess_dir:
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return registry
+
     def exposition(self) -> tuple[bytes, str]:
         """The text format, aggregated over all workers when running under gunicorn."""
-        if self.multiprocess_dir:
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._whole()), CONTENT_TYPE_LATEST
+
+    def shadow_totals(self, model: str) -> dict[tuple[str, str], dict[str, float]]:
+        """(serving, shadow) version → images, agreed and difference sums for
+        ``model``, over every worker: what the model page shows."""
+        wanted = {"shadow_images_total": "images", "shadow_agreed_images_total": "agreed",
+                  "shadow_abs_difference_total": "difference"}
+        totals: dict[tuple[str, str], dict[str, float]] = {}
+        for metric in self._whole().collect():
+            for sample in metric.samples:
+                key = wanted.get(sample.name)
+                if key is None or sample.labels.get("model") != model:
+                    continue
+                pair = (sample.labels["serving"], sample.labels["shadow"])
+                row = totals.setdefault(pair, {"images": 0.0, "agreed": 0.0,
+                                               "difference": 0.0})
+                row[key] += sample.value
+        return totals

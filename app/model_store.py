@@ -18,6 +18,13 @@ under the version policy (app/version_policy.py):
   loads stops loading older ones: the next poll starts from the newest, so versions
   that fail only once loaded, however many, cost a good new one a single load.
 
+With MODEL_CONFIG_FILE (app/model_config.py) the models are those the file lists, each
+with its own version policy and labels, and the file is read again at each poll: a
+label moved (``stable`` back to the last version: a rollback) takes effect at the next
+poll, and a bad file is logged with its line while the last good one stays in force.
+Which version answers a request — a version, a label, a canary split — is ``resolve``'s
+one decision (app/rollout.py), whatever the protocol.
+
 Nothing in one folder can stop the others from loading: every failure of a version
 becomes a rejection with a reason, and the poll thread survives anything.
 """
@@ -29,12 +36,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from app.errors import ModelNotFound, ModelNotReady
 from app.litert_runtime import load_litert
 from app.memory import reclaim
+from app.model_config import ConfigWatcher, ModelConfig
 from app.repository import Fingerprint, ModelFolder, Scanner, Snapshot, VersionFolder
+from app.rollout import Routes, default, split
 from app.saved_model import load_saved_model
 from app.servable import LoadedModel, VersionRejected
 from app.version_policy import VersionPolicy
@@ -99,7 +109,7 @@ class ModelStore:
                  batch_max_size: int = 1, batch_timeout_ms: float = 0.0,
                  policy: VersionPolicy | None = None, poll_seconds: float = 0.0,
                  metrics: Any = None, prefer_tflite: bool = False,
-                 bounds: Bounds = DEFAULT_BOUNDS):
+                 bounds: Bounds = DEFAULT_BOUNDS, config_file: Path | None = None):
         self.models_dir = Path(models_dir)
         # MODELS_DIR as error messages may spell it, longest first (see _relative).
         self._roots = sorted({str(p).rstrip("/") + "/" for p in (
@@ -118,6 +128,12 @@ class ModelStore:
         # it is replaced whole, never mutated, so a reader that took it iterates one
         # consistent state (a mutation under a reader's loop is a 500).
         self.versions: dict[str, dict[int, LoadedModel]] = {}
+        self.routes: dict[str, Routes] = {}  # labels in force, by model
+        self._config = None if config_file is None else ConfigWatcher(config_file,
+                                                                      self.models_dir)
+        self._config_error: str | None = None
+        self._config_seen: ModelConfig | None = None
+        self._policies: dict[str, VersionPolicy] = {}  # by model, from MODEL_CONFIG_FILE
         self._scanner = Scanner(self.models_dir)
         self._snapshot = Snapshot({}, {})
         self._rejections: dict[tuple[str, str], tuple[Fingerprint | None, str]] = {}
@@ -154,7 +170,13 @@ class ModelStore:
         free what the versions retired idle held (app/memory.py)."""
         with self._refreshing:
             served = self.versions
-            snapshot = self._scanner.scan()
+            config = self._read_config()
+            if config is None:
+                snapshot = self._scanner.scan()
+            else:
+                self._policies = {n: e.policy for n, e in config.models.items()}
+                snapshot = self._scanner.scan_folders(
+                    {name: entry.base_path for name, entry in config.models.items()})
             if snapshot.error:
                 if snapshot.error != self._scan_error:
                     log.warning("%s; serving what is loaded", snapshot.error)
@@ -168,11 +190,71 @@ class ModelStore:
             for name in set(self.versions) - set(snapshot.models):
                 log.info("model folder %s is gone: unloading it", self.models_dir / name)
                 self._swap(name, {})
+            self._route(config)
             self._count_rejections()
             swapped = self.versions is not served
             del served  # the retired versions must be unreachable when reclaim() runs
         if swapped:
             reclaim()
+
+    def _read_config(self) -> ModelConfig | None:
+        """MODEL_CONFIG_FILE as last read well (None without one); a refused file is
+        logged once with its reason. Raises ModelConfigError when none was ever good."""
+        if self._config is None:
+            return None
+        try:
+            config = self._config.read()
+            if config is not self._config_seen:
+                log.info("MODEL_CONFIG_FILE %s in force: %s", self._config.path, "; ".join(
+                    f"{e.name} ({e.policy.text}; labels "
+                    f"{', '.join(f'{k}={v}' for k, v in e.labels.items()) or 'none'})"
+                    for e in config.models.values()) or "no model")
+                self._config_seen = config
+            return config
+        finally:
+            if self._config.error != self._config_error and self._config.error:
+                log.warning("%s; %s", self._config.error,
+                            "the last good one stays in force" if self._config.config
+                            else "no model config in force")
+            self._config_error = self._config.error
+
+    def _policy(self, name: str) -> VersionPolicy:
+        """``name``'s version policy: its config's, else MODEL_VERSION_POLICY."""
+        return self._policies.get(name, self.policy)
+
+    def _route(self, config: ModelConfig | None) -> None:
+        """Point each label at its loaded version and publish the routes whole.
+
+        A label may only point at a loaded version (TF Serving's rule): one whose
+        version is not loaded keeps its last version while that stays loaded, and says
+        why either way (``Routes.pending``)."""
+        routes: dict[str, Routes] = {}
+        for name, entry in (config.models if config else {}).items():
+            loaded, before = self.versions.get(name, {}), self.routes.get(name, Routes())
+            labels, pending = {}, {}
+            for label, version in entry.labels.items():
+                if version in loaded:
+                    labels[label] = loaded[version]
+                    continue
+                pending[label] = f"version {version} is not loaded"
+                kept = before.labels.get(label)
+                if kept is not None and loaded.get(kept.version) is kept:
+                    labels[label] = kept
+                    pending[label] += f"; still version {kept.version}"
+            routes[name] = Routes(
+                MappingProxyType(labels),
+                tuple((label, p) for label, p in entry.weights.items() if label in labels),
+                tuple((label, p) for label, p in entry.shadows.items() if label in labels),
+                MappingProxyType(pending))
+            if routes[name].label_versions() != before.label_versions():
+                log.info("%s labels now %s", name, ", ".join(
+                    f"{label}={v}" for label, v in routes[name].label_versions().items())
+                    or "none")
+            for label, why in pending.items():
+                if before.pending.get(label) != why:
+                    log.warning("%s label %s: %s", name, label, why)
+        if routes != self.routes:
+            self.routes = routes
 
     def _reconcile(self, folder: ModelFolder) -> dict[int, LoadedModel]:
         """The versions to serve: the policy's candidates that are loaded or load now.
@@ -183,8 +265,9 @@ class ModelStore:
         self._note_missing(folder)
         chosen: dict[int, LoadedModel] = {}
         loads, deferred = 0, False
-        for version in self.policy.candidates(list(folder.versions)):
-            if self.policy.satisfied(len(chosen)):
+        policy = self._policy(folder.name)
+        for version in policy.candidates(list(folder.versions)):
+            if policy.satisfied(len(chosen)):
                 break
             found = folder.versions[version]
             model = current.get(version)
@@ -202,10 +285,11 @@ class ModelStore:
 
     def _note_missing(self, folder: ModelFolder) -> None:
         """Log once each version the policy lists that the folder does not have."""
-        missing = (self.policy.versions or frozenset()) - set(folder.versions)
+        policy = self._policy(folder.name)
+        missing = (policy.versions or frozenset()) - set(folder.versions)
         if missing and self._missing.get(folder.name) != missing:
-            log.warning("%s has no version %s (MODEL_VERSION_POLICY %s)", folder.name,
-                        ", ".join(map(str, sorted(missing))), self.policy.text)
+            log.warning("%s has no version %s (version policy %s)", folder.name,
+                        ", ".join(map(str, sorted(missing))), policy.text)
         self._missing = {**self._missing, folder.name: missing}
 
     def _rejected_as_is(self, name: str, found: VersionFolder) -> bool:
@@ -302,8 +386,10 @@ class ModelStore:
 
     @property
     def models(self) -> dict[str, LoadedModel]:
-        """Each model's highest loaded version: what a request without a version gets."""
-        return {name: versions[max(versions)] for name, versions in self.versions.items()}
+        """Each model's default version (``stable``, else the highest loaded)."""
+        routes = self.routes
+        return {name: default(routes.get(name)) or versions[max(versions)]
+                for name, versions in self.versions.items()}
 
     @property
     def ready(self) -> bool:
@@ -348,7 +434,7 @@ class ModelStore:
                     rows.append(VersionState(name, str(version), LOADING))
                 else:
                     reason = rejected.get(str(version)) or \
-                        f"not selected by MODEL_VERSION_POLICY {self.policy.text}"
+                        f"not selected by MODEL_VERSION_POLICY {self._policy(name).text}"
                     rows.append(VersionState(name, str(version), UNAVAILABLE, reason))
             rows += [VersionState(name, entry or ".", UNAVAILABLE, reason)
                      for entry, reason in sorted(folder.odd.items())]
@@ -364,12 +450,12 @@ class ModelStore:
         versions = self.versions.get(name)
         if versions is not None:
             if version is None:
-                return versions[max(versions)]
+                return default(self.routes.get(name)) or versions[max(versions)]
             if version in versions:
                 return versions[version]
             raise ModelNotFound(
                 f"version {version} of {name!r} is not loaded (loaded: "
-                f"{', '.join(map(str, versions))}; MODEL_VERSION_POLICY {self.policy.text})")
+                f"{', '.join(map(str, versions))}; version policy {self._policy(name).text})")
         if not self._loaded.is_set():
             raise ModelNotReady("models are still loading")
         reasons = f" ({self.rejected[name]})" if name in self._snapshot.models else ""
@@ -380,3 +466,33 @@ class ModelStore:
             raise ModelNotReady(f"{name!r} has no servable version{reasons}")
         known = ", ".join(sorted(self.versions)) or "none"
         raise ModelNotFound(f"no model named {name!r} (served: {known})")
+
+    def labelled(self, name: str | None, label: str) -> LoadedModel:
+        """The version ``label`` points at; raises ModelNotFound (or the model's own
+        error when the model itself is not served)."""
+        name = name or self.default_name
+        routes = self.routes.get(name)
+        model = routes.labels.get(label) if routes else None
+        if model is not None:
+            return model
+        self.get(name)  # an unknown or unready model answers as such
+        why = routes.pending.get(label) if routes else None
+        known = ", ".join(f"{k}={v}" for k, v in
+                          (routes.label_versions() if routes else {}).items()) or "none"
+        shown = label[:40] + ("…" if len(label) > 40 else "")
+        raise ModelNotFound(f"{name!r} has no version label {shown!r} in force"
+                            f"{f' ({why})' if why else ''} (labels: {known})")
+
+    def resolve(self, name: str | None = None, version: int | None = None,
+                label: str | None = None, client: str | None = None) -> LoadedModel:
+        """The version that answers a request, for every protocol (REST, gRPC): the one
+        it names by ``version`` or ``label``, else the canary split of MODEL_CONFIG_FILE
+        decided by the ``client`` key (app/rollout.py), else the default version."""
+        if label is not None:
+            return self.labelled(name, label)
+        if version is not None or client is None:
+            return self.get(name, version)
+        name = name or self.default_name
+        routes = self.routes.get(name)
+        chosen = split(routes, name, client) if routes is not None else None
+        return chosen if chosen is not None else self.get(name)

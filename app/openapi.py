@@ -42,6 +42,8 @@ BATCH_SIZE = {"name": "batch_size", "in": "query", "required": False,
 VERSION = {"name": "version", "in": "path", "required": True,
            "schema": {"type": "integer", "minimum": 0},
            "description": "A loaded version (see MODEL_VERSION_POLICY)"}
+LABEL = {"name": "label", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "A version label of MODEL_CONFIG_FILE (stable, canary, …)"}
 TF_SERVING_DOCS = {"description": "TensorFlow Serving REST API",
                    "url": "https://www.tensorflow.org/tfx/serving/api_rest"}
 V2_DOCS = {"description": "Open Inference Protocol (KServe V2)",
@@ -92,9 +94,27 @@ SCHEMAS = {
         "runtime": {"enum": ["savedmodel", "litert"],
                     "description": "what runs it: TensorFlow, or LiteRT (PREFER_TFLITE_MODEL)"},
         "input": {"type": ["object", "null"], "description": "metadata.json's input contract"},
+        "labels": {"type": "object", "additionalProperties": {"type": "integer"},
+                   "description": "version label → the loaded version it points at "
+                                  "(MODEL_CONFIG_FILE)"},
+        "pending_labels": {"type": "object", "additionalProperties": {"type": "string"},
+                           "description": "label → why the file's version is not in force"},
+        "traffic": {"type": "object", "additionalProperties": {"type": "number"},
+                    "description": "label → percent of requests naming no version"},
+        "shadow": {"type": "array", "description": "shadow comparisons by version pair",
+                   "items": _ref("ShadowPair")},
         "plots": {"type": "array", "items": {
             "type": "object", "required": ["title", "url"],
             "properties": {"title": {"type": "string"}, "url": {"type": "string"}}}}}},
+    "ShadowPair": {"type": "object", "required": [
+        "label", "percent", "serving", "shadow", "compared", "agreement",
+        "mean_abs_difference"], "properties": {
+        "label": {"type": "string"}, "percent": {"type": "number"},
+        "serving": {"type": "integer"}, "shadow": {"type": "integer"},
+        "compared": {"type": "integer", "description": "images run on both"},
+        "agreement": {"type": ["number", "null"], "description": "share with the same digit"},
+        "mean_abs_difference": {"type": ["number", "null"],
+                                "description": "of the ten probabilities, per image"}}},
     "ModelList": {"type": "object", "required": ["default", "models", "rejected"],
                   "properties": {
         "default": {"type": "string"},
@@ -200,6 +220,18 @@ def _protocol_paths() -> dict:
         "/models/{name}/versions/{version}/predict": _predict_operation(
             "Classify images with one version of a model", [NAME, VERSION, PREPROCESS,
                                                              EXPLAIN]),
+        "/models/{name}/labels/{label}/predict": _predict_operation(
+            "Classify images with the version a label points at",
+            [NAME, LABEL, PREPROCESS, EXPLAIN]),
+        "/v1/models/{name}/labels/{label}": _protocol(
+            "get", "Status of the version a label points at", tf, [NAME, LABEL]),
+        "/v1/models/{name}/labels/{label}/metadata": _protocol(
+            "get", "SignatureDefs of the labelled version", tf, [NAME, LABEL]),
+        "/v1/models/{name}/labels/{label}:predict": _protocol(
+            "post", "Predict on the labelled version", tf, [NAME, LABEL, PREPROCESS], True),
+        "/v2/models/{name}/labels/{label}/infer": _protocol(
+            "post", "Inference on the labelled version (an extension: V2 has no labels)",
+            v2, [NAME, LABEL, PREPROCESS], True),
     })
     return paths
 

@@ -144,25 +144,35 @@ class Scanner:
         return [(name, _model_entry(self.models_dir / name, self.models_dir))
                 for name in names]
 
-    def scan_model(self, model_dir: Path) -> ModelFolder:
-        """One model folder's versions; one that cannot be listed keeps the versions of
-        the last scan (if any) and says why."""
+    def scan_folders(self, folders: dict[str, Path]) -> Snapshot:
+        """The named model folders only (MODEL_CONFIG_FILE's base paths), each under the
+        name the config gives it, which may differ from the folder's."""
+        models = {name: self.scan_model(path, name) for name, path in folders.items()}
+        self._last = Snapshot(models, {})
+        self._forget({path.name for path in folders.values()})
+        return self._last
+
+    def scan_model(self, model_dir: Path, name: str | None = None) -> ModelFolder:
+        """One model folder's versions, as model ``name`` (default: the folder's name);
+        one that cannot be listed keeps the versions of the last scan (if any) and
+        says why."""
+        name = name or model_dir.name
         try:
             found, odd = self._bounded("list", model_dir,
                                        lambda: scan_versions(model_dir, self.models_dir))
         except OSError as err:
-            last = self._last.models.get(model_dir.name)
-            return ModelFolder(model_dir.name, model_dir, last.versions if last else {},
+            last = self._last.models.get(name)
+            return ModelFolder(name, model_dir, last.versions if last else {},
                                {"": f"unreadable: {_reason(err)}"})
-        versions = {v: self._version(v, path) for v, path in found.items()}
-        return ModelFolder(model_dir.name, model_dir, versions, odd)
+        versions = {v: self._version(v, path, name) for v, path in found.items()}
+        return ModelFolder(name, model_dir, versions, odd)
 
-    def _version(self, version: int, path: Path) -> VersionFolder:
+    def _version(self, version: int, path: Path, name: str) -> VersionFolder:
         """The version folder with its fingerprint, or with the reason it has none."""
         try:
             return VersionFolder(version, path, self._fingerprint(path))
         except NoAnswer as err:
-            last = self._last.models.get(path.parent.name)
+            last = self._last.models.get(name)
             seen = last.versions.get(version) if last else None
             if seen is not None and seen.fingerprint:  # loaded or checked before: as it was
                 return seen

@@ -20,6 +20,7 @@ import numpy as np
 
 from app.memory import freeze_imports
 from app.servable import VersionRejected, check_warm_up
+from app.warmup import replay_warmup
 from training.export_format import (
     SIGNATURE,
     TFLITE_FILE,
@@ -128,4 +129,7 @@ def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
         raise
     except Exception as err:  # noqa: BLE001 - any failure on blank images disqualifies it
         raise VersionRejected.because("warm-up failed", err) from None
+    replayed = replay_warmup(folder, runtime.input_name, runtime.predict)
+    if replayed:
+        log.info("replayed %d warm-up records of %s", replayed, folder)
     return runtime

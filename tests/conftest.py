@@ -401,6 +401,19 @@ def secured(fit_run, tokens_file, origin_site, tmp_path_factory):
     assert "Traceback" not in running.log(), running.log()[-3000:]
 
 
+@pytest.fixture(scope="session")
+def untrained_tiny(tmp_path_factory) -> Path:
+    """An export of the tiny net with its random initial weights: answers differ
+    recognisably from the trained CNN's. Tests copy it, never change it."""
+    from training.export import export_version
+    from training.models import build_tiny
+    from training.summary import summarize_model
+
+    keras_model = build_tiny()
+    return export_version(keras_model, tmp_path_factory.mktemp("untrained") / "m",
+                          {"summary": summarize_model(keras_model)})
+
+
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:
     """Poll ``condition`` until true; fail (never hang) if it is not within ``timeout`` s,
     a bound so far above the wait expected that only a real fault reaches it."""

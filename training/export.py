@@ -2,7 +2,8 @@
 
 A version folder holds the SavedModel (written by Keras 3's ``model.export``, servable
 without Keras), the same network as ``model.tflite`` for LiteRT, the ``.keras`` file,
-``metadata.json`` and ``plots/``. The format itself —
+``metadata.json``, ``plots/`` and TF Serving's warm-up records
+(``assets.extra/tf_serving_warmup_requests``, training/warmup.py). The format itself —
 folder names, the metadata schema and manifest, staging and what "complete" means — is
 training/export_format.py's; this module only fills a staging folder with a Keras model.
 A crash leaves at most a ``.tmp-*`` folder (never a number), which the next export
@@ -16,16 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from training.export_format import (
     KERAS_FILE,
     PLOTS_DIR,
+    SIGNATURE,
     TFLITE_FILE,
     publish,
     read_signature_defs,
     staging,
 )
+from training.warmup import write_warmup_requests
 
 
 def export_version(
@@ -34,18 +38,23 @@ def export_version(
     metadata: dict[str, Any],
     write_artifacts: Callable[[Path], None] | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    warmup_images: np.ndarray | None = None,
 ) -> Path:
     """Export ``model`` as the next version under ``model_dir`` and return its folder.
 
     ``write_artifacts(folder)`` adds files (plots) to the staging folder's ``plots/``;
     ``write_extra(folder)`` adds files to the version folder itself (the PyTorch
-    ``model.pt``), so they are published atomically with the rest. If anything fails,
+    ``model.pt``), so they are published atomically with the rest; ``warmup_images``
+    (real digits, (N, 28, 28, 1) float32) become the warm-up records. If anything fails,
     the staging folder is removed and no version appears.
     """
     with staging(model_dir) as folder:
         model.export(str(folder), format="tf_saved_model", verbose=False)
         model.save(folder / KERAS_FILE)
         write_tflite(folder)
+        if warmup_images is not None:
+            (input_name,) = read_signature_defs(folder)[SIGNATURE]["inputs"]
+            write_warmup_requests(folder, model_dir.name, input_name, warmup_images)
         if write_artifacts is not None:
             (folder / PLOTS_DIR).mkdir()
             write_artifacts(folder / PLOTS_DIR)

@@ -52,6 +52,10 @@ SIGNATURE = "serving_default"
 INPUT_SHAPE = [-1, 28, 28, 1]  # the serving signature: a batch of MNIST images in,
 OUTPUT_SHAPE = [-1, 10]  # one probability per digit out
 PLOTS_DIR = "plots"
+# TF Serving's warm-up records (training/warmup.py writes them, app/warmup.py replays
+# them); listed in the manifest like every other file. TF Serving reads at most 1,000.
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+WARMUP_MAX_RECORDS = 1000
 STAGING_PREFIX = ".tmp-"
 LOCK_FILE = ".export.lock"
 # A staging folder with no lock file is younger than this while its writer starts (the

@@ -33,6 +33,7 @@ from training.pipeline import evaluation_dataset, training_dataset
 from training.plots import plot_confusion, plot_history, plot_samples
 from training.recipes import DEFAULT_PRESET, PRESETS, Recipe, make_optimizer, recipe_for
 from training.summary import format_summary, summarize_model
+from training.warmup import WARMUP_DIGITS
 
 DEFAULT_MODELS_DIR = "models"
 DEFAULT_NAME = "mnist_cnn"
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     metadata = build_metadata(origin(args), recipe.to_dict(), mnist, splits, model,
                               evaluation, history, seconds)
     folder = export_version(model, args.models_dir / args.name, metadata,
-                            plot_writer(history, evaluation, mnist))
+                            plot_writer(history, evaluation, mnist),
+                            warmup_images=to_model_input(mnist.x_test[:WARMUP_DIGITS]))
     print(f"\nexported {folder}")
     return 0
 
@@ -294,7 +296,8 @@ def fit_torch(args: argparse.Namespace, recipe: Recipe, mnist: Mnist,
         torch.save(run.net.state_dict(), folder / TORCH_FILE)
 
     folder = export_version(model, args.models_dir / args.name, metadata,
-                            plot_writer(run.history, evaluation, mnist), write_state_dict)
+                            plot_writer(run.history, evaluation, mnist), write_state_dict,
+                            to_model_input(mnist.x_test[:WARMUP_DIGITS]))
     print(f"\nexported {folder}")
     return 0
 

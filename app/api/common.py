@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Request, current_app
+from flask import Request, current_app, g, request
 from werkzeug.datastructures import ImmutableMultiDict
 
 from app.config import Config
 from app.errors import InvalidInput, ModelNotReady
+from app.logs import REQUEST_ID
 from app.metrics import Metrics
 from app.model_store import ModelStore
+from app.servable import LoadedModel
 from training.export_format import parse_version
 
 
@@ -22,6 +24,25 @@ def settings() -> Config:
 
 def metrics() -> Metrics:
     return current_app.extensions["metrics"]
+
+
+CLIENT_HEADER = "X-Client-ID"
+
+
+def client_key() -> str:
+    """What keeps a client on one side of a canary split: its ``X-Client-ID`` when
+    sane (printable ASCII, at most 128 characters, as X-Request-ID), else the request's
+    id (app/logs.py: the client's X-Request-ID, or a fresh one, hence a random side)."""
+    client = request.headers.get(CLIENT_HEADER)
+    if client and REQUEST_ID.match(client):
+        return client
+    return g.get("request_id") or ""
+
+
+def resolve(name: str | None, version: int | None = None, label: str | None = None
+            ) -> LoadedModel:
+    """The version that answers this request (ModelStore.resolve)."""
+    return store().resolve(name, version, label, client_key())
 
 
 def ready_store() -> ModelStore:

@@ -13,15 +13,16 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
-from flask import current_app, g, request
+from flask import Response, after_this_request, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.api.common import metrics, settings
+from app.api.common import metrics, settings, store
 from app.batching import Deadline
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from app.inputs import MULTIPART_TYPE, WBITS, Limits, decompress
 from app.preprocess import DecodeBudget
 from app.servable import LoadedModel
+from app.shadow import ShadowRunner
 
 PREPROCESS_VALUES = {"auto": True, "none": False}
 _budget_lock = threading.Lock()
@@ -101,6 +102,23 @@ def body_and_files(limit: int) -> tuple[bytes, list[bytes]]:
     return body, multipart_files(body) if request.mimetype == MULTIPART_TYPE else []
 
 
+def shadow_copy(model: LoadedModel, images: np.ndarray, probabilities: np.ndarray) -> None:
+    """Queue this request's images for the model's shadow versions (app/shadow.py), once
+    the answer has been sent: ``call_on_close`` runs after the server wrote the body."""
+    routes = store().routes.get(model.name)
+    if routes is None or not routes.shadows:
+        return
+    runner: ShadowRunner = current_app.extensions["shadow"]
+    after_this_request(lambda response: _on_close(response, lambda: runner.submit(
+        routes, model, images, probabilities)))
+
+
+def _on_close(response: Response, action: Callable[[], None]) -> Response:
+    """Run ``action`` once the server has sent ``response`` (WSGI's ``close``)."""
+    response.call_on_close(action)
+    return response
+
+
 def infer(model: LoadedModel, read: Reader) -> tuple[Parsed, np.ndarray]:
     """(the request as read, probabilities) for this request's body, read by ``read``.
 
@@ -123,4 +141,6 @@ def run_model(model: LoadedModel, read: Callable[[], Parsed]) -> tuple[Parsed, n
         probabilities = slot.run(parsed.images, deadline=deadline,
                                  max_queue=settings().queue_max_requests)
     metrics().images.labels(model.name, str(model.version)).inc(len(parsed.images))
+    metrics().version_requests.labels(model.name, str(model.version)).inc()
+    shadow_copy(model, parsed.images, probabilities)
     return parsed, probabilities

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from app.api.common import int_arg, store
+from app.api.common import int_arg, metrics, store
 from app.errors import InvalidInput, ModelNotFound
 from app.servable import LoadedModel
+from app.shadow import comparisons
 from training.export_format import PLOT_LIMIT_BYTES, PLOTS_DIR, open_regular, read_regular
 from training.summary import memory_estimate
 
@@ -27,6 +28,7 @@ bp = Blueprint("models", __name__)
 
 def describe(model: LoadedModel) -> dict:
     metadata = model.metadata
+    routes = store().routes.get(model.name)
     return {
         "name": model.name,
         "version": model.version,
@@ -39,6 +41,10 @@ def describe(model: LoadedModel) -> dict:
         "load_seconds": round(model.load_seconds, 3),
         "runtime": model.runtime.kind,
         "input": metadata.get("input"),
+        "labels": routes.label_versions() if routes else {},
+        "pending_labels": dict(routes.pending) if routes else {},
+        "traffic": dict(routes.weights) if routes else {},
+        "shadow": comparisons(metrics(), routes, model.name),
         "plots": [{"title": title, "url": url_for("models.plot", name=model.name, plot=plot)}
                   for plot, title in PLOTS.items() if _has_plot(model, plot)],
     }

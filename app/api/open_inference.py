@@ -6,7 +6,7 @@ import orjson
 from flask import Blueprint, Response, jsonify, request
 
 from app import SERVICE_NAME, __version__
-from app.api.common import ready_store, store
+from app.api.common import ready_store, resolve, store
 from app.api.inference import Parsed, infer, limits, preprocess_flag, request_deadline
 from app.errors import InvalidInput
 from app.inputs import json_values_bound, parse_json
@@ -72,8 +72,9 @@ def model_ready(name: str, version: int | None = None):
 
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<int:version>/infer")
-def run_inference(name: str, version: int | None = None):
-    model = store().get(name, version)
+@bp.post("/models/<name>/labels/<label>/infer")
+def run_inference(name: str, version: int | None = None, label: str | None = None):
+    model = resolve(name, version, label)
     bounds, preprocess = limits(), preprocess_flag()
     header_length = request.headers.get(open_inference.HEADER_LENGTH)
     parsed, probabilities = infer(model, lambda body, _files: Parsed(

@@ -9,7 +9,7 @@ import numpy as np
 from flask import Blueprint, jsonify, request
 from PIL import Image
 
-from app.api.common import store
+from app.api.common import resolve
 from app.api.inference import Parsed, infer, limits, preprocess_flag
 from app.errors import InvalidInput
 from app.inputs import read_request
@@ -45,8 +45,9 @@ def predictions(probabilities: np.ndarray) -> list[dict]:
 @bp.post("/predict")
 @bp.post("/models/<name>/predict")
 @bp.post("/models/<name>/versions/<int:version>/predict")
-def predict(name: str | None = None, version: int | None = None):
-    model = store().get(name, version)
+@bp.post("/models/<name>/labels/<label>/predict")
+def predict(name: str | None = None, version: int | None = None, label: str | None = None):
+    model = resolve(name, version, label)
     bounds, preprocess, explain = limits(), preprocess_flag(), explain_flag()
     parsed, probabilities = infer(model, lambda body, files: Parsed(read_request(
         request.mimetype, body, files, bounds, preprocess)))

@@ -85,11 +85,30 @@ function showPlots(model) {
   });
 }
 
+// MODEL_CONFIG_FILE's labels, canary weights and shadow comparisons, when there are any.
+function showRollout(model) {
+  const labels = Object.entries(model.labels || {});
+  const shadow = model.shadow || [];
+  document.getElementById("rollout").hidden = !labels.length && !shadow.length;
+  document.getElementById("labels").textContent =
+    labels.map(([label, version]) => `${label} → v${version}`).join(", ") || "none";
+  document.getElementById("traffic").textContent = Object.entries(model.traffic || {})
+    .map(([label, percent]) => `${label}: ${percent}%`).join(", ") || "none";
+  const rows = document.getElementById("shadow");
+  shadow.forEach((s) => cells(rows.insertRow(), [
+    `v${s.serving}`, `v${s.shadow}${s.label ? ` (${s.label}, ${s.percent}%)` : ""}`,
+    fmt.format(s.compared),
+    s.agreement == null ? "–" : `${(100 * s.agreement).toFixed(2)}%`,
+    s.mean_abs_difference == null ? "–" : s.mean_abs_difference.toFixed(5)]));
+}
+
 async function load() {
   try {
     const summary = await getJson("/summary");
     showSummary(summary);
-    showPlots(await getJson(`/models/${encodeURIComponent(summary.model.name)}`));
+    const model = await getJson(`/models/${encodeURIComponent(summary.model.name)}`);
+    showPlots(model);
+    showRollout(model);
   } catch (err) {
     errorBox.textContent = `Could not load the model: ${err.message}`;
     errorBox.hidden = false;

@@ -230,19 +230,6 @@ def test_a_signature_with_two_outputs_is_skipped_with_a_reason(tmp_path, caplog)
 # Watching MODELS_DIR: each refresh() is one poll of the background thread, called
 # directly so that nothing here waits on a timer.
 
-@pytest.fixture(scope="module")
-def untrained_tiny(tmp_path_factory):
-    """An export of the tiny net with its random initial weights: answers differ
-    recognisably from the trained CNN's."""
-    from training.export import export_version
-    from training.models import build_tiny
-    from training.summary import summarize_model
-
-    keras_model = build_tiny()
-    return export_version(keras_model, tmp_path_factory.mktemp("untrained") / "m",
-                          {"summary": summarize_model(keras_model)})
-
-
 @pytest.fixture
 def watched(tmp_path, untrained_tiny):
     """MODELS_DIR with the untrained tiny net as digits/1, and a store serving it."""
