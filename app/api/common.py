@@ -29,20 +29,23 @@ def metrics() -> Metrics:
 CLIENT_HEADER = "X-Client-ID"
 
 
-def client_key() -> str:
-    """What keeps a client on one side of a canary split: its ``X-Client-ID`` when
-    sane (printable ASCII, at most 128 characters, as X-Request-ID), else the request's
-    id (app/logs.py: the client's X-Request-ID, or a fresh one, hence a random side)."""
-    client = request.headers.get(CLIENT_HEADER)
+def client_key(client: str | None = None) -> str:
+    """What keeps a client on one side of a canary split: its ``X-Client-ID`` (gRPC:
+    ``x-client-id`` metadata, passed in as ``client``) when sane (printable ASCII, at
+    most 128 characters, as X-Request-ID), else the request's id (app/logs.py: the
+    client's X-Request-ID, or a fresh one, hence a random side)."""
+    if client is None and request:
+        client = request.headers.get(CLIENT_HEADER)
     if client and REQUEST_ID.match(client):
         return client
     return g.get("request_id") or ""
 
 
-def resolve(name: str | None, version: int | None = None, label: str | None = None
-            ) -> LoadedModel:
-    """The version that answers this request (ModelStore.resolve)."""
-    return store().resolve(name, version, label, client_key())
+def resolve(name: str | None, version: int | None = None, label: str | None = None,
+            client: str | None = None) -> LoadedModel:
+    """The version that answers this request (ModelStore.resolve); ``client`` as for
+    client_key."""
+    return store().resolve(name, version, label, client_key(client))
 
 
 def ready_store() -> ModelStore:

@@ -132,6 +132,11 @@ def rpc(service: str) -> Callable:
     return decorate
 
 
+def client_metadata(context: grpc.ServicerContext) -> str | None:
+    """The ``x-client-id`` metadata: which side of a canary split the caller keeps to."""
+    return _metadata(context, "x-client-id")
+
+
 def authorize(app: Flask, method: str, context: grpc.ServicerContext) -> None:
     """AUTH_TOKENS_FILE's check on the call's ``authorization`` metadata, as REST's on its
     header; raises Unauthenticated or PermissionDenied."""

@@ -11,8 +11,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from app import SERVICE_NAME, __version__
-from app.api.common import ready_store, store
-from app.api.grpc_common import Servicer, rpc
+from app.api.common import ready_store, resolve, store
+from app.api.grpc_common import Servicer, client_metadata, rpc
 from app.api.inference import Parsed, limits, run_model
 from app.errors import ModelNotFound, ModelNotReady
 from app.protocols import grpc_open_inference as protocol
@@ -67,7 +67,8 @@ class OpenInferenceServicer(Servicer, service_pb2_grpc.GRPCInferenceServiceServi
 
     @rpc(SERVICE)
     def ModelInfer(self, request, context):
-        model = store().get(request.model_name, protocol.version_of(request.model_version))
+        model = resolve(request.model_name or None, protocol.version_of(request.model_version),
+                        client=client_metadata(context))
         bounds = limits()
         parsed, probabilities = run_model(
             model, lambda: Parsed(*protocol.read_infer(request, bounds, model)))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from app.api.common import store
-from app.api.grpc_common import Servicer, rpc
+from app.api.common import resolve, store
+from app.api.grpc_common import Servicer, client_metadata, rpc
 from app.api.inference import Parsed, limits, run_model
 from app.protocols import grpc_tf_serving as protocol
 
@@ -24,7 +24,9 @@ MODELS = "tensorflow.serving.ModelService"
 class PredictionServicer(Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
     @rpc(PREDICTION)
     def Predict(self, request, context):
-        model = store().get(request.model_spec.name, protocol.version_of(request.model_spec))
+        spec = request.model_spec
+        model = resolve(spec.name or None, protocol.version_of(spec), protocol.label_of(spec),
+                        client_metadata(context))
         bounds = limits()
         _, probabilities = run_model(
             model, lambda: Parsed(protocol.read_predict(request, bounds, model)))
@@ -32,7 +34,8 @@ class PredictionServicer(Servicer, prediction_service_pb2_grpc.PredictionService
 
     @rpc(PREDICTION)
     def GetModelMetadata(self, request, context):
-        model = store().get(request.model_spec.name, protocol.version_of(request.model_spec))
+        spec = request.model_spec
+        model = resolve(spec.name or None, protocol.version_of(spec), protocol.label_of(spec))
         return protocol.metadata_response(model, list(request.metadata_field))
 
 

@@ -38,11 +38,13 @@ NUMERIC = {types_pb2.DT_FLOAT: ("float_val", "<f4"), types_pb2.DT_DOUBLE: ("doub
 
 
 def version_of(spec: model_pb2.ModelSpec) -> int | None:
-    """The pinned version, None for the store's choice; labels are not kept here."""
-    if spec.version_label:
-        raise InvalidInput(f"version_label {spec.version_label[:40]!r} is not supported: "
-                           "pin a version number, or leave both out")
+    """The pinned version, None for a label (label_of) or the store's choice."""
     return spec.version.value if spec.HasField("version") else None
+
+
+def label_of(spec: model_pb2.ModelSpec) -> str | None:
+    """The version label (MODEL_CONFIG_FILE's version_labels), None when there is none."""
+    return spec.version_label or None
 
 
 def _shape(tensor: tensor_pb2.TensorProto, name: str, limits: Limits) -> list[int]:

@@ -134,6 +134,35 @@ def test_labels_resolve_on_every_route_and_protocol(rollout, mnist):
         assert answer.status_code == 404, (path, answer.text)
 
 
+def test_labels_and_the_canary_split_reach_grpc_clients(rollout, mnist):
+    """TF Serving's ModelSpec.version_label picks the labelled version; a request that
+    names none is split as REST's are, each x-client-id keeping its side."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    server, _ = rollout
+
+    def answered_by(label: str = "", client: str | None = None) -> int | grpc.StatusCode:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name, request.model_spec.version_label = "digits", label
+        request.inputs["image"].CopyFrom(tf.make_tensor_proto(
+            (mnist.x_test[:1, ..., None] / 255.0).astype("float32")))
+        metadata = [("x-client-id", client)] if client else None
+        try:
+            return stub.Predict(request, metadata=metadata, timeout=30).model_spec.version.value
+        except grpc.RpcError as error:
+            return error.code()
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        assert (answered_by("canary"), answered_by("stable")) == (1, 2)
+        assert answered_by("nope") == grpc.StatusCode.NOT_FOUND
+        sides = {client: answered_by(client=client) for client in map(str, range(60))}
+        assert set(sides.values()) == {1, 2}  # 10% of 60 clients: some on each side
+        assert all(answered_by(client=client) == side for client, side in sides.items())
+
+
 def version_requests(url: str) -> dict[int, float]:
     """model_version_requests_total of ``digits`` by version, over both workers."""
     text = requests.get(f"{url}/metrics", timeout=30).text
