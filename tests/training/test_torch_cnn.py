@@ -155,14 +155,21 @@ def dockerfile_installs(dockerfile: Path) -> list[tuple[Requirement, bool]]:
     files read through the ``COPY`` that put them there), and whether pip follows its
     dependencies (not under ``--no-deps``)."""
     text = dockerfile.read_text().replace("\\\n", " ")
-    copied = {parts[2]: parts[1] for parts in map(str.split, text.splitlines())
-              if parts[:1] == ["COPY"] and len(parts) == 3}
+    copied = {}
+    for parts in map(str.split, text.splitlines()):
+        if parts[:1] == ["COPY"] and not parts[1].startswith("--"):
+            *sources, target = parts[1:]
+            copied |= {target + Path(source).name if target.endswith("/") else target: source
+                       for source in sources}
     installs = []
     for command in re.findall(r"pip install ([^&\n]+)", text):
         words = shlex.split(command)
         follow = "--no-deps" not in words
         words = [word for word in words if word != "--no-deps"]
         while words:
+            if words[0] in ("-c", "--constraint"):  # versions for what is named, no more
+                words = words[2:]
+                continue
             if words[0] == "-r":
                 lines = (ROOT / copied[words[1]]).read_text().splitlines()
                 specs = [line.split("#")[0].strip() for line in lines]
