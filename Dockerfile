@@ -20,10 +20,12 @@ COPY requirements.txt requirements-serving.txt /tmp/
 FROM venv AS build-lite
 # The serving subset, at requirements.txt's pins, and TF Serving's messages (--no-deps:
 # they require tensorflow; without it the TF Serving gRPC service is off, the model config
-# file still reads); then pip itself goes: nothing installs at run time.
+# file still reads); then the packages' own test suites (17 MB), setuptools and pip go:
+# nothing installs at run time.
 RUN pip install --constraint /tmp/requirements.txt -r /tmp/requirements-serving.txt \
  && pip install --no-deps tensorflow-serving-api==2.21.0 \
- && pip uninstall --yes pip
+ && find /opt/venv -depth -type d -name tests -exec rm -r {} + \
+ && pip uninstall --yes pip setuptools
 
 # --- what both final stages share: a non-root user, no compilers, no caches ---------------
 FROM ${PYTHON_IMAGE} AS runtime

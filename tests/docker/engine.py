@@ -43,9 +43,14 @@ BASE_IMAGES = (
 
 def docker(*args: str, timeout: float = 600, check: bool = True,
            **kwargs) -> subprocess.CompletedProcess:
-    """`docker ARGS`, its output captured as text."""
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
-                          check=check, **kwargs)
+    """`docker ARGS`, its output captured as text; with ``check``, a failure raises with
+    what docker said."""
+    result = subprocess.run(["docker", *args], capture_output=True, text=True,
+                            timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args)[:200]} failed ({result.returncode}): "
+                           f"{result.stderr[-2000:]}")
+    return result
 
 
 def answers() -> bool:

@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from PIL import Image
 
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, wait_until
 from tests.docker.engine import docker
 from training.export_format import read_metadata
 
@@ -76,17 +76,20 @@ def ready(url: str) -> bool:
 
 
 def create(image: str, models: str, name: str) -> Container:
-    port = free_port()
+    """A container of ``image`` serving ``models``; its host port is the engine's choice
+    at start (a port picked here could be taken by then)."""
     docker("rm", "--force", name, check=False)
-    docker("create", "--name", name, "--publish", f"127.0.0.1:{port}:8000",
+    docker("create", "--name", name, "--publish", "127.0.0.1::8000",
            "--volume", f"{models}:/app/models:ro", image)
-    return Container(name, f"http://127.0.0.1:{port}")
+    return Container(name, "")
 
 
 def cold_start(container: Container) -> float:
     """Seconds from `docker start` to the first 200 from /ready."""
     started = time.monotonic()
     docker("start", container.name)
+    (published,) = docker("port", container.name, "8000/tcp").stdout.split()
+    container.url = f"http://{published}"
     wait_until(lambda: ready(container.url), f"{container.name} ready", timeout=180)
     return time.monotonic() - started
 
