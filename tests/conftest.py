@@ -414,6 +414,21 @@ def untrained_tiny(tmp_path_factory) -> Path:
                           {"summary": summarize_model(keras_model)})
 
 
+def hold_model(app) -> tuple[threading.Event, list[int]]:
+    """Make each call of the default model's batcher wait until the returned gate is set,
+    recording its batch size in the returned list: for what queues behind a busy model."""
+    batcher = app.extensions["model_store"].get().batcher
+    real, gate, calls = batcher.predict, threading.Event(), []
+
+    def held(images):
+        calls.append(len(images))
+        gate.wait(60)
+        return real(images)
+
+    batcher.predict = held
+    return gate, calls
+
+
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:
     """Poll ``condition`` until true; fail (never hang) if it is not within ``timeout`` s,
     a bound so far above the wait expected that only a real fault reaches it."""

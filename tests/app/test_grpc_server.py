@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -27,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from app import create_app, grpc_server
 from app.config import Config
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, free_port, hold_model, wait_until
 from tests.restyle import encode, ink_on_paper
 
 MODEL = "mnist_cnn"
@@ -289,14 +288,7 @@ def serve_app(fit_run):
 def test_a_full_queue_is_unavailable_and_a_passed_deadline_drops_the_work(serve_app, mnist):
     app, running = serve_app(queue_max_requests=2, batch_timeout_ms=0)
     batcher = app.extensions["model_store"].get().batcher
-    real, gate, calls = batcher.predict, threading.Event(), []
-
-    def held(images):
-        calls.append(len(images))
-        gate.wait(60)
-        return real(images)
-
-    batcher.predict = held
+    gate, calls = hold_model(app)
     digit = (mnist.x_test[:1] / 255.0).astype("<f4").tobytes()
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, \
             ThreadPoolExecutor(2) as pool:
@@ -328,15 +320,7 @@ def test_a_full_queue_is_unavailable_and_a_passed_deadline_drops_the_work(serve_
 def test_a_stop_finishes_the_call_in_flight_and_refuses_new_ones(serve_app, mnist):
     """What worker_exit does on SIGTERM (app/gunicorn.conf.py): stop(grace)."""
     app, running = serve_app(batch_timeout_ms=0)
-    batcher = app.extensions["model_store"].get().batcher
-    real, gate, calls = batcher.predict, threading.Event(), []
-
-    def held(images):
-        calls.append(len(images))
-        gate.wait(60)
-        return real(images)
-
-    batcher.predict = held
+    gate, calls = hold_model(app)
     digit = (mnist.x_test[:1] / 255.0).astype("<f4").tobytes()
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, \
             ThreadPoolExecutor(2) as pool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,7 +13,7 @@ import requests
 
 from app import create_app
 from app.config import Config
-from tests.conftest import start_server, stop_server, wait_until
+from tests.conftest import hold_model, start_server, stop_server, wait_until
 from tests.restyle import canvas_seven, encode
 
 
@@ -65,15 +64,7 @@ def queued(app) -> float:
 
 def test_a_full_queue_is_a_503_with_retry_after(app_with, mnist):
     app = app_with(queue_max_requests=1, batch_timeout_ms=0)
-    batcher = app.extensions["model_store"].get().batcher
-    real, gate, calls = batcher.predict, threading.Event(), []
-
-    def held(images):
-        calls.append(len(images))
-        gate.wait(60)
-        return real(images)
-
-    batcher.predict = held
+    gate, calls = hold_model(app)
     body = npy_digits(mnist, 1)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(post_npy, app.test_client(), body)  # runs, holds the model
