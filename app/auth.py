@@ -33,12 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import PermissionDenied, Unauthenticated
+from training.export_format import read_regular
 
 log = logging.getLogger(__name__)
 
 PREDICT, ADMIN = "predict", "admin"
 SCOPES = frozenset({PREDICT, ADMIN})
 REALM = "mnist-digits"
+TOKENS_LIMIT_BYTES = 1 << 20  # ~10,000 token lines; a larger file is refused, not read
 MIN_TOKEN_CHARS = 16  # shorter tokens are guessable; the file refuses them
 # RFC 6750's b64token: what may follow "Bearer " on the wire, hence in the file.
 TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -108,7 +110,11 @@ class TokenTable:
     def read(cls, path: Path) -> TokenTable:
         """Read and parse the file at ``path``."""
         try:
-            text = path.read_text(encoding="utf-8")
+            # Not path.read_text(): a FIFO there would block the open, with the reload
+            # lock held, and wedge every authenticated call; a huge file would be read
+            # whole. read_regular opens non-blocking and refuses both (any folder: a
+            # Secret's or a symlinked file is fine, the operator chose the path).
+            text = read_regular(path, TOKENS_LIMIT_BYTES, inside=Path("/")).decode("utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise TokenFileError(f"AUTH_TOKENS_FILE {path}: cannot be read ({err})") from None
         return cls.parse(text, f"AUTH_TOKENS_FILE {path}")

@@ -147,7 +147,16 @@ class Scanner:
     def scan_folders(self, folders: dict[str, Path]) -> Snapshot:
         """The named model folders only (MODEL_CONFIG_FILE's base paths), each under the
         name the config gives it, which may differ from the folder's."""
-        models = {name: self.scan_model(path, name) for name, path in folders.items()}
+        root = os.path.realpath(self.models_dir)
+        models = {}
+        for name, path in folders.items():
+            # The config's check ran when the file was read; a link on the way may have
+            # been switched since (the file unchanged), so the policy holds at each scan.
+            if not Path(os.path.realpath(path)).is_relative_to(root):
+                models[name] = ModelFolder(name, path, {},
+                                           {"": "base_path leads outside MODELS_DIR"})
+            else:
+                models[name] = self.scan_model(path, name)
         self._last = Snapshot(models, {})
         self._forget({path.name for path in folders.values()})
         return self._last

@@ -55,12 +55,17 @@ def replay_warmup(folder: Path, input_name: str,
             if set(inputs) != {input_name}:
                 raise VersionRejected(f"{where} names inputs {sorted(inputs)[:3]}, "
                                       f"not the model's {input_name!r}")
-            images = tf.make_ndarray(inputs[input_name])
-            if images.dtype.kind != "f" or images.ndim != 4 or \
-                    images.shape[1:] != (28, 28, 1) or not 1 <= len(images) <= MAX_IMAGES:
-                # checked here: a wrong shape reaching the graph can abort the process
-                raise VersionRejected(f"{where} holds a {images.dtype} tensor of shape "
-                                      f"{images.shape}, expected float (N, 28, 28, 1)")
+            tensor = inputs[input_name]
+            dtype = np.dtype(tf.dtypes.as_dtype(tensor.dtype).as_numpy_dtype)
+            shape = tuple(dim.size for dim in tensor.tensor_shape.dim)
+            # checked from the message, before make_ndarray: a few bytes may declare
+            # any shape and make_ndarray fills it (one float_val: gigabytes); and a
+            # wrong shape reaching the graph can abort the process
+            if dtype.kind != "f" or len(shape) != 4 or shape[1:] != (28, 28, 1) or \
+                    not 1 <= shape[0] <= MAX_IMAGES:
+                raise VersionRejected(f"{where} holds a {dtype} tensor of shape "
+                                      f"{shape}, expected float (N, 28, 28, 1)")
+            images = tf.make_ndarray(tensor)
             outputs = predict(images.astype(np.float32))
         except VersionRejected:
             raise

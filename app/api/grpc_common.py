@@ -31,6 +31,7 @@ from app.logs import access_log, request_id_from
 
 log = logging.getLogger(__name__)
 REQUEST_ID = "x-request-id"  # metadata keys are lower case in gRPC
+MAX_DETAILS = 1024  # characters of an error's details; gRPC's metadata limit is 16 KiB
 
 
 class Servicer:
@@ -124,7 +125,12 @@ def rpc(service: str) -> Callable:
             context.set_trailing_metadata(((REQUEST_ID, request_id),))
             if code is not grpc.StatusCode.OK:
                 # Details travel as UTF-8: a quoted lone surrogate must not break them.
-                context.abort(code, message.encode("utf-8", "backslashreplace").decode())
+                # They travel in a trailer, too: one over the peer's metadata limit (16
+                # KiB by default; a message may quote a client's name) loses the code.
+                details = message.encode("utf-8", "backslashreplace").decode()
+                if len(details) > MAX_DETAILS:
+                    details = details[:MAX_DETAILS - 1] + "…"
+                context.abort(code, details)
             return response
 
         return call

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
-from flask import Response, after_this_request, current_app, g, request
+from flask import Response, after_this_request, current_app, g, has_request_context, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.api.common import metrics, settings, store
@@ -104,13 +104,21 @@ def body_and_files(limit: int) -> tuple[bytes, list[bytes]]:
 
 def shadow_copy(model: LoadedModel, images: np.ndarray, probabilities: np.ndarray) -> None:
     """Queue this request's images for the model's shadow versions (app/shadow.py), once
-    the answer has been sent: ``call_on_close`` runs after the server wrote the body."""
+    the answer has been sent: ``call_on_close`` runs after the server wrote the body.
+    A gRPC call has no WSGI response (only an app context): its copy is queued at once,
+    which is safe because ``submit`` never blocks and the shadow runs on its own thread."""
     routes = store().routes.get(model.name)
     if routes is None or not routes.shadows:
         return
     runner: ShadowRunner = current_app.extensions["shadow"]
-    after_this_request(lambda response: _on_close(response, lambda: runner.submit(
-        routes, model, images, probabilities)))
+
+    def submit() -> None:
+        runner.submit(routes, model, images, probabilities)
+
+    if has_request_context():
+        after_this_request(lambda response: _on_close(response, submit))
+    else:
+        submit()
 
 
 def _on_close(response: Response, action: Callable[[], None]) -> Response:

@@ -197,6 +197,9 @@ def raw_infer(channel, shape, datatype="FP32", raw=b"", model=MODEL, version="")
     (dict(shape=[1, 28, 28], raw=np.full(784, 2, "<f4").tobytes()), "INVALID_ARGUMENT",
      "[0, 1]"),
     (dict(shape=[1, 28, 28], raw=bytes(3136), model="nope"), "NOT_FOUND", "no model"),
+    # a name echoed whole would make the status's details over gRPC's 16 KiB metadata
+    # limit, and the client would see RESOURCE_EXHAUSTED ("Stream removed") instead
+    (dict(shape=[1, 28, 28], raw=bytes(3136), model="n" * 20000), "NOT_FOUND", "no model"),
     (dict(shape=[1, 28, 28], raw=bytes(3136), version="9"), "NOT_FOUND", "version 9"),
     (dict(shape=[1, 28, 28], raw=bytes(3136), version="v1"), "INVALID_ARGUMENT", "version"),
 ])

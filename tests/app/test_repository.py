@@ -76,6 +76,22 @@ def test_links_inside_models_dir_are_followed(models):
     assert list(snapshot.models["digits"].versions) == [1, 2]
 
 
+def test_a_config_base_path_relinked_out_of_models_dir_is_refused_at_each_scan(
+        models, tmp_path):
+    """MODEL_CONFIG_FILE's base_path is checked when the file is read; a link inside
+    MODELS_DIR switched afterwards (the file unchanged) must not lead the scan out."""
+    version(tmp_path / "outside", "m", "7")
+    (models / "current").symlink_to(models / "mnist_cnn")
+    scanner = Scanner(models)
+    assert list(scanner.scan_folders({"digits": models / "current"}).models["digits"]
+                .versions) == [1]
+    (models / "next").symlink_to(tmp_path / "outside" / "m")
+    os.replace(models / "next", models / "current")  # ln -sfn, as a rollout would
+    folder = scanner.scan_folders({"digits": models / "current"}).models["digits"]
+    assert folder.versions == {}
+    assert folder.odd == {"": "base_path leads outside MODELS_DIR"}
+
+
 def test_every_entry_that_is_no_version_is_listed_with_its_reason(models):
     model = models / "mnist_cnn"
     (model / "2").write_text("a file where a version belongs")

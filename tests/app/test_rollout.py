@@ -299,6 +299,44 @@ def test_shadow_agreement_matches_a_direct_comparison_on_1000_test_digits(rollou
           f"difference {row['mean_abs_difference']:.5f} (direct {difference:.5f})")
 
 
+def test_grpc_requests_are_answered_and_shadowed_while_a_shadow_is_configured(rollout,
+                                                                               mnist):
+    """A gRPC call has no WSGI response to copy the request after: it must still be
+    answered (not INTERNAL) and its images still reach the shadow version."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    server, config = rollout
+    base = str(config.parent / "models" / "digits_folder")
+    images = mnist.x_test[:8]
+    request = pb.ModelInferRequest(model_name="digits", inputs=[
+        pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8",
+                                              shape=[len(images), 28, 28])],
+        raw_input_contents=[images.astype(np.uint8).tobytes()])
+
+    def compared() -> int:
+        rows = requests.get(f"{server.url}/models/digits", timeout=30).json()["shadow"]
+        return sum(r["compared"] for r in rows if (r["serving"], r["shadow"]) == (2, 1))
+
+    apply(server, config, config_text(base, "# rollout: digits candidate shadow 100\n",
+                                      stable=2, candidate=1),
+          "digits labels now candidate=1, stable=2")
+    try:
+        before = compared()
+        with grpc.insecure_channel(server.grpc) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(WORKERS * 2):  # connections may land on either worker
+                answer = stub.ModelInfer(request, timeout=30)
+                assert answer.model_version == "2"
+        wait_until(lambda: compared() >= before + WORKERS * 2 * len(images),
+                   "the gRPC requests' shadow comparisons")
+    finally:
+        apply(server, config, config_text(base, "# rollout: digits canary weight 10\n",
+                                          stable=2, canary=1),
+              "digits labels now canary=1, stable=2")
+
+
 def test_a_store_does_not_start_on_a_malformed_config_file(tmp_path):
     from app.model_store import ModelStore
 

@@ -43,6 +43,34 @@ def test_a_file_without_tokens_is_refused_rather_than_read_as_auth_off():
         TokenTable.parse("# nothing yet\n\n")
 
 
+def test_a_fifo_or_huge_file_in_place_of_the_tokens_file_is_refused_without_hanging(
+        tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes, with the reload lock
+    held: every authenticated call of the worker would wait behind it for good."""
+    import os
+    import threading
+
+    from app.auth import TOKENS_LIMIT_BYTES, TokenFile
+
+    path = tmp_path / "tokens"
+    path.write_text(f"{PREDICT_TOKEN} predict\n")
+    tokens = TokenFile(path)
+    path.unlink()
+    os.mkfifo(path)
+    answers: list = []
+    reader = threading.Thread(target=lambda: answers.append(tokens.current()), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert answers == [tokens.table], "current() hung opening the FIFO"
+    assert check(tokens.current(), f"Bearer {PREDICT_TOKEN}", "predict")
+    with pytest.raises(TokenFileError, match="not a regular file"):
+        TokenTable.read(path)
+    path.unlink()
+    path.write_text(f"{PREDICT_TOKEN} predict\n" + "#" * TOKENS_LIMIT_BYTES)
+    with pytest.raises(TokenFileError, match="more than"):
+        TokenTable.read(path)
+
+
 def test_check_tells_no_token_from_unknown_token_from_missing_scope():
     table = TokenTable.parse(TOKENS)
     assert check(table, f"bearer  {PREDICT_TOKEN} ", "predict") == {"predict"}

@@ -75,3 +75,34 @@ def test_a_version_whose_warmup_records_fail_is_rejected_with_the_reason(version
     reason = store.rejected_versions("digits")["1"]
     assert reason == ("warm-up record 1 of 1 holds a float32 tensor of shape (1, 5), "
                       "expected float (N, 28, 28, 1)"), reason
+
+
+def test_a_record_declaring_a_huge_shape_is_rejected_before_it_is_allocated(tmp_path):
+    """A 60-byte record can declare 300,000 images with one float_val: TensorFlow fills
+    the rest, ~1 GB in the poll thread (a bigger shape: the worker killed for memory).
+    Its shape must be refused from the message, before ``make_ndarray``."""
+    import tracemalloc
+
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from app.servable import VersionRejected
+    from app.warmup import replay_warmup
+
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[
+        tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in (300_000, 28, 28, 1)])
+    log = prediction_log_pb2.PredictionLog()
+    log.predict_log.request.inputs["image"].CopyFrom(tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_shape=shape, float_val=[0.5]))
+    (tmp_path / WARMUP_FILE).parent.mkdir(parents=True)
+    with tf.io.TFRecordWriter(str(tmp_path / WARMUP_FILE)) as writer:
+        writer.write(log.SerializeToString())
+    tracemalloc.start()
+    try:
+        with pytest.raises(VersionRejected, match=r"shape .300000, 28, 28, 1."):
+            replay_warmup(tmp_path, "image", lambda images: np.zeros((len(images), 10)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB allocated for a 60-byte record"
