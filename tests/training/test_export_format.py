@@ -370,6 +370,18 @@ os.execv("/bin/sleep", ["sleep", "600"])  # the writer is gone; its PID lives on
 """
 
 
+def runs_sleep_without(pid: str, folder: str) -> bool:
+    """The exec done: the kernel names the new program (/proc/PID/exe) a moment before it
+    closes the old program's close-on-exec descriptors, the lock among them."""
+    if Path(f"/proc/{pid}/exe").resolve().name != "sleep":
+        return False
+    try:
+        held = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except OSError:  # a descriptor closing as it is read
+        return False
+    return not any(target.startswith(folder) for target in held)
+
+
 def test_a_dead_writer_whose_pid_is_alive_again_is_reclaimed(tmp_path):
     """The stale owner that a PID check cannot see through, made without a namespace: the
     writer's process becomes another program (exec) under the same, live PID, as PID 1
@@ -378,8 +390,8 @@ def test_a_dead_writer_whose_pid_is_alive_again_is_reclaimed(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         pid, folder = writer.stdout.readline().split()
-        wait_until(lambda: Path(f"/proc/{pid}/exe").resolve().name == "sleep",
-                   "the writer's PID to run sleep")
+        wait_until(lambda: runs_sleep_without(pid, folder),
+                   "the writer's PID to run sleep, its lock closed")
         assert int(pid) == writer.pid and writer.poll() is None  # the PID is alive
         assert reclaim_staging(tmp_path) == [Path(folder)]
         assert not Path(folder).exists()
