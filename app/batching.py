@@ -95,6 +95,9 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: np.ndarray | None = None
     error: BaseException | None = None
+    admitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when its batch's model call started
+
 
     def finish(self, result: np.ndarray | None = None, error: BaseException | None = None):
         self.result, self.error = result, error
@@ -106,9 +109,11 @@ class MicroBatcher:
 
     def __init__(self, predict: Predict, max_size: int, timeout_ms: float,
                  deadline_s: float = 30.0, name: str = "model",
-                 queue_gauge: Gauge | None = None):
+                 queue_gauge: Gauge | None = None,
+                 on_wait: Callable[[float], None] | None = None):
         """``queue_gauge`` (``model_queue_requests``, app/metrics.py) follows the number
-        of requests waiting for a batch."""
+        of requests waiting for a batch; ``on_wait`` is told, in each request's own
+        thread, the seconds it waited for its model call (0 when run at once)."""
         self.predict = predict
         self.max_size = max_size
         self.timeout = timeout_ms / 1000.0
@@ -116,6 +121,7 @@ class MicroBatcher:
         self.name = name
         self._queue: deque[_Job] = deque()
         self._queue_gauge = queue_gauge
+        self._on_wait = on_wait or untold
         self._running: list[_Job] = []
         self._arriving = 0
         self._busy = False  # a model call (batched or direct) is running
@@ -156,6 +162,7 @@ class MicroBatcher:
         job = _Job(images, deadline)
         lane = self._admit(job, arrived, max_queue)
         if lane != "queued":
+            self._on_wait(0.0)
             try:
                 return run_direct(self.predict, images, deadline)
             finally:
@@ -163,6 +170,8 @@ class MicroBatcher:
                     self._idle()
         if not job.done.wait(max(0.0, deadline.remaining())):
             raise deadline.error("while the request waited for the model")
+        if job.started is not None:
+            self._on_wait(job.started - job.admitted)
         if job.error is not None:
             raise job.error
         return job.result
@@ -265,6 +274,9 @@ class MicroBatcher:
     def _loop(self) -> None:
         try:
             while batch := self._take():
+                started = time.perf_counter()
+                for job in batch:
+                    job.started = started
                 try:
                     self._execute(batch)
                 finally:
@@ -304,6 +316,10 @@ class MicroBatcher:
         for job in batch:
             job.finish(result=outputs[start:start + len(job.images)])
             start += len(job.images)
+
+
+def untold(seconds: float) -> None:
+    """No one to tell."""
 
 
 class Ticket:

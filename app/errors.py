@@ -134,6 +134,22 @@ def grpc_code(err: ApiError) -> grpc.StatusCode:
     return GRPC_CODES.get(err.status, grpc.StatusCode.INTERNAL)
 
 
+def http_error_code(err: HTTPException) -> str:
+    """Werkzeug's error as a code: its name ("Bad Request" → ``bad_request``)."""
+    return (err.name or "error").lower().replace(" ", "_")
+
+
+def error_code(err: BaseException) -> str:
+    """The code a failure is answered with, from a fixed set (metrics label with it):
+    an ApiError's own, Werkzeug's by name (a body over MAX_CONTENT_LENGTH is
+    ``payload_too_large``), ``internal_error`` for anything else."""
+    if isinstance(err, ApiError):
+        return err.code
+    if isinstance(err, RequestEntityTooLarge):
+        return PayloadTooLarge.code
+    return http_error_code(err) if isinstance(err, HTTPException) else "internal_error"
+
+
 def error_body(code: str, message: str) -> dict:
     """Our shape, or the protocols' plain one for a request under their paths.
 
@@ -189,8 +205,7 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def handle_http_error(err: HTTPException):
-        code = (err.name or "error").lower().replace(" ", "_")
-        response = jsonify(error_body(code, err.description or err.name))
+        response = jsonify(error_body(http_error_code(err), err.description or err.name))
         response.status_code = err.code or 500
         allowed = getattr(err, "valid_methods", None)
         if allowed:  # a 405 names the methods that would work, as HTTP requires

@@ -13,6 +13,7 @@ with the SavedModel runtime.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ class LiteRtRuntime:
     """One interpreter for one version's ``model.tflite``."""
 
     kind = "litert"
+    warmup_seconds = 0.0
 
     def __init__(self, path: Path, signature_defs: dict[str, Any], threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
@@ -66,10 +68,12 @@ def load_litert(folder: Path, metadata: dict[str, Any], warm_up_to: int, threads
         raise
     except Exception as err:  # noqa: BLE001 - the interpreter raises ValueError, RuntimeError…
         raise VersionRejected.because(f"{TFLITE_FILE} does not load", err) from None
+    started = time.perf_counter()
     try:
         runtime.warm_up(warm_up_to)
     except VersionRejected:
         raise
     except Exception as err:  # noqa: BLE001 - any failure on blank images disqualifies it
         raise VersionRejected.because("warm-up failed", err) from None
+    runtime.warmup_seconds = time.perf_counter() - started
     return runtime

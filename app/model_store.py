@@ -321,6 +321,9 @@ class ModelStore:
         log.info("loaded %s version %d in %.2f s", name, found.version, model.load_seconds)
         if self.metrics is not None:
             self.metrics.load_seconds.labels(name, str(found.version)).set(model.load_seconds)
+            self.metrics.warmup_seconds.labels(name, str(found.version)).set(
+                model.runtime.warmup_seconds)
+            model.meters = self.metrics.version(name, found.version)
         return model
 
     def _reject(self, key: tuple[str, str], found: VersionFolder, reason: str,
@@ -343,6 +346,8 @@ class ModelStore:
     def _swap(self, name: str, chosen: dict[int, LoadedModel]) -> None:
         """Make ``chosen`` what ``name`` serves, in one step, and retire the rest."""
         old = self.versions.get(name, {})
+        if self.metrics is not None:
+            self.metrics.ready.labels(name).set(1 if chosen else 0)
         if chosen == old:
             return
         versions = {k: v for k, v in self.versions.items() if k != name}

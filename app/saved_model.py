@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ class SavedModelRuntime:
     """A loaded SavedModel's serving signature, called by keyword."""
 
     kind = "savedmodel"
+    warmup_seconds = 0.0
 
     def __init__(self, loaded: Any, signature_defs: dict[str, Any]):
         self._loaded = loaded  # owns the variables the signature reads
@@ -123,6 +125,7 @@ def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
     expected = metadata["summary"]["totals"]["params"]
     if (count := runtime.parameter_count()) != expected:
         raise VersionRejected(f"SavedModel has {count} parameters, metadata says {expected}")
+    started = time.perf_counter()
     try:
         runtime.warm_up(warm_up_to)  # the first request must not pay for tracing
     except VersionRejected:
@@ -132,4 +135,5 @@ def load_saved_model(folder: Path, metadata: dict[str, Any], warm_up_to: int,
     replayed = replay_warmup(folder, runtime.input_name, runtime.predict)
     if replayed:
         log.info("replayed %d warm-up records of %s", replayed, folder)
+    runtime.warmup_seconds = time.perf_counter() - started
     return runtime

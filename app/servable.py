@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from app.batching import Deadline, MicroBatcher, run_direct
+from app.batching import Deadline, MicroBatcher, run_direct, untold
 
 if TYPE_CHECKING:
     from prometheus_client import Gauge
+
+    from app.metrics import VersionMetrics
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class Runtime(Protocol):
     """What the store needs of a runtime: predict, warm up, and describe its signature."""
 
     kind: str  # "savedmodel" or "litert"
+    warmup_seconds: float  # of its load, set by the loader (model_warmup_seconds)
     input_name: str
     output_name: str
     signature_defs: dict[str, Any]
@@ -82,6 +86,7 @@ class LoadedModel:
     fingerprint: tuple = field(default=(), repr=False)  # the folder as it was loaded
     load_seconds: float = 0.0
     batcher: MicroBatcher | None = field(default=None, repr=False)
+    meters: VersionMetrics | None = field(default=None, repr=False)
     _users: int = field(default=0, repr=False)
     _retired: bool = field(default=False, repr=False)
     _released: bool = field(default=False, repr=False)
@@ -104,14 +109,24 @@ class LoadedModel:
         return self._retired
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities, one direct call."""
-        return self.runtime.predict(images)
+        """float32 (N, 28, 28, 1) in [0, 1] → (N, 10) probabilities, one direct call,
+        timed into ``meters`` when it succeeds: every model call, batched or not, is here."""
+        started = time.perf_counter()
+        outputs = self.runtime.predict(images)
+        if self.meters is not None:
+            self.meters.model_call(len(images), time.perf_counter() - started)
+        return outputs
 
     def start_batching(self, max_size: int, timeout_ms: float,
                        queue_gauge: Gauge | None = None) -> None:
         """Share model calls between concurrent requests (app/batching.py)."""
         self.batcher = MicroBatcher(self.predict, max_size, timeout_ms, name=self.name,
-                                    queue_gauge=queue_gauge)
+                                    queue_gauge=queue_gauge, on_wait=self._waited)
+
+    def _waited(self, seconds: float) -> None:
+        """A request waited ``seconds`` for its model call."""
+        if self.meters is not None:
+            self.meters.queue.observe(seconds)
 
     @contextmanager
     def slot(self) -> Iterator[Any]:
@@ -122,7 +137,7 @@ class LoadedModel:
             batcher = None if self._retired else self.batcher
         try:
             if batcher is None:
-                yield _Direct(self.predict)
+                yield _Direct(self.predict, self._waited)
             else:
                 with batcher.arriving() as ticket:
                     yield ticket
@@ -158,8 +173,10 @@ class _Direct:
     (app/batching.py)."""
 
     predict: Any
+    on_wait: Callable[[float], None] = untold
 
     def run(self, images: np.ndarray, deadline: Deadline | None = None,
             max_queue: int | None = None) -> np.ndarray:
         """``max_queue`` is accepted for the batcher's interface; nothing queues here."""
+        self.on_wait(0.0)
         return run_direct(self.predict, images, deadline)

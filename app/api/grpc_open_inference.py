@@ -7,16 +7,18 @@ load/unload, tracing, streaming) are not registered: gRPC answers them UNIMPLEME
 
 from __future__ import annotations
 
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from app import SERVICE_NAME, __version__
-from app.api.common import ready_store, resolve, store
+from app.api.common import metrics, ready_store, resolve, store
 from app.api.grpc_common import Servicer, client_metadata, rpc
 from app.api.inference import Parsed, limits, run_model
 from app.errors import ModelNotFound, ModelNotReady
 from app.protocols import grpc_open_inference as protocol
 from app.protocols.open_inference import EXTENSIONS
+from app.statistics import model_statistics, served
 
 SERVICE = protocol.SERVICE
 
@@ -64,6 +66,13 @@ class OpenInferenceServicer(Servicer, service_pb2_grpc.GRPCInferenceServiceServi
             raise ModelNotFound(f"no repository named {request.repository_name[:40]!r}: "
                                 "this server has one, named \"\"")
         return protocol.index_response(store().index(), request.ready)
+
+    @rpc(SERVICE)
+    def ModelStatistics(self, request, context):
+        """The statistics extension, the REST answer parsed into its message."""
+        models = served(store(), request.name or None, protocol.version_of(request.version))
+        return json_format.ParseDict(model_statistics(metrics(), models),
+                                     pb.ModelStatisticsResponse())
 
     @rpc(SERVICE)
     def ModelInfer(self, request, context):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -144,10 +145,15 @@ def run_model(model: LoadedModel, read: Callable[[], Parsed]) -> tuple[Parsed, n
     batching slot, under this request's deadline and QUEUE_MAX_REQUESTS. Needs an app
     context (the deadline lives in ``g``), not an HTTP request."""
     deadline = request_deadline()
-    with model.slot() as slot:
+    meters = metrics().version(model.name, model.version)
+    started = g.get("started") or time.perf_counter()  # app/logs.py, app/api/grpc_common.py
+    with meters.request_span(started), model.slot() as slot:
+        reading = time.perf_counter()
         parsed = read()
+        meters.preprocess.observe(time.perf_counter() - reading)
         probabilities = slot.run(parsed.images, deadline=deadline,
                                  max_queue=settings().queue_max_requests)
+    meters.answered(started)
     metrics().images.labels(model.name, str(model.version)).inc(len(parsed.images))
     metrics().version_requests.labels(model.name, str(model.version)).inc()
     shadow_copy(model, parsed.images, probabilities)

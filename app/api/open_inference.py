@@ -6,11 +6,12 @@ import orjson
 from flask import Blueprint, Response, jsonify, request
 
 from app import SERVICE_NAME, __version__
-from app.api.common import ready_store, resolve, store
+from app.api.common import metrics, ready_store, resolve, store
 from app.api.inference import Parsed, infer, limits, preprocess_flag, request_deadline
 from app.errors import InvalidInput
 from app.inputs import json_values_bound, parse_json
 from app.protocols import open_inference
+from app.statistics import model_statistics, served
 
 bp = Blueprint("open_inference", __name__, url_prefix="/v2")
 INDEX_MOST_VALUES = 8  # {"ready": true} is two
@@ -68,6 +69,14 @@ def model_ready(name: str, version: int | None = None):
     """A model (version) is ready once loaded; it is never loaded half-way."""
     model = store().get(name, version)
     return jsonify({"name": model.name, "version": str(model.version), "ready": True})
+
+
+@bp.get("/models/stats")
+@bp.get("/models/<name>/stats")
+@bp.get("/models/<name>/versions/<int:version>/stats")
+def statistics(name: str | None = None, version: int | None = None):
+    """The statistics extension: counts and durations of every worker (app/statistics.py)."""
+    return jsonify(model_statistics(metrics(), served(store(), name, version)))
 
 
 @bp.post("/models/<name>/infer")

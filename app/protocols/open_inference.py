@@ -42,7 +42,7 @@ from app.inputs import (
 from app.servable import LoadedModel
 from training.export_format import SIGNATURE
 
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMERIC = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "UINT8": "u1"}
 FROM_TF = {"DT_FLOAT": "FP32", "DT_DOUBLE": "FP64", "DT_HALF": "FP16", "DT_UINT8": "UINT8",

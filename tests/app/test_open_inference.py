@@ -69,7 +69,7 @@ def test_server_metadata_names_the_extensions_spoken(client):
     metadata = client.get_server_metadata()
     assert metadata["name"] == "mnist-digits" and metadata["version"]
     assert set(metadata["extensions"]) == {"binary_tensor_data", "classification",
-                                           "model_repository"}
+                                           "model_repository", "statistics"}
 
 
 def test_the_repository_index_lists_every_served_version_as_ready(client, served_models):
