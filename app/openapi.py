@@ -49,6 +49,9 @@ TF_SERVING_DOCS = {"description": "TensorFlow Serving REST API",
 V2_DOCS = {"description": "Open Inference Protocol (KServe V2)",
            "url": "https://kserve.github.io/website/docs/concepts/architecture/data-plane/"
                   "v2-protocol"}
+STATS_DOCS = {"description": "Triton's statistics extension",
+              "url": "https://github.com/triton-inference-server/server/blob/main/docs/"
+                     "protocol/extension_statistics.md"}
 
 SCHEMAS = {
     "PlainError": {"type": "object", "required": ["error"],
@@ -208,6 +211,9 @@ def _protocol_paths() -> dict:
                 "post", "Predict (instances or inputs)", tf, [*params, PREPROCESS], True),
             f"/v2/models{prefix}": _protocol("get", "Model metadata", v2, params),
             f"/v2/models{prefix}/ready": _protocol("get", "Model readiness", v2, params),
+            f"/v2/models{prefix}/stats": _protocol(
+                "get", "Counts and durations of the model's (version's) inferences, all "
+                "workers together", STATS_DOCS, params),
             f"/v2/models{prefix}/infer": _protocol(
                 "post", "Inference on FP32/UINT8 or BYTES (image) tensors", v2,
                 [*params, PREPROCESS], True),
@@ -217,6 +223,8 @@ def _protocol_paths() -> dict:
         "/v2/health/live": _protocol("get", "Liveness", v2, []),
         "/v2/health/ready": _protocol("get", "Readiness", v2, []),
         "/v2/repository/index": _repository_index(v2),
+        "/v2/models/stats": _protocol("get", "Statistics of every loaded version",
+                                      STATS_DOCS, []),
         "/models/{name}/versions/{version}/predict": _predict_operation(
             "Classify images with one version of a model", [NAME, VERSION, PREPROCESS,
                                                              EXPLAIN]),
