@@ -83,7 +83,8 @@ def test_openapi_document_is_valid_and_covers_every_route(url, server):
         "/v2/models/{name}",
         "/v2/models/{name}/ready", "/v2/models/{name}/infer",
         "/v2/models/{name}/versions/{version}", "/v2/models/{name}/versions/{version}/ready",
-        "/v2/models/{name}/versions/{version}/infer",
+        "/v2/models/{name}/versions/{version}/infer", "/v2/models/stats",
+        "/v2/models/{name}/stats", "/v2/models/{name}/versions/{version}/stats",
         "/models/{name}/labels/{label}/predict", "/v1/models/{name}/labels/{label}",
         "/v1/models/{name}/labels/{label}/metadata", "/v1/models/{name}/labels/{label}:predict",
         "/v2/models/{name}/labels/{label}/infer"}
