@@ -16,6 +16,7 @@ import numpy as np
 from flask import Response, after_this_request, current_app, g, has_request_context, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from app import tracing
 from app.api.common import metrics, settings, store
 from app.batching import Deadline
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -144,10 +145,13 @@ def run_model(model: LoadedModel, read: Callable[[], Parsed]) -> tuple[Parsed, n
     batching slot, under this request's deadline and QUEUE_MAX_REQUESTS. Needs an app
     context (the deadline lives in ``g``), not an HTTP request."""
     deadline = request_deadline()
+    trace = tracing.request_trace(model)  # app/tracing.py; a no-op unless OTEL_* ask
     with model.slot() as slot:
-        parsed = read()
-        probabilities = slot.run(parsed.images, deadline=deadline,
-                                 max_queue=settings().queue_max_requests)
+        with trace.stage("preprocess"):
+            parsed = read()
+        with trace.admission():
+            probabilities = slot.run(parsed.images, deadline=deadline,
+                                     max_queue=settings().queue_max_requests)
     metrics().images.labels(model.name, str(model.version)).inc(len(parsed.images))
     metrics().version_requests.labels(model.name, str(model.version)).inc()
     shadow_copy(model, parsed.images, probabilities)
