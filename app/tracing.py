@@ -51,6 +51,10 @@ BATCH_IMAGES = "inference.batch.images"
 GRPC_SERVER_ERRORS = {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL",
                       "UNAVAILABLE", "DATA_LOSS"}
 _NOTHING = nullcontext()
+# Whether an app in this process traces: what the per-request path checks first, so
+# that with tracing off a request pays a global lookup (a Flask proxy costs ~20 times
+# more). Set once, in the worker, by init_app.
+_active = False
 
 
 def enabled(environ: Mapping[str, str]) -> bool:
@@ -103,9 +107,11 @@ class Tracing:
 
 def init_app(app: Flask) -> None:
     """Trace ``app``'s inference requests when the OTEL_* variables ask for it."""
+    global _active
     if not enabled(os.environ):
         return
     app.extensions["tracing"] = Tracing()
+    _active = True
     app.after_request(_end_http)
 
 
@@ -164,6 +170,8 @@ class _Admitting:
 def request_trace(model: LoadedModel) -> RequestTrace | _Untraced:
     """Start this request's server span (REST or gRPC, in its caller's trace) when
     tracing is on; it ends when the answer is written (``_end_http``, ``end_rpc``)."""
+    if not _active:
+        return UNTRACED
     tracing: Tracing | None = current_app.extensions.get("tracing")
     if tracing is None:
         return UNTRACED
@@ -179,10 +187,12 @@ def request_trace(model: LoadedModel) -> RequestTrace | _Untraced:
         name, carrier = f"{service}/{method}", dict(context.invocation_metadata() or ())
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
     model_attributes = {MODEL_NAME: model.name, MODEL_VERSION: model.version}
-    started = time.time_ns() - round((time.perf_counter() - g.started) * 1e9)
+    now = time.perf_counter()  # the request's start, app/logs.py's stamp, as wall time
+    started = time.time_ns() - round((now - g.get("started", now)) * 1e9)
     span = tracing.tracer.start_span(
         name, context=propagate.extract(carrier), kind=SpanKind.SERVER, start_time=started,
-        attributes={**attributes, **model_attributes, "inference.request_id": g.request_id})
+        attributes={**attributes, **model_attributes,
+                    "inference.request_id": g.get("request_id", "")})
     g.trace_span = span
     if not span.is_recording():  # not sampled: its context is still returned
         return UNTRACED
@@ -206,7 +216,7 @@ def _end_http(response: Response) -> Response:
 def end_rpc(code: Any) -> list[tuple[str, str]]:
     """End a gRPC call's span with its status code (a ``grpc.StatusCode``); the
     trailing metadata that returns its context (none when untraced)."""
-    span = g.pop("trace_span", None)
+    span = g.pop("trace_span", None) if _active else None
     if span is None:
         return []
     from opentelemetry.trace import StatusCode
@@ -238,7 +248,7 @@ class Admission:
 
 def admitted() -> Admission | None:
     """The traced request this thread is admitting now (None when untraced)."""
-    trace = _admitting.get()
+    trace = _admitting.get() if _active else None
     return None if trace is None else Admission(trace)
 
 
@@ -246,9 +256,9 @@ def model_call(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
                admissions: list[Admission | None]) -> np.ndarray:
     """``predict(images)`` for the requests admitted as ``admissions``; when any is
     traced, its queue span and the call's ``model batch`` span are written."""
-    traced = [admission for admission in admissions if admission is not None]
-    if not traced:
+    if not (_active and any(admissions)):
         return predict(images)
+    traced = [admission for admission in admissions if admission is not None]
     started = time.time_ns()
     try:
         outputs = predict(images)

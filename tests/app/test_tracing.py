@@ -8,12 +8,12 @@ from __future__ import annotations
 import http.server
 import secrets
 import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import requests
+from flask import Flask
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -21,11 +21,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from app.tracing import enabled
+from app import tracing
+from app.config import ConfigError
 from tests.conftest import start_server, stop_server, wait_until
 
 MODEL = "mnist_cnn"
-BATCH_THREAD = "OtelBatchSpanRe"  # the SDK's BatchSpanProcessor thread, as /proc names it
+EXPORT_THREAD = "OtelBatchSpan"  # the SDK's BatchSpanProcessor thread
 
 
 class Receiver(http.server.ThreadingHTTPServer):
@@ -102,9 +103,12 @@ def v2_body(mnist) -> dict:
                         "data": images.ravel().tolist()}]}
 
 
-def thread_names(pids: list[int]) -> list[str]:
-    return [comm.read_text().strip() for pid in pids
-            for comm in Path(f"/proc/{pid}/task").glob("*/comm")]
+def grpc_request(mnist) -> service_pb2.ModelInferRequest:
+    images = (mnist.x_test[:1] / 255.0).astype("<f4")
+    return service_pb2.ModelInferRequest(
+        model_name=MODEL, raw_input_contents=[images.tobytes()],
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+            name="image", datatype="FP32", shape=[1, 28, 28])])
 
 
 def test_a_request_is_traced_in_the_callers_trace_through_preprocess_queue_and_model(
@@ -143,14 +147,9 @@ def test_a_request_is_traced_in_the_callers_trace_through_preprocess_queue_and_m
 
 def test_a_grpc_call_is_traced_in_the_callers_trace(traced, receiver, mnist):
     trace_id, parent_id, traceparent = caller()
-    images = (mnist.x_test[:1] / 255.0).astype("<f4")
-    request = service_pb2.ModelInferRequest(
-        model_name=MODEL, raw_input_contents=[images.tobytes()],
-        inputs=[service_pb2.ModelInferRequest.InferInputTensor(
-            name="image", datatype="FP32", shape=[1, 28, 28])])
     with grpc.insecure_channel(traced.grpc) as channel:
         _, call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(
-            request, metadata=[("traceparent", traceparent)], timeout=30)
+            grpc_request(mnist), metadata=[("traceparent", traceparent)], timeout=30)
     name = "inference.GRPCInferenceService/ModelInfer"
     wait_until(lambda: {name, "model batch"} <= {span.name for span in receiver.trace(trace_id)},
                "the gRPC call's spans exported")
@@ -161,14 +160,41 @@ def test_a_grpc_call_is_traced_in_the_callers_trace(traced, receiver, mnist):
     assert trailers["traceparent"].split("-")[1:3] == [trace_id, server.span_id.hex()]
 
 
-def test_a_server_without_otel_settings_traces_nothing(server, traced, mnist):
+def test_a_server_without_otel_settings_returns_no_trace_context(server, mnist):
     _, _, traceparent = caller()
     response = requests.post(f"{server.url}/v2/models/{MODEL}/infer", json=v2_body(mnist),
                              headers={"traceparent": traceparent}, timeout=30)
     assert response.status_code == 200
     assert "traceparent" not in response.headers
-    assert not any(name.startswith(BATCH_THREAD) for name in thread_names(server.worker_pids()))
-    assert any(name.startswith(BATCH_THREAD) for name in thread_names(traced.worker_pids()))
+    with grpc.insecure_channel(server.grpc) as channel:
+        _, call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(
+            grpc_request(mnist), metadata=[("traceparent", traceparent)], timeout=30)
+    assert "traceparent" not in dict(call.trailing_metadata())
+
+
+def exporting_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate()
+            if thread.name.startswith(EXPORT_THREAD)]
+
+
+def test_without_an_endpoint_the_factory_starts_no_exporter(receiver, monkeypatch):
+    """What a worker's ``create_app`` runs (``init_app``), here in process: no exporter
+    and no hook unless an endpoint is set; with one, both, until ``shutdown``."""
+    monkeypatch.setattr(tracing, "_active", False)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "digits-test")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    before = exporting_threads()
+    plain = Flask(__name__)
+    tracing.init_app(plain)
+    assert "tracing" not in plain.extensions and not plain.after_request_funcs
+    assert exporting_threads() == before and not tracing._active
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    traced = Flask(__name__)
+    tracing.init_app(traced)
+    assert len(exporting_threads()) == len(before) + 1 and traced.after_request_funcs
+    tracing.shutdown(traced)
+    assert exporting_threads() == before
 
 
 @pytest.mark.parametrize("environ, on", [
@@ -182,4 +208,12 @@ def test_a_server_without_otel_settings_traces_nothing(server, traced, mnist):
      False),
 ])
 def test_tracing_is_on_only_when_an_otlp_endpoint_is_set_and_the_sdk_not_disabled(environ, on):
-    assert enabled(environ) is on
+    assert tracing.enabled(environ) is on
+
+
+@pytest.mark.parametrize("name, value", [("OTEL_TRACES_EXPORTER", "zipkin"),
+                                         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                                         ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")])
+def test_an_exporter_this_server_does_not_speak_is_refused_by_name(name, value):
+    with pytest.raises(ConfigError, match=name):
+        tracing.enabled({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", name: value})
