@@ -123,7 +123,9 @@ def shutdown(app: Flask | None) -> None:
 
 
 class RequestTrace:
-    """One traced request's server span and the stages recorded under it."""
+    """One traced request's server span and the stages recorded under it. The model's
+    name and version are attributes of the server span and of the batch's, not of the
+    stages: each attribute costs every span that carries it (BENCHMARKS.md, "Tracing")."""
 
     def __init__(self, tracer: Tracer, span: Span, attributes: dict[str, Any]):
         from opentelemetry import trace
@@ -133,8 +135,7 @@ class RequestTrace:
 
     def stage(self, name: str) -> Any:
         """A child span for ``with``: ended on exit, ERROR if an exception leaves it."""
-        return self.tracer.start_span(name, context=self.context, attributes=self.attributes,
-                                      record_exception=False)
+        return self.tracer.start_span(name, context=self.context, record_exception=False)
 
     def admission(self) -> Any:
         """For ``with`` around the model's ``run``: a batcher admitting a request in this
@@ -280,8 +281,8 @@ def _record_batch(traced: list[Admission], started: int, images: int, failed: bo
         if not admission.queued:
             admission.queued = True
             trace = admission.trace
-            trace.tracer.start_span("queue", context=trace.context, start_time=admission.at,
-                                    attributes=trace.attributes).end(started)
+            trace.tracer.start_span("queue", context=trace.context,
+                                    start_time=admission.at).end(started)
     span = first.tracer.start_span(
         "model batch", context=first.context, start_time=started,
         links=[Link(admission.trace.span.get_span_context()) for admission in traced],

@@ -126,11 +126,10 @@ def test_a_request_is_traced_in_the_callers_trace_through_preprocess_queue_and_m
     assert attributes(server) | {"http.response.status_code": 200} == attributes(server)
     for name in ("preprocess", "queue", "model batch"):
         assert spans[name].parent_span_id == server.span_id, name
-        assert attributes(spans[name])["inference.model.name"] == MODEL
-        assert attributes(spans[name])["inference.model.version"] == 1
-    assert attributes(server)["inference.model.name"] == MODEL
-    assert attributes(server)["inference.model.version"] == 1
     batch = spans["model batch"]
+    for span in (server, batch):
+        assert attributes(span)["inference.model.name"] == MODEL
+        assert attributes(span)["inference.model.version"] == 1
     assert [(link.trace_id.hex(), link.span_id) for link in batch.links] == [
         (trace_id, server.span_id)]
     assert attributes(batch)["inference.batch.images"] == 2
