@@ -28,7 +28,7 @@ SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
 	/usr/sbin/dockerd:docker.io /usr/sbin/debootstrap:debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test test-docker lint bench bench-protocols bench-grpc bench-swaps fuzz soak clean
+.PHONY: install system-tools train train-if-missing digits serve serve-proxy kubernetes-proxy-config run test test-docker lint bench bench-protocols bench-grpc bench-swaps bench-tracing fuzz soak clean
 
 install: $(STAMP)
 
@@ -88,6 +88,10 @@ bench-protocols: install system-tools train-if-missing
 # gRPC against REST on the same server and digits (BENCHMARKS.md, "gRPC").
 bench-grpc: install train-if-missing
 	$(BIN)/python -m tests.bench.grpc
+
+# OpenTelemetry tracing at 100% sampling against tracing off, c=32 (BENCHMARKS.md, "Tracing").
+bench-tracing: install system-tools train-if-missing
+	$(BIN)/python -m tests.bench.tracing
 
 # Each worker's memory over 100 hot swaps of a quickly trained CNN, on both runtimes
 # (BENCHMARKS.md, "Memory over hot swaps"); it trains its own model, not MODELS_DIR's.

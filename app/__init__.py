@@ -42,7 +42,7 @@ def create_app(config: Config | None = None) -> Flask:
 
     Called in each gunicorn worker after the fork, so models (and TensorFlow) load there.
     """
-    from app import auth, cors, errors, logs
+    from app import auth, cors, errors, logs, tracing
     from app.api import models, open_inference, operations, pages, predict, tf_serving
     from app.api.common import ServiceRequest
     from app.api.urls import WholeNumberConverter, merged_slashes
@@ -78,6 +78,7 @@ def create_app(config: Config | None = None) -> Flask:
     logs.init_app(app, metrics)
     auth.init_app(app, config.auth_tokens_file)
     cors.init_app(app, config.cors_origins)
+    tracing.init_app(app)  # only when the OTEL_* variables ask for traces
     for blueprint in (predict.bp, models.bp, operations.bp, pages.bp, tf_serving.bp,
                       open_inference.bp):
         app.register_blueprint(blueprint)

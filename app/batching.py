@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from app import tracing
 from app.errors import DeadlineExceeded, ModelFailed, ModelNotReady, Overloaded
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def run_direct(predict: Predict, images: np.ndarray, deadline: Deadline | None) 
     if deadline is not None:
         deadline.check("before the model ran")
     try:
-        return predict(images)
+        return tracing.model_call(predict, images, [tracing.admitted()])
     except Exception:
         log.exception("model call failed")
         raise ModelFailed("the model failed on this input") from None
@@ -92,6 +93,7 @@ def run_direct(predict: Predict, images: np.ndarray, deadline: Deadline | None) 
 class _Job:
     images: np.ndarray
     deadline: Deadline
+    trace: tracing.Admission | None = field(default_factory=tracing.admitted)  # app/tracing.py
     done: threading.Event = field(default_factory=threading.Event)
     result: np.ndarray | None = None
     error: BaseException | None = None
@@ -303,7 +305,8 @@ class MicroBatcher:
 
     def _execute(self, batch: list[_Job]) -> None:
         try:
-            outputs = self.predict(np.concatenate([job.images for job in batch]))
+            images = np.concatenate([job.images for job in batch])
+            outputs = tracing.model_call(self.predict, images, [job.trace for job in batch])
         except Exception:
             if len(batch) == 1:
                 log.exception("model call failed")

@@ -104,8 +104,8 @@ def on_starting(server):
 
 
 def worker_exit(server, worker):
-    """Let gRPC calls in flight finish (new ones go to the other workers), then answer
-    requests still queued for a batch before the worker goes."""
+    """Let gRPC calls in flight finish (new ones go to the other workers), answer
+    requests still queued for a batch, then export the worker's last traces."""
     grpc_server = getattr(worker, "grpc_server", None)
     if grpc_server is not None:
         grpc_server.stop(graceful_timeout)
@@ -113,6 +113,9 @@ def worker_exit(server, worker):
     store = getattr(app, "extensions", {}).get("model_store")
     if store is not None:
         store.close()
+    from app import tracing
+
+    tracing.shutdown(app)  # the spans of those last requests too
 
 
 def on_exit(server):

@@ -23,6 +23,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
+from app import tracing
 from app.api.common import metrics, settings
 from app.auth import check, rpc_scope
 from app.batching import Deadline
@@ -110,6 +111,7 @@ def rpc(service: str) -> Callable:
             with self.app.app_context():
                 g.started, g.request_id = started, request_id
                 g.deadline = _deadline(context, started)
+                g.rpc = (service, method.__name__, context)  # for app/tracing.py
                 try:
                     if isinstance(request, Unreadable):
                         raise InvalidInput(f"the request is no valid {method.__name__} "
@@ -122,7 +124,8 @@ def rpc(service: str) -> Callable:
                     log.exception("unhandled error in %s/%s", service, method.__name__)
                     code, message = grpc.StatusCode.INTERNAL, "internal server error"
                 _record(service, method.__name__, code, started, request, context, request_id)
-            context.set_trailing_metadata(((REQUEST_ID, request_id),))
+                trailers = tracing.end_rpc(code)
+            context.set_trailing_metadata(((REQUEST_ID, request_id), *trailers))
             if code is not grpc.StatusCode.OK:
                 # Details travel as UTF-8: a quoted lone surrogate must not break them.
                 # They travel in a trailer, too: one over the peer's metadata limit (16

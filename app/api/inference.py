@@ -17,6 +17,7 @@ import numpy as np
 from flask import Response, after_this_request, current_app, g, has_request_context, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from app import tracing
 from app.api.common import metrics, settings, store
 from app.batching import Deadline
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -147,12 +148,15 @@ def run_model(model: LoadedModel, read: Callable[[], Parsed]) -> tuple[Parsed, n
     deadline = request_deadline()
     meters = metrics().version(model.name, model.version)
     started = g.get("started") or time.perf_counter()  # app/logs.py, app/api/grpc_common.py
+    trace = tracing.request_trace(model)  # app/tracing.py; a no-op unless OTEL_* ask
     with meters.request_span(started), model.slot() as slot:
         reading = time.perf_counter()
-        parsed = read()
+        with trace.stage("preprocess"):
+            parsed = read()
         meters.preprocess.observe(time.perf_counter() - reading)
-        probabilities = slot.run(parsed.images, deadline=deadline,
-                                 max_queue=settings().queue_max_requests)
+        with trace.admission():
+            probabilities = slot.run(parsed.images, deadline=deadline,
+                                     max_queue=settings().queue_max_requests)
     meters.answered(started)
     metrics().images.labels(model.name, str(model.version)).inc(len(parsed.images))
     metrics().version_requests.labels(model.name, str(model.version)).inc()

@@ -1,0 +1,110 @@
+"""`make bench-tracing`: what OpenTelemetry tracing costs at c=32, at 100% sampling and
+at a sampled share.
+
+Three gunicorns of ours as `make serve` runs them (2 workers each), on the same models,
+started side by side: tracing off; exporting every request's spans
+(``OTEL_TRACES_SAMPLER=always_on``); and sampling ``--ratio`` of new traces
+(``parentbased_traceidratio``), both over OTLP/HTTP to a sink in this process that
+accepts and discards them, as a collector on another host would. wrk drives each in
+turn with one real 28×28 PNG on /predict (the cheapest request, so the worst case for
+a fixed cost per request) at c=32, the order rotating by round so that the host's drift
+hits all alike; prints each round, the medians and each one's ratio to off in the same
+round, and how many export calls and bytes the sink received (tracing did run).
+BENCHMARKS.md, "Tracing".
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from tests.bench.__main__ import ROOT, Server, bodies, start, wrk
+
+
+class Sink(http.server.ThreadingHTTPServer):
+    """An OTLP/HTTP endpoint that answers 200 to every export and keeps only counts."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), SinkHandler)
+        self.exports = self.bytes = 0
+        self.lock = threading.Lock()
+
+
+class SinkHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # the exporter keeps its connection
+
+    def do_POST(self) -> None:
+        size = len(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.exports += 1
+            self.server.bytes += size
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--ratio", type=float, default=0.1,
+                        help="the sampled server's OTEL_TRACES_SAMPLER_ARG")
+    args = parser.parse_args(argv)
+    sink = Sink()
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    gunicorn = [str(Path(sys.executable).parent / "gunicorn"), "-c", "app/gunicorn.conf.py",
+                "app:create_app()"]
+    common = {"MODELS_DIR": str(args.models_dir.resolve()), "LOG_LEVEL": "WARNING"}
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}"}
+    fleet = [Server("tracing off", gunicorn, common),
+             Server("on, 100%", gunicorn, {**common, **endpoint,
+                                           "OTEL_TRACES_SAMPLER": "always_on"}),
+             Server(f"on, {args.ratio:.0%}", gunicorn, {
+                 **common, **endpoint, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                 "OTEL_TRACES_SAMPLER_ARG": str(args.ratio)})]
+    rates: dict[str, list[float]] = {server.name: [] for server in fleet}
+    with tempfile.TemporaryDirectory(prefix="bench-tracing-") as scratch:
+        version = max((args.models_dir / "mnist_cnn").iterdir(), key=lambda p: int(p.name))
+        png = bodies(Path(scratch), version)["png"]
+        try:
+            for server in fleet:
+                start(server, Path(scratch))
+            for turn in range(args.rounds):
+                for server in fleet[turn % 3:] + fleet[:turn % 3]:
+                    stats = wrk(server.url, png, "image/png", args.concurrency, args.seconds)
+                    assert stats["errors"] == 0, stats
+                    rates[server.name].append(stats["rps"])
+                    print(f"round {turn} {server.name:18} {stats['rps']:7.1f} req/s  "
+                          f"p50 {stats['p50_ms']:6.1f} ms  p99 {stats['p99_ms']:6.1f} ms",
+                          flush=True)
+        finally:
+            for server in fleet:
+                if server.process is not None:
+                    server.process.terminate()
+                    server.process.wait(60)
+    sink.shutdown()
+    off = rates[fleet[0].name]
+    print(f"\n| c={args.concurrency} | req/s (median) | ÷ off (median of rounds) | per round |"
+          "\n| --- | ---: | ---: | --- |")
+    for server in fleet:
+        ratios = [rate / base for rate, base in zip(rates[server.name], off, strict=True)]
+        print(f"| {server.name} | {np.median(rates[server.name]):,.0f} | "
+              f"{np.median(ratios):.3f} | {', '.join(f'{r:.2f}' for r in ratios)} |")
+    print(f"\nThe sink received {sink.exports:,} exports, {sink.bytes / 1e6:,.1f} MB.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
