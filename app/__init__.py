@@ -42,7 +42,7 @@ def create_app(config: Config | None = None) -> Flask:
 
     Called in each gunicorn worker after the fork, so models (and TensorFlow) load there.
     """
-    from app import auth, cors, errors, logs, tracing
+    from app import auth, cors, errors, logs, payload_log, tracing
     from app.api import models, open_inference, operations, pages, predict, tf_serving
     from app.api.common import ServiceRequest
     from app.api.urls import WholeNumberConverter, merged_slashes
@@ -72,6 +72,7 @@ def create_app(config: Config | None = None) -> Flask:
                        Path(config.model_config_file) if config.model_config_file else None)
     store.init_app(app)
     app.extensions["shadow"] = ShadowRunner(metrics)
+    payload_log.init_app(app, config, metrics)
     store.load()  # what MODELS_DIR holds now; then a thread follows its changes
 
     errors.register(app)

@@ -55,6 +55,13 @@ class Config:
     auth_tokens_file: str = ""  # bearer tokens and their scopes (app/auth.py); empty: no auth
     cors_allowed_origins: str = ""  # origins, comma-separated, whose pages may call the API
     prometheus_multiproc_dir: str = ""  # set by app/gunicorn.conf.py for multi-worker metrics
+    # Sampled payload logs (app/payload_log.py): off unless one sink is set.
+    payload_log_url: str = ""  # an HTTP(S) endpoint receiving CloudEvents
+    payload_log_file: str = ""  # or a file of JSON lines, appended to by every worker
+    payload_log_sample_rate: float = 1.0  # share of requests logged, 0 to 1
+    payload_log_images: bool = False  # also log each 28×28 model input
+    payload_log_queue_images: int = 1000  # images waiting per worker; more are dropped
+    payload_log_timeout_seconds: float = 2.0  # connect/read timeout of a send, and exit flush
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -101,7 +108,30 @@ class Config:
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                               f"got {self.log_level!r}")
         self.cors_origins  # noqa: B018 - raises ConfigError for a malformed list
+        self._validate_payload_log()
         return self
+
+    def _validate_payload_log(self) -> None:
+        """The PAYLOAD_LOG_* settings (app/payload_log.py); raises ConfigError."""
+        if self.payload_log_url and self.payload_log_file:
+            raise ConfigError("set PAYLOAD_LOG_URL or PAYLOAD_LOG_FILE, not both")
+        if self.payload_log_url and not _SINK_URL.fullmatch(self.payload_log_url):
+            raise ConfigError("PAYLOAD_LOG_URL must be http(s)://host[:port][/path], "
+                              f"got {self.payload_log_url[:80]!r}")
+        if not 0 <= self.payload_log_sample_rate <= 1:
+            raise ConfigError("PAYLOAD_LOG_SAMPLE_RATE must be between 0 and 1, "
+                              f"got {self.payload_log_sample_rate}")
+        if self.payload_log_queue_images < 1:
+            raise ConfigError("PAYLOAD_LOG_QUEUE_IMAGES must be a positive integer, "
+                              f"got {self.payload_log_queue_images}")
+        if not 0 < self.payload_log_timeout_seconds <= 60:
+            raise ConfigError("PAYLOAD_LOG_TIMEOUT_SECONDS must be above 0 and at most 60, "
+                              f"got {self.payload_log_timeout_seconds}")
+
+    @property
+    def payload_log_on(self) -> bool:
+        """Whether a payload log sink is set (PAYLOAD_LOG_URL or PAYLOAD_LOG_FILE)."""
+        return bool(self.payload_log_url or self.payload_log_file)
 
     @property
     def cors_origins(self) -> tuple[str, ...]:
@@ -116,6 +146,7 @@ class Config:
         return origins
 
 
+_SINK_URL = re.compile(r"https?://[^\s/?#]+(/[^\s#]*)?")
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 

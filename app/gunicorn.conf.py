@@ -105,7 +105,8 @@ def on_starting(server):
 
 def worker_exit(server, worker):
     """Let gRPC calls in flight finish (new ones go to the other workers), answer
-    requests still queued for a batch, then export the worker's last traces."""
+    requests still queued for a batch, flush the payload log (bounded), then export the
+    worker's last traces."""
     grpc_server = getattr(worker, "grpc_server", None)
     if grpc_server is not None:
         grpc_server.stop(graceful_timeout)
@@ -113,6 +114,9 @@ def worker_exit(server, worker):
     store = getattr(app, "extensions", {}).get("model_store")
     if store is not None:
         store.close()
+    payload_log = getattr(app, "extensions", {}).get("payload_log")
+    if payload_log is not None:
+        payload_log.close()
     from app import tracing
 
     tracing.shutdown(app)  # the spans of those last requests too

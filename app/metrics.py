@@ -74,6 +74,10 @@ class Metrics:
         self.shadow_dropped = Counter(
             "shadow_dropped_requests_total", "Requests not copied to a shadow version "
             "because its queue was full", ["model"], registry=self.registry)
+        self.payload_records = Counter(
+            "payload_log_records_total", "Payload log records (app/payload_log.py) by "
+            "outcome: sent, dropped (the queue was full) or failed (the sink did not "
+            "take it)", ["outcome"], registry=self.registry)
         self.load_seconds = Gauge("model_load_seconds", "Seconds to load and warm a model",
                                   ["model", "version"], registry=self.registry,
                                   multiprocess_mode="max")

@@ -22,6 +22,7 @@ from app.api.common import metrics, settings, store
 from app.batching import Deadline
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from app.inputs import MULTIPART_TYPE, WBITS, Limits, decompress
+from app.payload_log import log_payload
 from app.preprocess import DecodeBudget
 from app.servable import LoadedModel
 from app.shadow import ShadowRunner
@@ -161,4 +162,5 @@ def run_model(model: LoadedModel, read: Callable[[], Parsed]) -> tuple[Parsed, n
     metrics().images.labels(model.name, str(model.version)).inc(len(parsed.images))
     metrics().version_requests.labels(model.name, str(model.version)).inc()
     shadow_copy(model, parsed.images, probabilities)
+    log_payload(model, parsed.images, probabilities)
     return parsed, probabilities
