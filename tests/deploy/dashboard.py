@@ -17,6 +17,9 @@ from tests.deploy.prometheus import SCRAPE_SECONDS, Prometheus
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 ROW_INCHES, COLUMN_INCHES = 0.36, 0.75  # one grid unit; Grafana's are 30 px and 1/24 wide
+TITLE_INCHES = 0.5
+# Room inside a panel's cell for the axis labels (left, bottom) and its title (top).
+LEFT, BOTTOM, TOP, RIGHT = 0.6, 0.55, 0.3, 0.15
 BACKGROUND, PANEL, TEXT = "#111217", "#181b1f", "#ccccdc"
 # Units as Grafana shows them: a factor and the axis label.
 UNITS = {"s": (1000, "ms"), "percentunit": (100, "%"), "reqps": (1, "req/s")}
@@ -48,16 +51,13 @@ def render(dashboard: dict, prometheus: Prometheus, start: float, end: float,
            path: Path) -> dict[str, int]:
     """Draw every panel over [start, end] into ``path``; the series each panel showed."""
     height = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in dashboard["panels"])
-    figure = Figure(figsize=(24 * COLUMN_INCHES, height * ROW_INCHES + 0.6),
-                        facecolor=BACKGROUND)
-    grid = figure.add_gridspec(height, 24, left=0.03, right=0.99, bottom=0.02, top=0.95,
-                               hspace=3.5, wspace=1.5)
+    inches = (24 * COLUMN_INCHES, height * ROW_INCHES + TITLE_INCHES)
+    figure = Figure(figsize=inches, facecolor=BACKGROUND)
     figure.suptitle(f"{dashboard['title']}: the dashboard's queries on a real Prometheus, "
                     "drawn by tests/deploy/dashboard.py (not Grafana)", color=TEXT)
     shown = {}
     for panel in dashboard["panels"]:
-        pos = panel["gridPos"]
-        axes = figure.add_subplot(grid[pos["y"]:pos["y"] + pos["h"], pos["x"]:pos["x"] + pos["w"]])
+        axes = figure.add_axes(place(panel["gridPos"], inches))
         axes.set_facecolor(PANEL)
         axes.set_title(panel["title"], color=TEXT, fontsize=10, loc="left")
         axes.tick_params(colors=TEXT, labelsize=7)
@@ -68,6 +68,15 @@ def render(dashboard: dict, prometheus: Prometheus, start: float, end: float,
                       transform=axes.transAxes)
     figure.savefig(path, dpi=80, facecolor=BACKGROUND)
     return shown
+
+
+def place(pos: dict, inches: tuple[float, float]) -> tuple[float, float, float, float]:
+    """A panel's grid position as the figure fractions of its plotting area."""
+    width, height = inches
+    left = pos["x"] * COLUMN_INCHES + LEFT
+    bottom = height - TITLE_INCHES - (pos["y"] + pos["h"]) * ROW_INCHES + BOTTOM
+    return (left / width, bottom / height, (pos["w"] * COLUMN_INCHES - LEFT - RIGHT) / width,
+            (pos["h"] * ROW_INCHES - BOTTOM - TOP) / height)
 
 
 def graph(axes, panel: dict, prometheus: Prometheus, start: float, end: float) -> int:
@@ -86,6 +95,7 @@ def graph(axes, panel: dict, prometheus: Prometheus, start: float, end: float) -
     if defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode") == "line":
         for step in defaults["thresholds"]["steps"][1:]:
             axes.axhline(step["value"] * factor, color=step["color"], linestyle="--")
+    axes.set_xlim(start - end, 0)
     axes.set_xlabel("seconds ago", color=TEXT, fontsize=7)
     axes.set_ylabel(label, color=TEXT, fontsize=7)
     if count:
@@ -111,6 +121,6 @@ def values(axes, panel: dict, prometheus: Prometheus, start: float, end: float) 
     axes.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=6)
     axes.set_ylabel(label, color=TEXT, fontsize=7)
     for place, number in enumerate(numbers):
-        axes.text(place, number, f"{number:.3g}", color=TEXT, ha="center", va="bottom",
+        axes.text(place, number, f"{number:.4g}", color=TEXT, ha="center", va="bottom",
                   fontsize=8)
     return len(numbers)
