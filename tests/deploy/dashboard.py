@@ -32,7 +32,9 @@ def load() -> dict:
 def expressions(dashboard: dict) -> list[str]:
     """Every query of every panel, and of the template variables."""
     queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    return queries + [variable["definition"] for variable in dashboard["templating"]["list"]
+    # Grafana's label_values(metric, label): the metric is PromQL, the label is not.
+    return queries + [re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", variable["definition"])
+                      for variable in dashboard["templating"]["list"]
                       if variable["type"] == "query"]
 
 

@@ -26,12 +26,12 @@ HISTOGRAM_PARTS = ("_bucket", "_sum", "_count")
 
 @dataclass
 class Prometheus:
-    """A running Prometheus scraping one target, since ``started`` (Unix time)."""
+    """A running Prometheus scraping one target, first at ``scraped`` (Unix time)."""
 
     url: str
     process: subprocess.Popen
     log_path: Path
-    started: float
+    scraped: float = 0.0
 
     def query(self, promql: str, **params: str) -> list[dict]:
         """The result of an instant query (or a range query with start/end/step)."""
@@ -64,7 +64,7 @@ def start_prometheus(target: str, folder: Path) -> Prometheus:
     """Prometheus on a free loopback port, its database in ``folder``, ready and with
     ``target`` scraped at least once (Prometheus 2.42 applies its targets after 5 s)."""
     (folder / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(target)))
-    port, started = free_port(), time.time()
+    port = free_port()
     log_path = folder / "prometheus.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -72,11 +72,12 @@ def start_prometheus(target: str, folder: Path) -> Prometheus:
              f"--storage.tsdb.path={folder / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}"],
             stdout=log, stderr=subprocess.STDOUT)
-    running = Prometheus(f"http://127.0.0.1:{port}", process, log_path, started)
+    running = Prometheus(f"http://127.0.0.1:{port}", process, log_path)
     try:
         wait_until(lambda: ready(running), "Prometheus ready", timeout=30)
         wait_until(lambda: running.value('up{job="mnist-api"}') == 1,
                    "the first scrape of the service", timeout=30)
+        running.scraped = time.time()
     except AssertionError:
         stop_prometheus(running)
         raise AssertionError(log_path.read_text()[-3000:]) from None

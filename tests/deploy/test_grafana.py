@@ -118,7 +118,7 @@ def test_the_dashboard_drawn_from_a_real_prometheus_shows_the_traffic(
         wait_until(lambda b=burst: (prometheus.value(answered) or 0) >= before + 4 * b * (b + 1),
                    "Prometheus scraping the burst", timeout=30)
     path = tmp_path / "dashboard.png"
-    shown = render(dashboard, prometheus, prometheus.started, time.time(), path)
+    shown = render(dashboard, prometheus, prometheus.scraped, time.time(), path)
     assert shown["Inference requests/s"] and shown["Requests by version (canary split)"]
     assert path.stat().st_size > 50_000
     if os.environ.get("SAVE_SCREENSHOTS") == "1":
