@@ -80,7 +80,8 @@ def start_prometheus(target: str, folder: Path) -> Prometheus:
         running.scraped = time.time()
     except AssertionError:
         stop_prometheus(running)
-        raise AssertionError(log_path.read_text()[-3000:]) from None
+        raise AssertionError(f"Prometheus did not scrape {target}:\n"
+                             f"{log_path.read_text()[-3000:]}") from None
     return running
 
 
