@@ -21,10 +21,12 @@ export MODELS_DIR MODEL_NAME PORT
 TRAIN_ARGS ?=
 
 # System tools from Debian that the tests and the benchmark drive, as command:package.
-# Two are named by their path: nginx is in /usr/sbin (not on every user's PATH), and
-# Debian's docker-compose (1.29) is not .venv/bin/docker-compose (Compose v2).
+# Three are named by their path: nginx is in /usr/sbin (not on every user's PATH),
+# Debian's docker-compose (1.29) is not .venv/bin/docker-compose (Compose v2), and
+# the tests run Debian's /usr/bin/prometheus (2.42), whatever other one PATH finds.
 SYSTEM_TOOLS := wrk:wrk chromium:chromium chromedriver:chromium-driver \
 	/usr/sbin/nginx:nginx /usr/bin/docker-compose:docker-compose \
+	promtool:prometheus /usr/bin/prometheus:prometheus \
 	/usr/sbin/dockerd:docker.io /usr/sbin/debootstrap:debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
