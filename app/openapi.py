@@ -1,8 +1,17 @@
-"""The OpenAPI 3.1 description of every endpoint, served at /openapi.json."""
+"""The OpenAPI 3.1 description of every endpoint, served at /openapi.json.
+
+With AUTH_TOKENS_FILE set, each operation's ``security`` is the scope app/auth.py gives
+the endpoint that serves it, found through the app's own URL rules: one list of scopes.
+"""
 
 from __future__ import annotations
 
+import re
+
+from werkzeug.routing import Map
+
 from app import __version__
+from app.auth import REALM, required_scope
 from app.config import Config
 
 IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff"]
@@ -244,8 +253,45 @@ def _protocol_paths() -> dict:
     return paths
 
 
-def openapi_spec(config: Config) -> dict:
-    """The document; limits are filled in from the running configuration."""
+BEARER = {"type": "http", "scheme": "bearer",
+          "description": f"A token of AUTH_TOKENS_FILE (realm {REALM}); each operation "
+                         "lists the scope it needs: predict or admin"}
+# Flask's <converter:name> and <name> → OpenAPI's {name}.
+RULE_PARAMETER = re.compile(r"<(?:[^<>:]+:)?([^<>:]+)>")
+
+
+def endpoints(url_map: Map) -> dict[tuple[str, str], str]:
+    """(OpenAPI path, method) → the Flask endpoint that serves it."""
+    return {(RULE_PARAMETER.sub(r"{\1}", rule.rule), method.lower()): rule.endpoint
+            for rule in url_map.iter_rules()
+            for method in rule.methods - {"HEAD", "OPTIONS"}}
+
+
+def _secure(paths: dict, served_by: dict[tuple[str, str], str]) -> None:
+    """Each operation's security and its 401/403, from its endpoint's scope; an
+    operation no rule serves needs ``predict``, as an unknown path does."""
+    for path, operations in paths.items():
+        plain = path.startswith(("/v1/", "/v2"))
+        for method, operation in operations.items():
+            scope = required_scope(served_by.get((path, method)))
+            operation["security"] = [] if scope is None else [{"bearerAuth": [scope]}]
+            if scope is not None:
+                shape = _ref("PlainError" if plain else "Error")
+                operation["responses"].update({
+                    "401": _json(shape, "No token, or not one of AUTH_TOKENS_FILE's"),
+                    "403": _json(shape, f"The token lacks the scope {scope}")})
+
+
+def openapi_spec(config: Config, url_map: Map) -> dict:
+    """The document; limits and security are filled in from the running configuration."""
+    spec = _document(config)
+    if config.auth_tokens_file:
+        spec["components"]["securitySchemes"] = {"bearerAuth": BEARER}
+        _secure(spec["paths"], endpoints(url_map))
+    return spec
+
+
+def _document(config: Config) -> dict:
     return {
         "openapi": "3.1.0",
         "x-web-pages": ["/", "/model"],

@@ -155,15 +155,46 @@ def test_api_waits_for_training_and_shares_its_models(compose):
     assert api["depends_on"]["train"]["condition"] == "service_completed_successfully"
     assert api["restart"] == "on-failure"
     assert api["healthcheck"]["test"][0] == "CMD"
-    assert {v["source"] for v in api["volumes"]} == {v["source"] for v in train["volumes"]}
-    assert Path(train["volumes"][0]["source"]) == ROOT / "models"
+    (models,) = train["volumes"]
+    assert Path(models["source"]) == ROOT / "models"
+    assert models["source"] in {v["source"] for v in api["volumes"]}
+
+
+def test_http_redirect_port_is_published_on_the_host_as_the_one_setting_says():
+    result = subprocess.run([tool("docker-compose"), "-f", str(ROOT / "docker-compose.yml"),
+                             "config", "--format", "json"], capture_output=True, text=True,
+                            env={**unconfigured_env(), "HTTP_REDIRECT_PORT": "80"}, check=True)
+    proxy = json.loads(result.stdout)["services"]["proxy"]
+    assert proxy["environment"]["HTTP_REDIRECT_PORT"] == "80"
+    assert [(p["published"], p["target"]) for p in proxy["ports"][1:]] == [("80", 80)]
+
+
+def test_api_and_proxy_always_mount_the_secrets_folder_read_only(compose):
+    """README's one step: a file in ./secrets and its path in .env. The folder is in
+    the repository (Compose v1 would make a missing one as root), its content is not,
+    nor is it sent to an image build."""
+    for name in ("api", "proxy"):
+        (secrets,) = [v for v in compose["services"][name]["volumes"]
+                      if v["target"] == "/run/secrets/mnist"]
+        assert Path(secrets["source"]) == ROOT / "secrets" and secrets["read_only"] is True
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "secrets"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked == ["secrets/.gitignore"]
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index",
+                              "secrets/tokens", "secrets/tls.key"], capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == ["secrets/tokens", "secrets/tls.key"]
+    assert "secrets" in (ROOT / ".dockerignore").read_text().split()
 
 
 def test_the_proxy_publishes_rest_and_the_api_only_grpc(compose):
     api, proxy = compose["services"]["api"], compose["services"]["proxy"]
     assert [(str(p["target"]), p["published"]) for p in api["ports"]] == \
         [(api["environment"]["GRPC_PORT"], api["environment"]["GRPC_PORT"])]
-    assert [str(p["target"]) for p in proxy["ports"]] == [proxy["environment"]["PORT"]]
+    rest, redirect = proxy["ports"]
+    assert str(rest["target"]) == proxy["environment"]["PORT"]
+    # HTTP_REDIRECT_PORT unset: a port no one outside the host reaches, nothing behind it.
+    assert redirect["host_ip"] == "127.0.0.1" and "published" not in redirect
     assert proxy["environment"]["UPSTREAM"] == f"api:{api['environment']['PORT']}"
     assert proxy["environment"]["MAX_CONTENT_LENGTH"] == api["environment"]["MAX_CONTENT_LENGTH"]
     assert proxy["depends_on"]["api"]["condition"] == "service_healthy"

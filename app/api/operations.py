@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
 from app.api.common import metrics, ready_store, settings
 from app.openapi import openapi_spec
@@ -32,4 +32,4 @@ def prometheus_metrics():
 
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(openapi_spec(settings()))
+    return jsonify(openapi_spec(settings(), current_app.url_map))

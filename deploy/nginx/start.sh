@@ -13,6 +13,10 @@
 #   RATE_LIMIT_BURST    requests over that rate a client may send at once (default: RPS)
 #   TLS_CERT_FILE       with TLS_KEY_FILE: HTTPS on PORT (TLS 1.2 and 1.3 with forward-secret
 #   TLS_KEY_FILE        AEAD ciphers only, HTTP/2); both PEM files, the chain first
+#   HTTP_REDIRECT_PORT  with TLS: a plain-HTTP port whose every request is answered 308
+#                       (method and body kept) to the same path and query on PUBLIC_URL
+#   PUBLIC_URL          https://host[:port] as clients reach this proxy; the redirect
+#                       never takes the host from the request (its Host header)
 # POSIX sh and envsubst only: it runs unchanged in the nginx image (docker-compose.yml).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -88,9 +92,36 @@ if [ -n "${TLS_CERT_FILE:-}${TLS_KEY_FILE:-}" ]; then
         ssl_session_tickets off;"
 fi
 export LISTEN_RULES
+
+# A configured origin, not $host: nginx's $host is whatever Host the client sent (nginx
+# checks only its syntax), and a Location built from it lets a cache or a link in front
+# send people to another site.
+REDIRECT_SERVER=""
+if [ -n "${HTTP_REDIRECT_PORT:-}" ]; then
+    whole_number HTTP_REDIRECT_PORT "$HTTP_REDIRECT_PORT"
+    [ -n "${TLS_CERT_FILE:-}" ] && [ "$HTTP_REDIRECT_PORT" != "$PORT" ] || {
+        echo "start.sh: HTTP_REDIRECT_PORT redirects to HTTPS: it needs TLS_CERT_FILE and" \
+             "TLS_KEY_FILE, and a port other than PORT ($PORT)" >&2
+        exit 1; }
+    origin="${PUBLIC_URL:-}"
+    case "${origin#https://}" in
+        "$origin"|''|*[!]A-Za-z0-9.:[-]*)
+            echo "start.sh: PUBLIC_URL must be https://host or https://host:port (no path)" \
+                 "for HTTP_REDIRECT_PORT, got '$origin'" >&2
+            exit 1 ;;
+    esac
+    # shellcheck disable=SC2016  # nginx's $request_uri: the path and query as sent
+    REDIRECT_SERVER="server {
+        listen $HTTP_REDIRECT_PORT;
+        location / {
+            return 308 $origin"'$request_uri;'"
+        }
+    }"
+fi
+export REDIRECT_SERVER
 prefix="${NGINX_PREFIX:-$(mktemp -d "${TMPDIR:-/tmp}/mnist-nginx.XXXXXX")}"
 mkdir -p "$prefix"
 # shellcheck disable=SC2016  # the names are for envsubst, not for the shell
-envsubst '${PORT} ${UPSTREAM} ${MAX_CONTENT_LENGTH} ${METRICS_ALLOW_RULES} ${RATE_LIMIT_ZONE} ${RATE_LIMIT_RULES} ${LISTEN_RULES}' \
+envsubst '${PORT} ${UPSTREAM} ${MAX_CONTENT_LENGTH} ${METRICS_ALLOW_RULES} ${RATE_LIMIT_ZONE} ${RATE_LIMIT_RULES} ${LISTEN_RULES} ${REDIRECT_SERVER}' \
     < "$here/nginx.conf.template" > "$prefix/nginx.conf"
 exec nginx -p "$prefix" -c "$prefix/nginx.conf" -e stderr -g 'daemon off;'

@@ -20,7 +20,7 @@ import requests
 from jsonschema import Draft202012Validator
 from PIL import Image
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import PREDICT_TOKEN, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +141,38 @@ def test_errors_are_documented_field_by_field(api, spec, method, path, documente
                                 headers={"Content-Type": "text/plain"}, timeout=30)
     assert response.status_code == status, response.text
     assert_documented(spec, documented, method, response)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_server_without_tokens_documents_no_security(spec):
+    assert "securitySchemes" not in spec["components"]
+    assert not [path for path, ops in spec["paths"].items()
+                for op in ops.values() if "security" in op]
+
+
+def test_each_operation_documents_the_scope_the_secured_server_enforces(secured):
+    """Every documented operation is called on the real secured server: without a token
+    it is refused (401) exactly when its ``security`` asks for a scope, and a predict
+    token is refused (403) exactly where that scope is admin."""
+    secured_spec = requests.get(f"{secured.url}/openapi.json", timeout=30).json()
+    assert secured_spec["components"]["securitySchemes"]["bearerAuth"] | {"description": ""} \
+        == {"type": "http", "scheme": "bearer", "description": ""}
+    scopes = {}
+    for path, operations in secured_spec["paths"].items():
+        url = secured.url + path.format(name="mnist_cnn", version=1, label="stable",
+                                        plot="history")
+        for method, operation in operations.items():
+            (scope,) = [r["bearerAuth"] for r in operation["security"]] or [[None]]
+            scopes[method, path] = scope[0]
+            anonymous = requests.request(method, url, timeout=30)
+            assert (anonymous.status_code == 401) == (scope[0] is not None), (path, anonymous)
+            predict = requests.request(method, url, headers=bearer(PREDICT_TOKEN), timeout=30)
+            assert predict.status_code != 401 and \
+                (predict.status_code == 403) == (scope[0] == "admin"), (path, predict)
+    assert sorted(p for (_, p), s in scopes.items() if s is None) == [
+        "/health", "/openapi.json", "/ready", "/v2/health/live", "/v2/health/ready"]
+    assert sorted(p for (_, p), s in scopes.items() if s == "admin") == [
+        "/metrics", "/v2/repository/index"]

@@ -53,8 +53,8 @@ def _default_sigint() -> None:
 def start_proxy(models_dir: Path, log_path: Path, ca: Path | None = None, **env: str) -> Proxy:
     """Start the script as `make serve-proxy` does, in its own process group (as a
     terminal would), and wait until /ready answers 200 through nginx (over HTTPS, checked
-    against ``ca``, when ``env`` has TLS_CERT_FILE)."""
-    port = free_port()
+    against ``ca``, when ``env`` has TLS_CERT_FILE) on ``env``'s PORT, else a free one."""
+    port = int(env.get("PORT") or free_port())
     environment = {**os.environ, "MODELS_DIR": str(models_dir), "PORT": str(port),
                    "WORKERS": "2", "GUNICORN": str(Path(sys.executable).parent / "gunicorn"),
                    **env}

@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from functools import cache
 from pathlib import Path
 
@@ -28,9 +29,11 @@ import requests
 import yaml
 from referencing import Registry, Resource
 
+from app.auth import TokenFile, TokenFileError
 from app.config import Config
 from tests.conftest import ROOT, free_port
 from tests.deploy.kubernetes import proxy_configmap
+from tests.deploy.test_proxy import start_nginx
 from tests.test_compose import final_stage
 
 KUBERNETES = "1.34.0"  # the release the manifests are validated for
@@ -39,6 +42,7 @@ KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 KSERVE_GRPC = ROOT / "deploy" / "kserve" / "inferenceservice-grpc.yaml"
 RETRAIN = BASE / "retrain" / "job.yaml"
 LITE = BASE / "lite"  # an overlay: the api on the lite image
+SECURITY = "mnist-security"  # the ConfigMap made from security.env
 WORKER_MIB = 700  # resident memory of one TensorFlow worker (BENCHMARKS.md: 674 MB)
 
 
@@ -46,10 +50,29 @@ def documents(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+@cache
+def generated_config_maps() -> dict[str, dict[str, str]]:
+    """The kustomization's configMapGenerator ConfigMaps' data, by name, read from their
+    env files as kustomize reads them (KEY=value lines; # comments and blank lines)."""
+    generators = yaml.safe_load((BASE / "kustomization.yaml").read_text())["configMapGenerator"]
+    maps = {}
+    for generator in generators:
+        data = maps.setdefault(generator["name"], {})
+        for name in generator["envs"]:
+            for line in (BASE / name).read_text().splitlines():
+                if line.strip() and not line.startswith("#"):
+                    key, _, value = line.partition("=")
+                    data[key] = value
+    return maps
+
+
 @pytest.fixture(scope="module")
 def base() -> dict[tuple[str, str], dict]:
-    """Every object the kustomization applies, by (kind, name)."""
-    objects = {}
+    """Every object the kustomization applies, by (kind, name), its generated ConfigMaps
+    under their names before kustomize adds the hash (it renames the references too)."""
+    objects = {("ConfigMap", name): {"apiVersion": "v1", "kind": "ConfigMap",
+                                     "metadata": {"name": name}, "data": data}
+               for name, data in generated_config_maps().items()}
     for resource in yaml.safe_load((BASE / "kustomization.yaml").read_text())["resources"]:
         for doc in documents(BASE / resource):
             objects[doc["kind"], doc["metadata"]["name"]] = doc
@@ -75,11 +98,15 @@ def mebibytes(quantity: str) -> float:
 
 
 def environment(spec: dict) -> dict[str, str]:
-    """The container's env as the kubelet resolves it (literal values, resourceFieldRef)."""
+    """The container's env as the kubelet resolves it (literal values, resourceFieldRef,
+    configMapKeyRef to a generated ConfigMap)."""
     resolved = {}
     for var in spec.get("env", []):
         if "value" in var:
             resolved[var["name"]] = var["value"]
+        elif "configMapKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            resolved[var["name"]] = generated_config_maps()[ref["name"]][ref["key"]]
         else:
             ref = var["valueFrom"]["resourceFieldRef"]
             assert ref["containerName"] == spec["name"]
@@ -132,6 +159,61 @@ def test_the_lite_overlay_runs_the_api_on_the_lite_image_and_training_on_the_ful
 def test_proxy_configmap_carries_deploy_nginx_byte_for_byte():
     assert (BASE / "proxy-configmap.yaml").read_text() == proxy_configmap(), \
         "deploy/nginx changed: run `make kubernetes-proxy-config`"
+
+
+def secret_volume(deployment: dict, path: str) -> dict:
+    """The Secret volume mounted where ``path`` lies."""
+    (mount,) = [m for m in container(deployment)["volumeMounts"]
+                if path.startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod(deployment)["volumes"] if v["name"] == mount["name"]]
+    return volume["secret"]
+
+
+def test_each_security_control_is_a_line_of_security_env_off_while_empty(base):
+    """Every key of the generated ConfigMap reaches, by its own name, a container that
+    reads it (the api's Config, or start.sh for nginx); every one starts empty: off."""
+    settings = generated_config_maps()[SECURITY]
+    assert set(settings.values()) == {""}
+    read = {}
+    for name in ("mnist-api", "mnist-proxy"):
+        for var in container(base["Deployment", name])["env"]:
+            ref = var.get("valueFrom", {}).get("configMapKeyRef")
+            if ref and ref["name"] == SECURITY:
+                assert ref["key"] == var["name"] and "optional" not in ref  # a typo is loud
+                read[var["name"]] = name
+    assert sorted(read) == sorted(settings)
+    start_sh = (ROOT / "deploy" / "nginx" / "start.sh").read_text()
+    for setting, reader in read.items():
+        assert (setting.lower() in {f.name for f in fields(Config)} if reader == "mnist-api"
+                else f"#   {setting} " in start_sh), setting
+
+
+@pytest.mark.parametrize(("deployment", "settings", "secret"), [
+    ("mnist-api", {"AUTH_TOKENS_FILE": "/etc/mnist-auth/tokens"}, "mnist-api-tokens"),
+    ("mnist-proxy", {"TLS_CERT_FILE": "/etc/mnist-tls/tls.crt",
+                     "TLS_KEY_FILE": "/etc/mnist-tls/tls.key"}, "mnist-proxy-tls"),
+], ids=["tokens", "tls"])
+def test_security_env_paths_lie_in_an_optional_secret_that_must_exist_once_set(
+        deployment, settings, secret, base, tmp_path):
+    """The paths README gives are in the Secret's volume, mounted whether or not the
+    Secret exists; set while it does not (an empty folder there), the container refuses
+    to start rather than run open."""
+    readme = (ROOT / "README.md").read_text()
+    for setting, path in settings.items():
+        assert f"{setting}={path}" in readme
+        assert secret_volume(base["Deployment", deployment], path) == \
+            {"secretName": secret, "optional": True}
+    empty = {k: str(tmp_path / Path(v).name) for k, v in settings.items()}
+    if deployment == "mnist-api":
+        with pytest.raises(TokenFileError, match="cannot be read"):
+            TokenFile(Path(empty["AUTH_TOKENS_FILE"]))
+    else:
+        (tmp_path / "nginx").mkdir()
+        nginx = start_nginx(tmp_path / "nginx", **empty)
+        assert nginx.wait(timeout=30) == 1
+        assert f"cannot read {empty['TLS_CERT_FILE']}" in (tmp_path / "nginx" / "nginx.log"
+                                                            ).read_text()
 
 
 def test_api_deployment_is_sized_and_hardened(base):

@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.deploy.slow_clients import digit_png, start_proxy, stop_proxy
+from tests.deploy.test_proxy import start_nginx
 
 RPS, BURST = 20, 5  # RATE_LIMIT_RPS and RATE_LIMIT_BURST in these tests
 NOISY_RATE = 10 * RPS  # the noisy client sends 10× what it may
@@ -38,11 +39,20 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def secure_proxy(fit_run, certificate, tmp_path_factory):
+def redirect_port() -> int:
+    """The secure proxy's HTTP_REDIRECT_PORT."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def secure_proxy(fit_run, certificate, redirect_port, tmp_path_factory):
     cert, key = certificate
+    port = free_port()
     running = start_proxy(fit_run.models_dir, tmp_path_factory.mktemp("tls") / "proxy.log",
                           ca=cert, TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key),
-                          RATE_LIMIT_RPS=str(RPS), RATE_LIMIT_BURST=str(BURST))
+                          RATE_LIMIT_RPS=str(RPS), RATE_LIMIT_BURST=str(BURST), PORT=str(port),
+                          HTTP_REDIRECT_PORT=str(redirect_port),
+                          PUBLIC_URL=f"https://localhost:{port}")
     yield running
     stop_proxy(running)
 
@@ -65,6 +75,40 @@ def test_https_is_verified_by_the_client_and_negotiates_http2(secure_proxy, cert
     with socket.create_connection((address.hostname, address.port), timeout=30) as raw, \
             pytest.raises(ssl.SSLError), old.wrap_socket(raw, server_hostname="localhost"):
         pass
+
+
+def test_plain_http_is_redirected_to_public_url_whatever_host_the_client_names(
+        secure_proxy, certificate, redirect_port):
+    cert, _ = certificate
+    plain = f"http://127.0.0.1:{redirect_port}"
+    https = f"https://localhost:{urlsplit(secure_proxy.url).port}"
+    for method, headers in (("GET", {}), ("POST", {"Host": "attacker.example"})):
+        answer = requests.request(method, f"{plain}/predict?preprocess=none", data=b"x",
+                                  headers=headers, allow_redirects=False, timeout=30)
+        assert answer.status_code == 308  # the method and body are kept: POST stays POST
+        assert answer.headers["Location"] == f"{https}/predict?preprocess=none"
+    followed = requests.get(f"{plain}/ready", verify=str(cert), timeout=30)
+    assert followed.status_code == 200
+    assert [r.status_code for r in followed.history] == [308]
+    assert followed.url == f"{https}/ready"
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"PUBLIC_URL": "https://localhost"}, "it needs TLS_CERT_FILE and TLS_KEY_FILE"),
+    ({"PUBLIC_URL": "http://localhost", "TLS": "on"}, "PUBLIC_URL must be https://host"),
+    ({"PUBLIC_URL": "https://localhost/x;", "TLS": "on"}, "PUBLIC_URL must be https://host"),
+    ({"TLS": "on"}, "PUBLIC_URL must be https://host"),
+], ids=["without-tls", "http", "with-path", "no-public-url"])
+def test_a_redirect_without_tls_or_a_public_https_url_stops_nginx_from_starting(
+        settings, message, certificate, tmp_path):
+    cert, key = certificate
+    env = {"HTTP_REDIRECT_PORT": str(free_port()),
+           **{k: v for k, v in settings.items() if k != "TLS"}}
+    if "TLS" in settings:
+        env.update(TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key))
+    nginx = start_nginx(tmp_path, **env)
+    assert nginx.wait(timeout=30) == 1
+    assert message in (tmp_path / "nginx.log").read_text()
 
 
 def flood(url: str, token: str, cert: Path, body: Path, count: int, rate: int, folder: Path

@@ -19,7 +19,7 @@ from tests.docker.engine import base_image_args, docker, engine
 HERE = Path(__file__).parent
 # What a build and `docker-compose up` read: a copy of these is each test's project.
 PROJECT_FILES = ("Dockerfile", ".dockerignore", "docker-compose.yml", "requirements.txt",
-                 "requirements-serving.txt", "app", "training", "deploy/nginx")
+                 "requirements-serving.txt", "app", "training", "deploy/nginx", "secrets")
 IMAGES = {"latest": "mnist-serving:latest", "lite": "mnist-serving:lite"}
 APP_UID = 1000  # the Dockerfile's default
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -153,6 +153,25 @@ def test_run_train_exports_version_2_served_without_restart_or_failed_request(st
         client.join()
     assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     assert stack.compose("ps", "--quiet", "api").stdout.split() == api_before  # no restart
+
+
+def test_a_tokens_file_in_secrets_and_auth_tokens_file_set_secure_the_stack(stack, mnist):
+    """README's one step: the file in ./secrets (always mounted), the setting in the
+    environment; `up` then asks every /predict through nginx for a token."""
+    (stack.folder / "secrets" / "tokens").write_text("compose-test-token predict\n")
+    secured = replace(stack, env={**stack.env, "AUTH_TOKENS_FILE": "/run/secrets/mnist/tokens"})
+    # Recreated whole: nginx resolved `api` when it started, and the api gets a new address.
+    up = secured.compose("up", "--detach", "--force-recreate")
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    wait_until(lambda: ready(stack.url), "the secured stack answering /ready", timeout=300)
+    digit = {"image": ("d.png", png(mnist.x_test[0]), "image/png")}
+    refused = requests.post(f"{stack.url}/predict", files=digit, timeout=60)
+    assert refused.status_code == 401, refused.text
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    answered = requests.post(f"{stack.url}/predict", files=digit, timeout=60,
+                             headers={"Authorization": "Bearer compose-test-token"})
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["predictions"][0]["digit"] == int(mnist.y_test[0])
 
 
 def test_down_with_volumes_leaves_no_container_network_or_volume(stack):
