@@ -35,7 +35,7 @@ import numpy as np
 from flask import current_app
 
 from app.input_stats import bbox_size, ink_fraction, mean_intensity
-from training.export_format import DRIFT_REFERENCE
+from training.export_format import DRIFT_REFERENCE, reference_problem
 
 if TYPE_CHECKING:
     from prometheus_client import Gauge
@@ -79,10 +79,11 @@ class Reference:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> Reference | None:
-        """The reference in metadata.json, or None; export_format.servable has checked
-        its shape already, so a loaded version's reference is whole."""
+        """The reference in metadata.json, or None. The schema has typed it when the
+        version loaded; the counts and edges are checked again here (as servable does)
+        in case the file changed between that check and the read that loaded it."""
         recorded = metadata.get(DRIFT_REFERENCE)
-        if recorded is None:
+        if recorded is None or reference_problem(recorded):
             return None
         statistics = recorded["statistics"]
         return cls({name: np.asarray(statistics[name]["counts"], np.float64)

@@ -108,6 +108,14 @@ def test_a_version_without_a_reference_is_not_tracked(mnist, tmp_path):
     assert gauge_values(metrics, "older") == dict.fromkeys(NAMES)
 
 
+def test_a_reference_changed_since_its_check_is_not_tracked(reference, tmp_path):
+    """The loader reads metadata.json again after servable() checked it."""
+    broken = {**reference, "images": reference["images"] + 1}
+    monitor = DriftMonitor(Metrics().drift_psi, size=400, min_samples=1)
+    model = LoadedModel("changed", 1, tmp_path, {"drift_reference": broken}, None)
+    assert monitor.window(model) is None
+
+
 @pytest.mark.parametrize(("environ", "words"), [
     ({"DRIFT_WINDOW": "-1"}, "DRIFT_WINDOW must be between 0 (off) and 1000000"),
     ({"DRIFT_WINDOW": "2000000"}, "DRIFT_WINDOW must be between 0 (off) and 1000000"),
