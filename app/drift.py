@@ -8,8 +8,8 @@ edges. Each worker keeps, per loaded version, the bins of the last DRIFT_WINDOW 
 it answered: a ring of bin indices and the counts per bin, so memory is fixed (4 bytes
 an image). A request only queues its images; a thread per worker bins whatever has
 queued in one pass, so nothing is computed on a request's path and the cost per image
-falls as traffic rises.
-Once the window holds DRIFT_MIN_SAMPLES images, ``input_drift_psi{model, statistic}`` is
+falls as traffic rises. Once the window holds DRIFT_MIN_SAMPLES images,
+``input_drift_psi{model, statistic}`` is
 
     PSI = Σ over bins of (p_live − p_ref) · ln(p_live / p_ref)
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from app.servable import LoadedModel
 
 log = logging.getLogger(__name__)
-EPSILON = 1e-4  # the smallest share of a bin: an empty bin adds about p_ref · 9.2
+EPSILON = 1e-4  # the smallest share of a bin: an empty one adds ~p_ref · ln(p_ref / EPSILON)
 DIGIT = "digit"
 STATISTICS: Mapping[str, Callable[[np.ndarray], np.ndarray]] = {
     "ink_fraction": ink_fraction, "mean_intensity": mean_intensity, "bbox_size": bbox_size}

@@ -17,17 +17,22 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Config, ConfigError
-from app.drift import NAMES, DriftMonitor, Reference, Window, bin_indices, psi
+from app.drift import DIGIT, NAMES, DriftMonitor, Reference, Window, bin_indices, psi
 from app.input_stats import bbox_size, ink_fraction, mean_intensity
 from app.metrics import Metrics
 from app.preprocess import prepare
 from app.servable import LoadedModel
 from tests.conftest import start_server, stop_server, wait_until
 from training.data import to_model_input
+from training.export_format import DRIFT_HISTOGRAMS
 from training.reference import drift_reference
 
 WINDOW = 500  # the test server's DRIFT_WINDOW: each stream below replaces it whole
 STABLE, SIGNIFICANT = 0.1, 0.25
+
+
+def test_the_statistics_are_those_the_export_format_records():
+    assert (DIGIT, *DRIFT_HISTOGRAMS) == NAMES
 
 
 def test_identical_distributions_have_an_index_of_zero():
