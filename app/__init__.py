@@ -46,6 +46,7 @@ def create_app(config: Config | None = None) -> Flask:
     from app.api import models, open_inference, operations, pages, predict, tf_serving
     from app.api.common import ServiceRequest
     from app.api.urls import WholeNumberConverter, merged_slashes
+    from app.drift import DriftMonitor
     from app.metrics import Metrics
     from app.model_store import ModelStore
     from app.shadow import ShadowRunner
@@ -73,6 +74,8 @@ def create_app(config: Config | None = None) -> Flask:
     store.init_app(app)
     app.extensions["shadow"] = ShadowRunner(metrics)
     payload_log.init_app(app, config, metrics)
+    app.extensions["drift"] = DriftMonitor(metrics.drift_psi, config.drift_window,
+                                           config.drift_min_samples)
     store.load()  # what MODELS_DIR holds now; then a thread follows its changes
 
     errors.register(app)

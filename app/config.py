@@ -16,6 +16,7 @@ from app.affinity import MODES
 from app.version_policy import VersionPolicy
 from training.export_format import CHECK_SECONDS, VERSION_LIMIT_BYTES
 
+MAX_DRIFT_WINDOW = 1_000_000  # 4 MB of bin indices per loaded version and worker
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -54,6 +55,8 @@ class Config:
     cpu_affinity: str = "auto"  # pin each worker to one CPU: auto, on or off (app/affinity.py)
     auth_tokens_file: str = ""  # bearer tokens and their scopes (app/auth.py); empty: no auth
     cors_allowed_origins: str = ""  # origins, comma-separated, whose pages may call the API
+    drift_window: int = 1000  # images per version and worker the drift index compares; 0: off
+    drift_min_samples: int = 200  # images in a window before its index is exported
     prometheus_multiproc_dir: str = ""  # set by app/gunicorn.conf.py for multi-worker metrics
     # Sampled payload logs (app/payload_log.py): off unless one sink is set.
     payload_log_url: str = ""  # an HTTP(S) endpoint receiving CloudEvents
@@ -104,6 +107,12 @@ class Config:
         if self.cpu_affinity not in MODES:
             raise ConfigError(f"CPU_AFFINITY must be one of {', '.join(MODES)}, "
                               f"got {self.cpu_affinity!r}")
+        if not 0 <= self.drift_window <= MAX_DRIFT_WINDOW:
+            raise ConfigError(f"DRIFT_WINDOW must be between 0 (off) and {MAX_DRIFT_WINDOW}, "
+                              f"got {self.drift_window}")
+        if self.drift_window and not 1 <= self.drift_min_samples <= self.drift_window:
+            raise ConfigError("DRIFT_MIN_SAMPLES must be between 1 and DRIFT_WINDOW "
+                              f"({self.drift_window}), got {self.drift_min_samples}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                               f"got {self.log_level!r}")

@@ -1,55 +1,46 @@
-"""Simple statistics of model inputs, to tell whether the digits people send still look
-like the ones the model was trained on.
+"""Simple statistics of model inputs, the same wherever they are computed.
 
-Each function takes a batch in model form, float32 ``(N, 28, 28, 1)`` (or ``(N, 28,
-28)``) in [0, 1], white digit on black, and returns one float32 value per image, computed
-for the whole batch at once (a few microseconds an image). Training exports the same
-statistics of its validation set as the reference, and the service computes them on
-live requests (payload logs, drift): both must use these functions, so that a change of
-definition moves both sides at once.
-
-- ``ink_fraction``: the share of the 784 pixels that are ink (above ``INK_THRESHOLD``).
-  MNIST test digits average 0.12; thick strokes raise it, a faint scan lowers it.
-- ``mean_intensity``: the mean pixel value, 0.12 on average for MNIST test digits; an inverted image
-  (black digit on white) is near 0.87.
-- ``bbox_size``: the larger side, in pixels (0 to 28), of the smallest box holding every
-  ink pixel; 0 for an image with no ink. MNIST digits were scaled into a 20×20 box, so
-  it is about 20; a tiny digit, or a photo whose background is not black, moves it.
+Each takes a batch as the model sees it, float32 (N, 28, 28, 1) in [0, 1] (white ink on
+black), and returns one float64 value per image, vectorised over the batch. Training
+records their distribution on its validation images (training/reference.py) and the
+server compares live inputs with it (app/drift.py); both call these functions, so the
+two sides cannot compute them differently.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-INK_THRESHOLD = 0.5  # a pixel more than half lit is ink
-SIDE = 28
+INK_LEVEL = 0.5  # a pixel at least this bright is ink: a stroke's core, not its blur
+_PIXELS = 28 * 28
 
 
-def _pixels(images: np.ndarray) -> np.ndarray:
-    """The batch as ``(N, 28, 28)``, whichever of the model's two shapes it came in."""
-    return np.asarray(images, dtype=np.float32).reshape(-1, SIDE, SIDE)
+def _ink(images: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) booleans: which pixels are ink."""
+    return images.reshape(len(images), 28, 28) >= INK_LEVEL
 
 
 def ink_fraction(images: np.ndarray) -> np.ndarray:
-    """Per image: the share of pixels above INK_THRESHOLD."""
-    return (_pixels(images) > INK_THRESHOLD).mean(axis=(1, 2), dtype=np.float32)
+    """The share of each image's 784 pixels that are ink: thick strokes raise it."""
+    return _ink(images).mean(axis=(1, 2), dtype=np.float64)
 
 
 def mean_intensity(images: np.ndarray) -> np.ndarray:
-    """Per image: the mean pixel value in [0, 1]."""
-    return _pixels(images).mean(axis=(1, 2), dtype=np.float32)
-
-
-def _extent(lines: np.ndarray) -> np.ndarray:
-    """Per image: how many rows (or columns) span from the first inked one to the last;
-    ``lines`` is ``(N, 28)``, True where that row holds ink."""
-    first = lines.argmax(axis=1)
-    last = SIDE - 1 - lines[:, ::-1].argmax(axis=1)
-    return np.where(lines.any(axis=1), last - first + 1, 0)
+    """Each image's mean pixel value: brighter or fainter strokes move it."""
+    return images.reshape(len(images), -1).mean(axis=1, dtype=np.float64)
 
 
 def bbox_size(images: np.ndarray) -> np.ndarray:
-    """Per image: the larger side of the ink's bounding box, in pixels (0 when blank)."""
-    ink = _pixels(images) > INK_THRESHOLD
-    rows, columns = _extent(ink.any(axis=2)), _extent(ink.any(axis=1))
-    return np.maximum(rows, columns).astype(np.float32)
+    """The area of the box around each image's ink, as a share of the 28×28 frame (0
+    for an image with no ink): a narrow 1 or a digit drawn small lowers it."""
+    ink = _ink(images)
+    rows, cols = ink.any(axis=2), ink.any(axis=1)
+    return _extent(rows) * _extent(cols) / _PIXELS
+
+
+def _extent(marked: np.ndarray) -> np.ndarray:
+    """(N, 28) booleans → how many positions lie from the first marked to the last
+    (0 where none is marked)."""
+    first = marked.argmax(axis=1)
+    last = marked.shape[1] - 1 - marked[:, ::-1].argmax(axis=1)
+    return np.where(marked.any(axis=1), last - first + 1, 0).astype(np.float64)

@@ -1,6 +1,6 @@
 """Prometheus metrics: requests by endpoint and status, latency, images, requests per
 model version, model load and warm-up time, rejected version folders, requests waiting
-for a micro-batch, the shadow comparisons of app/shadow.py; gRPC calls by method and
+for a micro-batch, the shadow comparisons of app/shadow.py, the input drift index of app/drift.py; gRPC calls by method and
 status code, under the names py-grpc-prometheus and go-grpc-prometheus use; and where an
 inference spends its time (preprocessing, queue, model, end to end), batch sizes,
 failures by reason, requests in flight and readiness per model (``VersionMetrics``).
@@ -85,6 +85,11 @@ class Metrics:
                               "Version folders of a model that failed a check (or are no "
                               "version), by the last scan", ["model"], registry=self.registry,
                               multiprocess_mode="livemax")
+        self.drift_psi = Gauge(
+            "input_drift_psi", "Population-stability index of the last DRIFT_WINDOW inputs "
+            "against the version's validation set, by statistic (app/drift.py): below 0.1 "
+            "stable, 0.25 and above a significant shift", ["model", "statistic"],
+            registry=self.registry, multiprocess_mode="livemax")
         self.queued = Gauge("model_queue_requests", "Requests waiting for a micro-batch "
                             "(QUEUE_MAX_REQUESTS bounds it per worker)", ["model"],
                             registry=self.registry, multiprocess_mode="livesum")

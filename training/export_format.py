@@ -12,6 +12,7 @@ version the server would refuse for anything short of running it.
         metadata.json            validated against METADATA_SCHEMA; "files" lists every
                                  other file with its size and SHA-256
         model.keras, plots/*.png
+        (metadata.json's "drift_reference": the inputs' reference distributions)
 
 A version is written into a staging folder ``.tmp-<random>`` beside the versions and
 renamed into place when complete. The writer holds an exclusive ``flock`` on the staging
@@ -28,6 +29,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -99,6 +101,12 @@ _ACTIVATIONS = {**_COUNT, "maximum": 10**9}  # × 4 bytes × MAX_BATCH stays in 
 _RATIO = {"type": "number", "minimum": 0, "maximum": 1}
 _SHAPE = {"type": "array", "minItems": 1, "maxItems": 16,
           "items": {"type": ["integer", "null"], "minimum": 0, "maximum": 10**9}}
+# The reference distributions the server's drift index compares live inputs with
+# (training/reference.py writes them, app/drift.py reads them): the predicted digit's
+# ten counts, and a histogram of each input statistic with its bin edges in [0, 1].
+DRIFT_REFERENCE = "drift_reference"
+DRIFT_HISTOGRAMS = ("ink_fraction", "mean_intensity", "bbox_size")
+DRIFT_MAX_BINS = 20
 # A dimension's size as protobuf's JSON form writes an int64: a string ("-1" unknown).
 _DIM_SIZE = r"-1|0|[1-9][0-9]{0,17}"
 
@@ -115,6 +123,15 @@ _TENSOR = _record(["dtype", "tensor_shape"], name=_TEXT, dtype=_TEXT, tensor_sha
     ["dim"], unknown_rank={"const": False}, dim={"type": "array", "items": _record(
         ["size"], name=_TEXT, size={"type": "string", "pattern": f"^({_DIM_SIZE})$"})}))
 _TENSORS = {"type": "object", "propertyNames": _TEXT, "additionalProperties": _TENSOR}
+_BIN_COUNTS = {"type": "array", "minItems": 1, "maxItems": DRIFT_MAX_BINS, "items": _COUNT}
+_HISTOGRAM = _record(["edges", "counts"], counts=_BIN_COUNTS, edges={
+    "type": "array", "minItems": 2, "maxItems": DRIFT_MAX_BINS + 1,
+    "items": {"type": "number", "minimum": 0, "maximum": 1}})
+_DRIFT_REFERENCE = _record(
+    ["images", "statistics"], images={**_COUNT, "minimum": 1}, statistics=_record(
+        ["digit", *DRIFT_HISTOGRAMS],
+        digit=_record(["counts"], counts={**_BIN_COUNTS, "minItems": 10, "maxItems": 10}),
+        **dict.fromkeys(DRIFT_HISTOGRAMS, _HISTOGRAM)))
 
 METADATA_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -157,6 +174,7 @@ METADATA_SCHEMA: dict[str, Any] = {
         # never imports TensorFlow (LiteRT) still describes the tensors exactly.
         "signature_defs": _record([SIGNATURE], **{
             SIGNATURE: _record([], inputs=_TENSORS, outputs=_TENSORS)}),
+        DRIFT_REFERENCE: _DRIFT_REFERENCE,
         "tflite": {"type": "object", "required": ["file"],
                    "properties": {"file": {"const": TFLITE_FILE}}},
         "files": {"type": "object", "additionalProperties": {
@@ -441,7 +459,27 @@ def servable(folder: Path, read_graph: bool = False, bounds: Bounds = DEFAULT_BO
     for signature_defs in described:
         if signature_defs is not None and (problem := signature_problem(signature_defs)):
             return Check(problem)
+    if DRIFT_REFERENCE in metadata and (problem := reference_problem(metadata[DRIFT_REFERENCE])):
+        return Check(problem)
     return Check()
+
+
+def reference_problem(reference: dict[str, Any]) -> str | None:
+    """What the schema cannot say is wrong with a drift reference, or None: each
+    histogram has one count fewer than edges, its edges rise, and every statistic
+    counts each of the reference's images once."""
+    statistics = reference["statistics"]
+    for name in ("digit", *DRIFT_HISTOGRAMS):
+        counts = statistics[name]["counts"]
+        if sum(counts) != reference["images"]:
+            return (f"{DRIFT_REFERENCE} {name} counts {sum(counts)} images, not the "
+                    f"{reference['images']} it says it has")
+    for name in DRIFT_HISTOGRAMS:
+        edges, counts = statistics[name]["edges"], statistics[name]["counts"]
+        if len(edges) != len(counts) + 1 or any(b <= a for a, b in itertools.pairwise(edges)):
+            return (f"{DRIFT_REFERENCE} {name} needs rising edges, one more than its "
+                    f"{len(counts)} counts")
+    return None
 
 
 def signature_problem(signature_defs: dict[str, Any]) -> str | None:

@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
                               evaluation, history, seconds)
     folder = export_version(model, args.models_dir / args.name, metadata,
                             plot_writer(history, evaluation, mnist),
-                            warmup_images=to_model_input(mnist.x_test[:WARMUP_DIGITS]))
+                            warmup_images=to_model_input(mnist.x_test[:WARMUP_DIGITS]),
+                            reference_images=to_model_input(splits["x_val"]))
     print(f"\nexported {folder}")
     return 0
 
@@ -297,7 +298,8 @@ def fit_torch(args: argparse.Namespace, recipe: Recipe, mnist: Mnist,
 
     folder = export_version(model, args.models_dir / args.name, metadata,
                             plot_writer(run.history, evaluation, mnist), write_state_dict,
-                            to_model_input(mnist.x_test[:WARMUP_DIGITS]))
+                            to_model_input(mnist.x_test[:WARMUP_DIGITS]),
+                            to_model_input(splits["x_val"]))
     print(f"\nexported {folder}")
     return 0
 

@@ -318,7 +318,8 @@ def export(trained: ScratchRun, args: argparse.Namespace) -> Path:
         plot_samples(mnist.x_test, mnist.y_test, evaluation.predictions,
                      folder / "samples.png")
 
-    return export_version(model, args.models_dir / args.name, metadata, write_plots)
+    return export_version(model, args.models_dir / args.name, metadata, write_plots,
+                          reference_images=to_model_input(trained.splits["x_val"]))
 
 
 if __name__ == "__main__":

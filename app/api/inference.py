@@ -20,6 +20,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from app import tracing
 from app.api.common import metrics, settings, store
 from app.batching import Deadline
+from app.drift import observe_drift
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from app.inputs import MULTIPART_TYPE, WBITS, Limits, decompress
 from app.payload_log import log_payload
@@ -163,4 +164,5 @@ def run_model(model: LoadedModel, read: Callable[[], Parsed]) -> tuple[Parsed, n
     metrics().version_requests.labels(model.name, str(model.version)).inc()
     shadow_copy(model, parsed.images, probabilities)
     log_payload(model, parsed.images, probabilities)
+    observe_drift(model, parsed.images, probabilities)
     return parsed, probabilities

@@ -271,6 +271,52 @@ def test_a_signature_the_server_cannot_serve_makes_a_version_unservable(version,
     assert not check and reason in check.reason
 
 
+@pytest.fixture(scope="module")
+def real_reference(mnist):
+    """A drift reference as training records it, on 200 real digits."""
+    from training.data import to_model_input
+    from training.reference import drift_reference
+
+    return drift_reference(to_model_input(mnist.x_test[:200]), mnist.y_test[:200])
+
+
+def with_reference(reference, change):
+    """Give the version a copy of ``reference``, then ``change`` it."""
+    def edit(metadata):
+        metadata["drift_reference"] = json.loads(json.dumps(reference))
+        change(metadata["drift_reference"])
+    return edit_metadata(edit)
+
+
+def statistic(name):
+    return lambda reference: reference["statistics"][name]
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda r: r.update(images=201), "drift_reference digit counts 200 images, not the 201"),
+    (lambda r: statistic("bbox_size")(r)["counts"].append(0),
+     "drift_reference bbox_size needs rising edges, one more than its 11 counts"),
+    (lambda r: statistic("ink_fraction")(r)["edges"].reverse(),
+     "drift_reference ink_fraction needs rising edges"),
+    (lambda r: statistic("digit")(r)["counts"].append(0),
+     "invalid at drift_reference/statistics/digit/counts"),
+    (lambda r: statistic("mean_intensity")(r)["edges"].append(1.5),
+     "invalid at drift_reference/statistics/mean_intensity/edges/11"),
+    (lambda r: statistic("ink_fraction")(r)["counts"].__setitem__(0, "50"),
+     "invalid at drift_reference/statistics/ink_fraction/counts/0"),
+    (lambda r: r["statistics"].pop("bbox_size"), "invalid at drift_reference/statistics"),
+], ids=["images", "a count too many", "falling edges", "eleven digits", "edge past 1",
+        "a count as text", "a statistic missing"])
+def test_a_drift_reference_the_server_could_not_compare_with_is_refused(
+        version, real_reference, change, reason):
+    """The server bins live inputs by these edges and divides by these counts."""
+    with_reference(real_reference, lambda r: None)(version)
+    assert servable(version)
+    with_reference(real_reference, change)(version)
+    check = servable(version)
+    assert not check and reason in check.reason
+
+
 def first_input_dim(value):
     def change(metadata):
         image = metadata["signature_defs"]["serving_default"]["inputs"]["image"]
