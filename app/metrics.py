@@ -1,10 +1,11 @@
 """Prometheus metrics: requests by endpoint and status, latency, images, requests per
 model version, model load and warm-up time, rejected version folders, requests waiting
-for a micro-batch, the shadow comparisons of app/shadow.py, the input drift index of app/drift.py; gRPC calls by method and
-status code, under the names py-grpc-prometheus and go-grpc-prometheus use; and where an
-inference spends its time (preprocessing, queue, model, end to end), batch sizes,
-failures by reason, requests in flight and readiness per model (``VersionMetrics``).
-The statistics endpoint (app/statistics.py) is computed from these same samples.
+for a micro-batch, the shadow comparisons of app/shadow.py, the input drift index of
+app/drift.py; gRPC calls by method and status code, under the names py-grpc-prometheus
+and go-grpc-prometheus use; and where an inference spends its time (preprocessing,
+queue, model, end to end), batch sizes, failures by reason, requests in flight and
+readiness per model (``VersionMetrics``). The statistics endpoint (app/statistics.py)
+is computed from these same samples.
 
 Each app gets its own registry (so tests can build many apps). Under gunicorn the
 workers are separate processes: ``app/gunicorn.conf.py`` sets PROMETHEUS_MULTIPROC_DIR
