@@ -157,7 +157,10 @@ def test_each_operation_documents_the_scope_the_secured_server_enforces(secured)
     """Every documented operation is called on the real secured server: without a token
     it is refused (401) exactly when its ``security`` asks for a scope, and a predict
     token is refused (403) exactly where that scope is admin."""
+    from openapi_spec_validator import validate
+
     secured_spec = requests.get(f"{secured.url}/openapi.json", timeout=30).json()
+    validate(secured_spec)
     assert secured_spec["components"]["securitySchemes"]["bearerAuth"] | {"description": ""} \
         == {"type": "http", "scheme": "bearer", "description": ""}
     scopes = {}

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ BASE = ROOT / "deploy" / "kubernetes"
 KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 KSERVE_GRPC = ROOT / "deploy" / "kserve" / "inferenceservice-grpc.yaml"
 RETRAIN = BASE / "retrain" / "job.yaml"
-LITE = BASE / "lite"  # an overlay: the api on the lite image
+LITE = ROOT / "deploy" / "kubernetes-lite"  # an overlay: the api on the lite image
 SECURITY = "mnist-security"  # the ConfigMap made from security.env
 WORKER_MIB = 700  # resident memory of one TensorFlow worker (BENCHMARKS.md: 674 MB)
 
@@ -123,8 +124,7 @@ def test_kustomization_lists_every_manifest():
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT) for p in BASE.rglob("*.yaml")
-                                        if p.name != "kustomization.yaml"
-                                        and p.parent != LITE), ids=str)
+                                        if p.name != "kustomization.yaml"), ids=str)
 def test_manifest_is_valid_for_the_pinned_kubernetes(path):
     for doc in documents(ROOT / path):
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
@@ -144,7 +144,7 @@ def strategic_merge(base: object, patch: object) -> object:
 
 def test_the_lite_overlay_runs_the_api_on_the_lite_image_and_training_on_the_full_one(base):
     overlay = yaml.safe_load((LITE / "kustomization.yaml").read_text())
-    assert overlay["resources"] == [".."]
+    assert overlay["resources"] == [os.path.relpath(BASE, LITE)]
     (patch_file,) = (entry["path"] for entry in overlay["patches"])
     patch = yaml.safe_load((LITE / patch_file).read_text())
     api = strategic_merge(base["Deployment", "mnist-api"], patch)
@@ -154,6 +154,23 @@ def test_the_lite_overlay_runs_the_api_on_the_lite_image_and_training_on_the_ful
     limits = container(api)["resources"]["limits"]
     assert mebibytes(limits["memory"]) >= 2 * 200 + 100  # two ≤ 200 MiB workers, a master
     assert container(base["Job", "mnist-train"])["image"] == "mnist-serving:latest"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its kustomize)")
+@pytest.mark.parametrize("folder", [BASE, LITE], ids=["base", "lite"])
+def test_kustomize_builds_it_naming_the_generated_config_map_everywhere(folder):
+    """What `kubectl apply -k` applies: the overlay builds (a base holding its overlay is a
+    cycle kustomize refuses), and each reference to mnist-security has the hashed name."""
+    built = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True,
+                           text=True, timeout=120)
+    assert built.returncode == 0, built.stderr[-2000:]
+    objects = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    (security,) = [o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"
+                   and o["metadata"]["name"].startswith(f"{SECURITY}-")]
+    refs = [var["valueFrom"]["configMapKeyRef"]["name"] for o in objects
+            if o["kind"] == "Deployment" for var in container(o)["env"]
+            if "configMapKeyRef" in var.get("valueFrom", {})]
+    assert len(refs) == len(generated_config_maps()[SECURITY]) and set(refs) == {security}
 
 
 def test_proxy_configmap_carries_deploy_nginx_byte_for_byte():

@@ -7,6 +7,7 @@ import socket
 import ssl
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -116,16 +117,17 @@ def flood(url: str, token: str, cert: Path, body: Path, count: int, rate: int, f
     """curl, another process, sending ``count`` predictions at ``rate`` a second, one after
     the other (curl's --rate paces only sequential transfers); each line of its output
     (line-buffered, so a stopped curl has written what it got) is a status and the
-    Retry-After it got."""
-    config = folder / "urls"
-    config.write_text(f'url = "{url}/predict"\noutput = "/dev/null"\n' * count)
+    Retry-After it got. Each its own config file: rewriting one that a curl started just
+    before is still reading made that curl exit 2 (two of the four, now and then)."""
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix="urls-", delete=False) as config:
+        config.write(f'url = "{url}/predict"\noutput = "/dev/null"\n' * count)
     return subprocess.Popen(
         ["stdbuf", "-oL", "curl", "--silent", "--no-progress-meter", "--rate", f"{rate}/s",
          "--cacert", str(cert),
          "--header", f"Authorization: Bearer {token}",
          "--header", "Content-Type: image/png", "--data-binary", f"@{body}",
          "--write-out", "%{http_code} %header{retry-after}\\n",
-         "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+         "--config", config.name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         text=True)
 
 
