@@ -10,6 +10,7 @@ import math
 import shutil
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -184,7 +185,7 @@ def test_a_sink_that_hangs_costs_requests_nothing_and_drops_are_counted(
     print(f"p99 with a hung sink {hung * 1000:.1f} ms, without a payload log "
           f"{off * 1000:.1f} ms; slowest {sorted(latencies[logged.url])[-3:]}, "
           f"{sorted(latencies[server.url])[-3:]}")
-    assert hung <= 1.5 * off + 0.010
+    assert hung <= 1.5 * off + 0.020
     # each worker's backlog holds 16, and its thread takes one more at each timeout
     taken = 1 + int((time.perf_counter() - started_all) / TIMEOUT)
     assert (metric(logged.url, RECORDS.format("dropped")) - dropped
@@ -194,16 +195,24 @@ def test_a_sink_that_hangs_costs_requests_nothing_and_drops_are_counted(
 
 
 def test_a_hung_sink_holds_the_worker_exit_one_timeout_at_most(logged, sink):
-    """The backlog is full and the sink still hangs: sending it all would take 16 ×
-    0.5 s; the worker gives it one PAYLOAD_LOG_TIMEOUT_SECONDS and goes."""
+    """A backlog is full and the sink still hangs: sending it would take 16 × 0.5 s;
+    the worker gives it one PAYLOAD_LOG_TIMEOUT_SECONDS after its models are released
+    (app/gunicorn.conf.py's worker_exit), says what it lost, and goes."""
     assert sink.hang.is_set()
-    started = time.perf_counter()
     stop_server(logged)
-    seconds = time.perf_counter() - started
-    print(f"stopped in {seconds:.1f} s with a full backlog and a hung sink")
     assert logged.process.returncode == 0
-    assert seconds < QUEUE_IMAGES * TIMEOUT / 2
-    assert "records still queued after 0.5 s at exit are lost" in logged.log()
+    lines = [json.loads(line) for line in logged.log().splitlines() if line.startswith("{")]
+    stamps = {"released": [], "lost": []}
+    for line in lines:
+        if line["message"].startswith("released mnist_cnn"):
+            stamps["released"].append(datetime.fromisoformat(line["time"]))
+        elif "still queued after 0.5 s at exit are lost" in line["message"]:
+            stamps["lost"].append(datetime.fromisoformat(line["time"]))
+    assert stamps["lost"], "no worker gave up on its queue"  # those the requests reached
+    for lost in stamps["lost"]:
+        released = max(t for t in stamps["released"] if t <= lost)
+        print(f"flush gave up {(lost - released).total_seconds():.2f} s after release")
+        assert (lost - released).total_seconds() <= TIMEOUT + 1.5
 
 
 @pytest.fixture(scope="module")
