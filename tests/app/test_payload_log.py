@@ -155,41 +155,46 @@ def test_each_request_is_one_cloudevent_naming_its_request_and_answer(logged, si
     assert metric(logged.url, RECORDS.format("sent")) == len(sent)
 
 
-def p99(seconds: list[float]) -> float:
-    return float(np.percentile(seconds, 99))
+def p99s(session: requests.Session, urls: list[str], body: dict) -> list[float]:
+    """Each server's p99 over REQUESTS requests, sent in turn (the same load on both)."""
+    latencies: dict[str, list[float]] = {url: [] for url in urls}
+    for _ in range(REQUESTS):
+        for url in urls:
+            started = time.perf_counter()
+            response = session.post(f"{url}/predict", json=body, timeout=30)
+            latencies[url].append(time.perf_counter() - started)
+            assert response.status_code == 200
+    return [float(np.percentile(latencies[url], 99)) for url in urls]
 
 
 def test_a_sink_that_hangs_costs_requests_nothing_and_drops_are_counted(
         logged, server, sink, mnist):
     """With the sink accepting and never answering, requests keep the latency of a
     server logging nothing (same run, interleaved); the backlog fills and the rest is
-    dropped, counted."""
+    dropped, counted. A send on the request's path would cost each request 0.5 s: a
+    round over the margin is noise on a shared machine, and gets two more tries."""
     body = {"instances": digits_of(mnist, 1).tolist()}
-    latencies: dict[str, list[float]] = {logged.url: [], server.url: []}
     with requests.Session() as session:
         for _ in range(10):  # warm both up alike (connections, first calls after idling)
-            for url in latencies:
+            for url in (logged.url, server.url):
                 session.post(f"{url}/predict", json=body, timeout=30)
         wait_until(lambda: metric(logged.url, RECORDS.format("sent")) >= 10 + 9,
                    "the warm-up's records sent", 10)
         dropped = metric(logged.url, RECORDS.format("dropped"))
         sink.hang.set()
-        started_all = time.perf_counter()
-        for _ in range(REQUESTS):
-            for url in latencies:
-                started = time.perf_counter()
-                response = session.post(f"{url}/predict", json=body, timeout=30)
-                latencies[url].append(time.perf_counter() - started)
-                assert response.status_code == 200
-    hung, off = p99(latencies[logged.url]), p99(latencies[server.url])
-    print(f"p99 with a hung sink {hung * 1000:.1f} ms, without a payload log "
-          f"{off * 1000:.1f} ms; slowest {sorted(latencies[logged.url])[-3:]}, "
-          f"{sorted(latencies[server.url])[-3:]}")
-    assert hung <= 1.5 * off + 0.020
+        started = time.perf_counter()
+        rounds = []
+        for _ in range(3):
+            hung, off = p99s(session, [logged.url, server.url], body)
+            rounds.append(f"{hung * 1000:.1f} vs {off * 1000:.1f} ms")
+            if hung <= 1.5 * off + 0.020:
+                break
+    print(f"p99 with a hung sink vs without a payload log: {rounds}")
+    assert hung <= 1.5 * off + 0.020, rounds
     # each worker's backlog holds 16, and its thread takes one more at each timeout
-    taken = 1 + int((time.perf_counter() - started_all) / TIMEOUT)
+    taken = 1 + int((time.perf_counter() - started) / TIMEOUT)
     assert (metric(logged.url, RECORDS.format("dropped")) - dropped
-            >= REQUESTS - 2 * (QUEUE_IMAGES + taken))
+            >= REQUESTS * len(rounds) - 2 * (QUEUE_IMAGES + taken))
     wait_until(lambda: metric(logged.url, RECORDS.format("failed")) >= 1,
                "a timed-out send counted as failed", 10)
 
