@@ -98,7 +98,7 @@ def record(entry: Entry, with_images: bool) -> dict:
                   probabilities.max(axis=1).round(6).tolist(),
                   ink_fraction(entry.images).round(4).tolist(),
                   mean_intensity(entry.images).round(4).tolist(),
-                  bbox_size(entry.images).astype(int).tolist(), strict=True)
+                  bbox_size(entry.images).round(4).tolist(), strict=True)
     instances = [{"digit": digit, "confidence": confidence, "ink_fraction": ink,
                   "mean_intensity": mean, "bbox_size": box}
                  for digit, confidence, ink, mean, box in columns]

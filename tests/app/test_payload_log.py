@@ -10,6 +10,7 @@ import math
 import shutil
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -149,61 +150,76 @@ def test_each_request_is_one_cloudevent_naming_its_request_and_answer(logged, si
         for one in body["instances"]:
             assert "image" not in one
             assert 0 < one["confidence"] <= 1 and 0 < one["ink_fraction"] < 0.5
-            assert 0 < one["mean_intensity"] < 0.5 and 10 <= one["bbox_size"] <= 28
+            assert 0 < one["mean_intensity"] < 0.5 and 0.05 < one["bbox_size"] <= 1
     assert {h["ce-id"] for h, _ in sink.events} == set(sent)
-    assert metric(logged.url, RECORDS.format("sent")) == len(sent)
+    wait_until(lambda: metric(logged.url, RECORDS.format("sent")) == len(sent),
+               "every event counted as sent", 10)  # counted once the sink has answered
 
 
-def p99(seconds: list[float]) -> float:
-    return float(np.percentile(seconds, 99))
+def p99s(session: requests.Session, urls: list[str], body: dict) -> list[float]:
+    """Each server's p99 over REQUESTS requests, sent in turn (the same load on both)."""
+    latencies: dict[str, list[float]] = {url: [] for url in urls}
+    for _ in range(REQUESTS):
+        for url in urls:
+            started = time.perf_counter()
+            response = session.post(f"{url}/predict", json=body, timeout=30)
+            latencies[url].append(time.perf_counter() - started)
+            assert response.status_code == 200
+    return [float(np.percentile(latencies[url], 99)) for url in urls]
 
 
 def test_a_sink_that_hangs_costs_requests_nothing_and_drops_are_counted(
         logged, server, sink, mnist):
     """With the sink accepting and never answering, requests keep the latency of a
     server logging nothing (same run, interleaved); the backlog fills and the rest is
-    dropped, counted."""
+    dropped, counted. A send on the request's path would cost each request 0.5 s: a
+    round over the margin is noise on a shared machine, and gets two more tries."""
     body = {"instances": digits_of(mnist, 1).tolist()}
-    latencies: dict[str, list[float]] = {logged.url: [], server.url: []}
+    sent = metric(logged.url, RECORDS.format("sent"))
     with requests.Session() as session:
         for _ in range(10):  # warm both up alike (connections, first calls after idling)
-            for url in latencies:
+            for url in (logged.url, server.url):
                 session.post(f"{url}/predict", json=body, timeout=30)
-        wait_until(lambda: metric(logged.url, RECORDS.format("sent")) >= 10 + 9,
+        wait_until(lambda: metric(logged.url, RECORDS.format("sent")) >= sent + 10,
                    "the warm-up's records sent", 10)
         dropped = metric(logged.url, RECORDS.format("dropped"))
         sink.hang.set()
-        started_all = time.perf_counter()
-        for _ in range(REQUESTS):
-            for url in latencies:
-                started = time.perf_counter()
-                response = session.post(f"{url}/predict", json=body, timeout=30)
-                latencies[url].append(time.perf_counter() - started)
-                assert response.status_code == 200
-    hung, off = p99(latencies[logged.url]), p99(latencies[server.url])
-    print(f"p99 with a hung sink {hung * 1000:.1f} ms, without a payload log "
-          f"{off * 1000:.1f} ms; slowest {sorted(latencies[logged.url])[-3:]}, "
-          f"{sorted(latencies[server.url])[-3:]}")
-    assert hung <= 1.5 * off + 0.010
+        started = time.perf_counter()
+        rounds = []
+        for _ in range(3):
+            hung, off = p99s(session, [logged.url, server.url], body)
+            rounds.append(f"{hung * 1000:.1f} vs {off * 1000:.1f} ms")
+            if hung <= 1.5 * off + 0.020:
+                break
+    print(f"p99 with a hung sink vs without a payload log: {rounds}")
+    assert hung <= 1.5 * off + 0.020, rounds
     # each worker's backlog holds 16, and its thread takes one more at each timeout
-    taken = 1 + int((time.perf_counter() - started_all) / TIMEOUT)
+    taken = 1 + int((time.perf_counter() - started) / TIMEOUT)
     assert (metric(logged.url, RECORDS.format("dropped")) - dropped
-            >= REQUESTS - 2 * (QUEUE_IMAGES + taken))
+            >= REQUESTS * len(rounds) - 2 * (QUEUE_IMAGES + taken))
     wait_until(lambda: metric(logged.url, RECORDS.format("failed")) >= 1,
                "a timed-out send counted as failed", 10)
 
 
 def test_a_hung_sink_holds_the_worker_exit_one_timeout_at_most(logged, sink):
-    """The backlog is full and the sink still hangs: sending it all would take 16 ×
-    0.5 s; the worker gives it one PAYLOAD_LOG_TIMEOUT_SECONDS and goes."""
+    """A backlog is full and the sink still hangs: sending it would take 16 × 0.5 s;
+    the worker gives it one PAYLOAD_LOG_TIMEOUT_SECONDS after its models are released
+    (app/gunicorn.conf.py's worker_exit), says what it lost, and goes."""
     assert sink.hang.is_set()
-    started = time.perf_counter()
     stop_server(logged)
-    seconds = time.perf_counter() - started
-    print(f"stopped in {seconds:.1f} s with a full backlog and a hung sink")
     assert logged.process.returncode == 0
-    assert seconds < QUEUE_IMAGES * TIMEOUT / 2
-    assert "records still queued after 0.5 s at exit are lost" in logged.log()
+    lines = [json.loads(line) for line in logged.log().splitlines() if line.startswith("{")]
+    stamps = {"released": [], "lost": []}
+    for line in lines:
+        if line["message"].startswith("released mnist_cnn"):
+            stamps["released"].append(datetime.fromisoformat(line["time"]))
+        elif "still queued after 0.5 s at exit are lost" in line["message"]:
+            stamps["lost"].append(datetime.fromisoformat(line["time"]))
+    assert stamps["lost"], "no worker gave up on its queue"  # those the requests reached
+    for lost in stamps["lost"]:
+        released = max(t for t in stamps["released"] if t <= lost)
+        print(f"flush gave up {(lost - released).total_seconds():.2f} s after release")
+        assert (lost - released).total_seconds() <= TIMEOUT + 1.5
 
 
 @pytest.fixture(scope="module")
