@@ -147,7 +147,7 @@ def run_model(model: LoadedModel, read: Callable[[], Parsed]) -> tuple[Parsed, n
     deadline = request_deadline()
     meters = metrics().version(model.name, model.version)
     started = g.get("started") or time.perf_counter()  # app/logs.py, app/api/grpc_common.py
-    with meters.request_span(started), model.slot() as slot:
+    with meters.counting(started), model.slot() as slot:
         reading = time.perf_counter()
         parsed = read()
         meters.preprocess.observe(time.perf_counter() - reading)
