@@ -100,7 +100,6 @@ class _Job:
     admitted: float = field(default_factory=time.perf_counter)
     started: float | None = None  # when its batch's model call started
 
-
     def finish(self, result: np.ndarray | None = None, error: BaseException | None = None):
         self.result, self.error = result, error
         self.done.set()

@@ -217,7 +217,7 @@ class VersionMetrics:
         self._batches: dict[int, Any] = {}
 
     @contextmanager
-    def request_span(self, started: float) -> Iterator[None]:
+    def counting(self, started: float) -> Iterator[None]:
         """Count the request in flight; a failure is counted by its error code
         (app/errors.py) and its duration kept, then re-raised."""
         self.in_flight.inc()

@@ -151,7 +151,7 @@ def run_model(model: LoadedModel, read: Callable[[], Parsed]) -> tuple[Parsed, n
     meters = metrics().version(model.name, model.version)
     started = g.get("started") or time.perf_counter()  # app/logs.py, app/api/grpc_common.py
     trace = tracing.request_trace(model)  # app/tracing.py; a no-op unless OTEL_* ask
-    with meters.request_span(started), model.slot() as slot:
+    with meters.counting(started), model.slot() as slot:
         reading = time.perf_counter()
         with trace.stage("preprocess"):
             parsed = read()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from app import create_app, errors
 from app.config import Config
@@ -42,3 +43,13 @@ def test_a_message_quoting_a_lone_surrogate_is_sent_with_its_escape(client):
 def test_each_error_has_the_grpc_code_the_anchors_answer_it_with(error, code):
     """Bad input is never UNKNOWN or INTERNAL over gRPC; only a server fault is."""
     assert errors.grpc_code(error("message")).name == code
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (errors.InvalidInput("bad"), "invalid_input"), (errors.Overloaded("full"), "overloaded"),
+    (RequestEntityTooLarge(), "payload_too_large"), (BadRequest(), "bad_request"),
+    (ValueError("a bug"), "internal_error"),
+])
+def test_every_failure_has_a_code_from_a_fixed_set(error, code):
+    """The reason label of inference_failures_total (app/metrics.py)."""
+    assert errors.error_code(error) == code
