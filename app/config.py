@@ -1,7 +1,8 @@
 """The service's settings: read from environment variables once, validated, then passed on.
 
 Nothing else in ``app/`` reads ``os.environ``: the factory builds one ``Config`` and the
-rest of the code receives it.
+rest of the code receives it. (The OpenTelemetry SDK's own ``OTEL_*`` variables are the
+exception: the SDK reads them itself, app/tracing.py only whether they ask for traces.)
 """
 
 from __future__ import annotations

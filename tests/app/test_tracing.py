@@ -6,8 +6,11 @@ receiver: a loopback HTTP server that decodes each POST /v1/traces as the protob
 from __future__ import annotations
 
 import http.server
+import io
+import re
 import secrets
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -21,9 +24,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from app import tracing
-from app.config import ConfigError
-from tests.conftest import start_server, stop_server, wait_until
+from app import create_app, tracing
+from app.config import Config, ConfigError
+from tests.conftest import hold_model, start_server, stop_server, wait_until
 
 MODEL = "mnist_cnn"
 EXPORT_THREAD = "OtelBatchSpan"  # the SDK's BatchSpanProcessor thread
@@ -157,6 +160,58 @@ def test_a_grpc_call_is_traced_in_the_callers_trace(traced, receiver, mnist):
     assert attributes(server)["rpc.grpc.status_code"] == 0
     trailers = dict(call.trailing_metadata())
     assert trailers["traceparent"].split("-")[1:3] == [trace_id, server.span_id.hex()]
+
+
+def queued(app) -> float:
+    """Requests waiting for a batch of the default model, read from /metrics."""
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    match = re.search(r'^model_queue_requests\{model="mnist_cnn"\} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_queued_requests_share_one_batch_span_linked_to_each(served_models, receiver,
+                                                             monkeypatch, mnist):
+    """The real app and batcher in process: one request holds the model while three
+    queue; their batch runs on the batcher's thread as one model call."""
+    monkeypatch.setattr(tracing, "_active", False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    app = create_app(Config(models_dir=served_models, model_poll_seconds=0))
+    gate, calls = hold_model(app)
+    callers = [caller() for _ in range(4)]
+    buffer = io.BytesIO()
+    np.save(buffer, mnist.x_test[:1])
+
+    def post(traceparent: str) -> int:
+        return app.test_client().post("/predict", data=buffer.getvalue(), headers={
+            "traceparent": traceparent, "Content-Type": "application/x-npy"}).status_code
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            statuses = [pool.submit(post, callers[0][2])]
+            wait_until(lambda: calls, "the first model call")
+            statuses += [pool.submit(post, traceparent) for _, _, traceparent in callers[1:]]
+            wait_until(lambda: queued(app) >= 3, "3 requests queued")
+            gate.set()
+            assert [status.result(60) for status in statuses] == [200] * 4
+        assert calls == [1, 3]
+        wait_until(lambda: all(len(receiver.trace(trace_id)) >= 3
+                               for trace_id, _, _ in callers[1:]), "the batch's traces")
+    finally:
+        gate.set()
+        tracing.shutdown(app)
+        app.extensions["model_store"].close()
+    servers = {trace_id: next(span for span in receiver.trace(trace_id)
+                              if span.kind == Span.SPAN_KIND_SERVER)
+               for trace_id, _, _ in callers[1:]}
+    batch = next(span for _, span in receiver.spans if span.name == "model batch"
+                 and span.trace_id.hex() in servers)
+    assert sorted((link.trace_id.hex(), link.span_id) for link in batch.links) == sorted(
+        (trace_id, span.span_id) for trace_id, span in servers.items())
+    assert attributes(batch)["inference.batch.images"] == 3
+    for trace_id in servers:
+        queue = next(span for span in receiver.trace(trace_id) if span.name == "queue")
+        assert queue.end_time_unix_nano == batch.start_time_unix_nano
 
 
 def test_a_server_without_otel_settings_returns_no_trace_context(server, mnist):

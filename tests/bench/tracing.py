@@ -9,7 +9,8 @@ accepts and discards them, as a collector on another host would. wrk drives each
 turn with one real 28×28 PNG on /predict (the cheapest request, so the worst case for
 a fixed cost per request) at c=32, the order rotating by round so that the host's drift
 hits all alike; prints each round, the medians and each one's ratio to off in the same
-round, and how many export calls and bytes the sink received (tracing did run).
+round, and how many export calls and bytes the sink received (tracing did run); then
+the time a request spends in the tracing hooks when tracing is off, timed in process.
 BENCHMARKS.md, "Tracing".
 """
 
@@ -51,6 +52,39 @@ class SinkHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+def off_path_us(repeat: int = 200_000) -> float:
+    """Microseconds a request spends in app/tracing.py's hooks with tracing off: the
+    calls run_model and the batcher make, in a Flask request context, timed in process
+    (best of 5) against a model call that does nothing."""
+    import timeit
+    from types import SimpleNamespace
+
+    from flask import Flask
+
+    from app import tracing
+
+    model = SimpleNamespace(name="mnist_cnn", version=1)
+    images = np.zeros((1, 28, 28, 1), np.float32)
+
+    def identity(batch: np.ndarray) -> np.ndarray:
+        return batch
+
+    def hooks() -> None:
+        trace = tracing.request_trace(model)
+        with trace.stage("preprocess"):
+            pass
+        with trace.admission():
+            tracing.model_call(identity, images, [tracing.admitted()])
+
+    def bare() -> None:
+        identity(images)
+
+    with Flask(__name__).test_request_context("/predict", method="POST"):
+        best = [min(timeit.repeat(call, number=repeat, repeat=5)) / repeat
+                for call in (hooks, bare)]
+    return (best[0] - best[1]) * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {server.name} | {np.median(rates[server.name]):,.0f} | "
               f"{np.median(ratios):.3f} | {', '.join(f'{r:.2f}' for r in ratios)} |")
     print(f"\nThe sink received {sink.exports:,} exports, {sink.bytes / 1e6:,.1f} MB.")
+    print(f"With tracing off, a request spends {off_path_us():.1f} µs in the tracing hooks.")
     return 0
 
 
