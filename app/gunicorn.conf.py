@@ -3,6 +3,7 @@
 Settings come from the same environment variables as the app (app/config.py).
 """
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -59,6 +60,7 @@ def _prepare_metrics_folder() -> tuple[str, bool]:
     if temporary:
         folder = tempfile.mkdtemp(prefix="mnist-serving-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        atexit.register(_remove_if_master, folder, os.getpid())
     else:
         folder = _settings.prometheus_multiproc_dir
         os.makedirs(folder, exist_ok=True)
@@ -67,6 +69,15 @@ def _prepare_metrics_folder() -> tuple[str, bool]:
                 os.remove(os.path.join(folder, stale))
     os.environ[METRICS_MARK] = f"{os.getpid()} {'temporary' if temporary else 'configured'}"
     return folder, temporary
+
+
+def _remove_if_master(folder: str, master: int) -> None:
+    """At the master's exit, the temporary folder goes even when ``on_exit`` is never
+    called: a start refused before the arbiter runs (a gthread loop that differs, the
+    port taken) exits from gunicorn's own code. Workers inherit this hook at the fork
+    and must leave the folder to the master."""
+    if os.getpid() == master:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 _metrics_dir, _metrics_dir_is_temporary = _prepare_metrics_folder()

@@ -301,16 +301,17 @@ run()
 """
 
 
-def test_gunicorn_refuses_to_start_the_worker_on_a_loop_that_differs(fit_run):
+def test_gunicorn_refuses_to_start_the_worker_on_a_loop_that_differs(fit_run, tmp_path):
     started = subprocess.run(
         [sys.executable, "-c", LAUNCH], cwd=ROOT, capture_output=True, text=True,
         timeout=120, env={**os.environ, "MODELS_DIR": str(fit_run.models_dir),
-                          "PORT": str(free_port())})
+                          "PORT": str(free_port()), "TMPDIR": str(tmp_path)})
     assert started.returncode == 1, started.stderr
     assert ("Error: app.worker.DrainingThreadWorker relies on gunicorn's gthread "
             "internals, which differ here: ThreadWorker.set_accept_enabled is missing"
             ) in started.stderr
     assert "Booting worker" not in started.stderr  # refused before any worker started
+    assert list(tmp_path.glob("mnist-serving-metrics-*")) == []  # no on_exit: still removed
 
 
 READY = "accepting connections"  # a worker's log line as its accept loop starts
