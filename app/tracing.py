@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -96,6 +97,7 @@ class Tracing:
         given = OTELResourceDetector().detect().attributes  # OTEL_SERVICE_NAME and co.
         resource = Resource.create({key: value for key, value in defaults.items()
                                     if key not in given})
+        resource = _hashed(Resource)(resource.attributes, resource.schema_url)
         self.provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         self.tracer = self.provider.get_tracer(__name__, __version__)
@@ -103,6 +105,23 @@ class Tracing:
     def shutdown(self) -> None:
         """Export what is still queued, then stop the export thread."""
         self.provider.shutdown()
+
+
+def _hashed(resource_class: type) -> type:
+    """``resource_class`` (the SDK's Resource) hashed once, not at each use: the OTLP
+    encoder groups every span it exports by its resource's hash, and the SDK's hash
+    dumps the attributes to JSON each time, a seventh of the export thread's work
+    (BENCHMARKS.md, "Tracing"). A Resource is immutable: the same hash every time."""
+
+    class HashedResource(resource_class):
+        @cached_property
+        def _hash(self) -> int:
+            return super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash
+
+    return HashedResource
 
 
 def init_app(app: Flask) -> None:
@@ -127,11 +146,10 @@ class RequestTrace:
     name and version are attributes of the server span and of the batch's, not of the
     stages: each attribute costs every span that carries it (BENCHMARKS.md, "Tracing")."""
 
-    def __init__(self, tracer: Tracer, span: Span, attributes: dict[str, Any]):
-        from opentelemetry import trace
-
-        self.tracer, self.span, self.attributes = tracer, span, attributes
-        self.context: Context = trace.set_span_in_context(span)
+    def __init__(self, tracer: Tracer, span: Span, context: Context,
+                 attributes: dict[str, Any]):
+        self.tracer, self.span, self.context, self.attributes = (
+            tracer, span, context, attributes)
 
     def stage(self, name: str) -> Any:
         """A child span for ``with``: ended on exit, ERROR if an exception leaves it."""
@@ -176,40 +194,43 @@ def request_trace(model: LoadedModel) -> RequestTrace | _Untraced:
     tracing: Tracing | None = current_app.extensions.get("tracing")
     if tracing is None:
         return UNTRACED
-    from opentelemetry import propagate
+    from opentelemetry import propagate, trace
     from opentelemetry.trace import SpanKind
 
+    state = g._get_current_object()  # one proxy lookup, not one per use (~1 µs each)
     if has_request_context():
-        route = request.url_rule.rule if request.url_rule else request.path
-        name, carrier = f"{request.method} {route}", request.headers
-        attributes = {"http.request.method": request.method, "http.route": route}
+        http = request._get_current_object()
+        route = http.url_rule.rule if http.url_rule else http.path
+        name, carrier = f"{http.method} {route}", http.headers
+        attributes = {"http.request.method": http.method, "http.route": route}
     else:  # a gRPC call: app/api/grpc_common.py's ``rpc`` put it in ``g``
-        service, method, context = g.rpc
+        service, method, context = state.rpc
         name, carrier = f"{service}/{method}", dict(context.invocation_metadata() or ())
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
     model_attributes = {MODEL_NAME: model.name, MODEL_VERSION: model.version}
     now = time.perf_counter()  # the request's start, app/logs.py's stamp, as wall time
-    started = time.time_ns() - round((now - g.get("started", now)) * 1e9)
+    started = time.time_ns() - round((now - state.get("started", now)) * 1e9)
     span = tracing.tracer.start_span(
         name, context=propagate.extract(carrier), kind=SpanKind.SERVER, start_time=started,
         attributes={**attributes, **model_attributes,
-                    "inference.request_id": g.get("request_id", "")})
-    g.trace_span = span
+                    "inference.request_id": state.get("request_id", "")})
+    state.trace_span = span, trace.set_span_in_context(span)  # the context: its children's
     if not span.is_recording():  # not sampled: its context is still returned
         return UNTRACED
-    return RequestTrace(tracing.tracer, span, model_attributes)
+    return RequestTrace(tracing.tracer, *state.trace_span, model_attributes)
 
 
 def _end_http(response: Response) -> Response:
     """End the request's span with its status; ``traceparent`` in the response."""
-    span = g.pop("trace_span", None)
-    if span is not None:
+    traced = g.pop("trace_span", None)
+    if traced is not None:
         from opentelemetry.trace import StatusCode
 
+        span, context = traced
         span.set_attribute("http.response.status_code", response.status_code)
         if response.status_code >= 500:
             span.set_status(StatusCode.ERROR)
-        _inject(span, response.headers)
+        _inject(context, response.headers)
         span.end()
     return response
 
@@ -217,24 +238,25 @@ def _end_http(response: Response) -> Response:
 def end_rpc(code: Any) -> list[tuple[str, str]]:
     """End a gRPC call's span with its status code (a ``grpc.StatusCode``); the
     trailing metadata that returns its context (none when untraced)."""
-    span = g.pop("trace_span", None) if _active else None
-    if span is None:
+    traced = g.pop("trace_span", None) if _active else None
+    if traced is None:
         return []
     from opentelemetry.trace import StatusCode
 
+    span, context = traced
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code.name in GRPC_SERVER_ERRORS:
         span.set_status(StatusCode.ERROR)
     carrier: dict[str, str] = {}
-    _inject(span, carrier)
+    _inject(context, carrier)
     span.end()
     return list(carrier.items())
 
 
-def _inject(span: Span, carrier: Any) -> None:
-    from opentelemetry import propagate, trace
+def _inject(context: Context, carrier: Any) -> None:
+    from opentelemetry import propagate
 
-    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    propagate.inject(carrier, context=context)
 
 
 @dataclass(eq=False)
