@@ -80,8 +80,12 @@ class FileSink:
     gives no such promise)."""
 
     def __init__(self, path: str):
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o644)
+        # Non-blocking for the open alone: opening a FIFO no process reads would block
+        # the worker's boot for ever, where this raises ENXIO (the worker does not boot,
+        # saying why); the writes then block as on any file.
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                           | os.O_NONBLOCK, 0o644)
+        os.set_blocking(self._fd, True)
 
     def send(self, record: dict, body: bytes) -> None:
         line = body + b"\n"

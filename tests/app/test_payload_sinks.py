@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import threading
 
-from app.payload_sinks import RESPONSE_LIMIT_BYTES, HttpSink
+from app.payload_sinks import RESPONSE_LIMIT_BYTES, FileSink, HttpSink
 
 STREAMED = 256 << 20  # what the sink offers as its answer: far more than any buffer
 
@@ -39,3 +41,33 @@ def test_a_sink_answering_a_huge_body_is_read_no_further_than_the_limit():
     listener.close()
     assert RESPONSE_LIMIT_BYTES < 1 << 20
     assert sent and sent[0] < STREAMED // 4, f"the sink pushed {sent} bytes into the worker"
+
+
+def test_a_fifo_no_one_reads_is_refused_at_once_and_one_read_is_written(tmp_path):
+    """PAYLOAD_LOG_FILE naming a FIFO with no reader: opening it for writing blocked
+    until a reader came, so the worker hung at boot for ever, listening and never
+    answering; now it raises (ENXIO) and the worker does not boot, saying why."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | FileSink] = []
+
+    def open_sink() -> None:
+        try:
+            outcome.append(FileSink(str(fifo)))
+        except OSError as err:
+            outcome.append(err)
+
+    opener = threading.Thread(target=open_sink, daemon=True)
+    opener.start()
+    opener.join(5)
+    if opener.is_alive():  # unblock the stuck open so the thread ends with the test
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+    assert outcome and isinstance(outcome[0], OSError), "opening the FIFO blocked"
+    assert outcome[0].errno == errno.ENXIO
+
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    sink = FileSink(str(fifo))
+    sink.send({}, b"{}")
+    assert os.read(reader, 100) == b"{}\n"
+    sink.close()
+    os.close(reader)
