@@ -15,6 +15,9 @@ from urllib.parse import urlsplit
 # KServe's logger types (pkg/logger/worker.go); ours sends one event a request, after the
 # answer, carrying the inputs' statistics beside the predictions.
 EVENT_TYPE = "org.kubeflow.serving.inference.response"
+# How much of a sink's answer is read: its body means nothing here, and read whole, a
+# sink answering a 2 GB body (or streaming one) would be held in the worker's memory.
+RESPONSE_LIMIT_BYTES = 64 << 10
 
 
 class SinkError(Exception):
@@ -25,8 +28,9 @@ class HttpSink:
     """POSTs each record as a CloudEvent in binary content mode (the ``ce-*`` headers
     carry the event's attributes, the body is the record), as KServe's logger does: the
     event id is the request id, so a record joins the request's access log line. One
-    keep-alive connection, opened again after any failure; every connect and read is
-    bounded by ``timeout`` so a sink that hangs costs the thread that long, no more."""
+    keep-alive connection, opened again after any failure (or an answer longer than
+    RESPONSE_LIMIT_BYTES); every connect and read is bounded by ``timeout`` so a sink
+    that hangs costs the thread that long, no more."""
 
     def __init__(self, url: str, timeout: float, source: str):
         parts = urlsplit(url)
@@ -54,7 +58,9 @@ class HttpSink:
         try:
             self._connection.request("POST", self._path, body, self.headers(record))
             response = self._connection.getresponse()
-            response.read()
+            response.read(RESPONSE_LIMIT_BYTES)
+            if not response.isclosed():  # more is left: drop it with the connection
+                self.close()
         except (OSError, http.client.HTTPException):
             self.close()
             raise
@@ -74,8 +80,12 @@ class FileSink:
     gives no such promise)."""
 
     def __init__(self, path: str):
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o644)
+        # Non-blocking for the open alone: opening a FIFO no process reads would block
+        # the worker's boot for ever, where this raises ENXIO (the worker does not boot,
+        # saying why); the writes then block as on any file.
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                           | os.O_NONBLOCK, 0o644)
+        os.set_blocking(self._fd, True)
 
     def send(self, record: dict, body: bytes) -> None:
         line = body + b"\n"
