@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from flask import Flask, g, request
 
 access_log = logging.getLogger("app.access")
-REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # whole value: fullmatch
 ACCESS_FIELDS = ("request_id", "method", "path", "status", "ms", "bytes_in", "remote")
 
 
@@ -49,7 +49,7 @@ def configure(level: str) -> None:
 
 
 def request_id_from(header: str | None) -> str:
-    return header if header and REQUEST_ID.match(header) else uuid.uuid4().hex
+    return header if header and REQUEST_ID.fullmatch(header) else uuid.uuid4().hex
 
 
 def init_app(app: Flask, metrics) -> None:

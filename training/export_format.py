@@ -476,7 +476,9 @@ def reference_problem(reference: dict[str, Any]) -> str | None:
                     f"{reference['images']} it says it has")
     for name in DRIFT_HISTOGRAMS:
         edges, counts = statistics[name]["edges"], statistics[name]["counts"]
-        if len(edges) != len(counts) + 1 or any(b <= a for a, b in itertools.pairwise(edges)):
+        # `not a < b`, not `b <= a`: a NaN edge (JSON allows it) compares false both ways.
+        if len(edges) != len(counts) + 1 or any(
+                not a < b for a, b in itertools.pairwise(edges)):
             return (f"{DRIFT_REFERENCE} {name} needs rising edges, one more than its "
                     f"{len(counts)} counts")
     return None

@@ -36,7 +36,7 @@ def client_key(client: str | None = None) -> str:
     client's X-Request-ID, or a fresh one, hence a random side)."""
     if client is None and request:
         client = request.headers.get(CLIENT_HEADER)
-    if client and REQUEST_ID.match(client):
+    if client and REQUEST_ID.fullmatch(client):
         return client
     return g.get("request_id") or ""
 

@@ -633,3 +633,13 @@ def test_a_plot_linked_inside_its_version_is_served(plot_client):
     response = client.get("/models/mnist_tiny/plots/history.png")
     assert response.status_code == 200 and response.data.startswith(b"\x89PNG")
     assert response.headers["Content-Type"] == "image/png"
+
+
+@pytest.mark.parametrize("header", ["abc\n", "a" * 129, "two words", "ü"])
+def test_a_request_id_outside_the_rule_is_replaced_whole(header):
+    """HTTP and gRPC cannot deliver a newline today; the rule must not lean on that (a
+    trailing newline passed `^...$` with `match`)."""
+    from app.logs import request_id_from
+
+    replaced = request_id_from(header)
+    assert replaced != header and len(replaced) == 32

@@ -305,8 +305,10 @@ def statistic(name):
     (lambda r: statistic("ink_fraction")(r)["counts"].__setitem__(0, "50"),
      "invalid at drift_reference/statistics/ink_fraction/counts/0"),
     (lambda r: r["statistics"].pop("bbox_size"), "invalid at drift_reference/statistics"),
+    (lambda r: statistic("ink_fraction")(r)["edges"].__setitem__(5, float("nan")),
+     "drift_reference ink_fraction needs rising edges"),
 ], ids=["images", "a count too many", "falling edges", "eleven digits", "edge past 1",
-        "a count as text", "a statistic missing"])
+        "a count as text", "a statistic missing", "a NaN edge"])
 def test_a_drift_reference_the_server_could_not_compare_with_is_refused(
         version, real_reference, change, reason):
     """The server bins live inputs by these edges and divides by these counts."""
