@@ -8,14 +8,16 @@ import http.server
 import os
 import shutil
 import socket
+import socketserver
 import struct
 import subprocess
 import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -278,14 +280,31 @@ def start_server(models_dir: Path, log_path: Path, **env: str) -> Server:
     raise RuntimeError(f"gunicorn was not ready within 90 s:\n{server.log()}")
 
 
-def stop_server(server: Server) -> None:
-    server.process.terminate()
+def end_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    """TERM, then KILL once ``timeout`` passes: a child that ignores TERM must not
+    outlive the test that started it."""
+    process.terminate()
     try:
-        server.process.wait(timeout=30)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+        process.kill()
+        process.wait()
+
+
+def stop_server(server: Server) -> None:
+    end_process(server.process)
     server.log_handle.close()
+
+
+@contextmanager
+def serving(site: socketserver.BaseServer) -> Iterator[socketserver.BaseServer]:
+    """``site`` answering on its own thread inside the block, shut down and closed after."""
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        yield site
+    finally:
+        site.shutdown()
+        site.server_close()
 
 
 @pytest.fixture(scope="session")
@@ -375,11 +394,8 @@ def origin_site(tmp_path_factory):
         def log_message(self, *args) -> None:
             pass
 
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
-    yield site.server_address[1]
-    site.shutdown()
-    site.server_close()
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)) as site:
+        yield site.server_address[1]
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from app import create_app
 from app.config import Config, ConfigError
 from app.payload_sinks import EVENT_TYPE, FileSink
 from tests.app.test_api import metric
-from tests.conftest import start_server, stop_server, wait_until
+from tests.conftest import serving, start_server, stop_server, wait_until
 
 QUEUE_IMAGES = 16  # each worker's backlog in the logged server: a hung sink fills it fast
 TIMEOUT = 0.5  # its PAYLOAD_LOG_TIMEOUT_SECONDS
@@ -67,12 +67,9 @@ class Receiver(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def sink():
-    receiver = Sink()
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    yield receiver
-    receiver.release.set()
-    receiver.shutdown()
-    receiver.server_close()
+    with serving(Sink()) as receiver:
+        yield receiver
+        receiver.release.set()  # a hung request lets go, so shutdown does not wait on it
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from app import create_app, tracing
 from app.config import Config, ConfigError
-from tests.conftest import hold_model, start_server, stop_server, wait_until
+from tests.conftest import hold_model, serving, start_server, stop_server, wait_until
 
 MODEL = "mnist_cnn"
 EXPORT_THREAD = "OtelBatchSpan"  # the SDK's BatchSpanProcessor thread
@@ -71,11 +71,8 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def receiver():
-    running = Receiver()
-    threading.Thread(target=running.serve_forever, daemon=True).start()
-    yield running
-    running.shutdown()
-    running.server_close()
+    with serving(Receiver()) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, end_process, free_port, wait_until
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -94,12 +94,7 @@ def ready(prometheus: Prometheus) -> bool:
 
 
 def stop_prometheus(prometheus: Prometheus) -> None:
-    prometheus.process.terminate()
-    try:
-        prometheus.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        prometheus.process.kill()
-        prometheus.process.wait()
+    end_process(prometheus.process, timeout=20)
 
 
 # What a PromQL expression holds besides metric names: strings, label matchers, ranges
