@@ -10,8 +10,11 @@ turn with one real 28×28 PNG on /predict (the cheapest request, so the worst ca
 a fixed cost per request) at c=32, the order rotating by round so that the host's drift
 hits all alike; prints each round, the medians and each one's ratio to off in the same
 round, and how many export calls and bytes the sink received (tracing did run); then
-the time a request spends in the tracing hooks when tracing is off, timed in process.
-BENCHMARKS.md, "Tracing".
+the same servers loaded side by side (each with its own wrk at c=32, all at once): the
+host's CPU shared among them, each one's throughput follows its CPU per request, so
+that ratio is tracing's CPU cost, apart from the latency it adds to one server alone;
+then the time a request spends in the tracing hooks when tracing is off, timed in
+process. BENCHMARKS.md, "Tracing".
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import http.server
 import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                  **common, **endpoint, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                  "OTEL_TRACES_SAMPLER_ARG": str(args.ratio)})]
     rates: dict[str, list[float]] = {server.name: [] for server in fleet}
+    shared: dict[str, list[float]] = {server.name: [] for server in fleet}
     with tempfile.TemporaryDirectory(prefix="bench-tracing-") as scratch:
         version = max((args.models_dir / "mnist_cnn").iterdir(), key=lambda p: int(p.name))
         png = bodies(Path(scratch), version)["png"]
@@ -123,19 +128,30 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {turn} {server.name:18} {stats['rps']:7.1f} req/s  "
                           f"p50 {stats['p50_ms']:6.1f} ms  p99 {stats['p99_ms']:6.1f} ms",
                           flush=True)
+            with ThreadPoolExecutor(len(fleet)) as pool:
+                for turn in range(args.rounds):
+                    runs = pool.map(lambda server: wrk(server.url, png, "image/png",
+                                                       args.concurrency, args.seconds), fleet)
+                    for server, stats in zip(fleet, runs, strict=True):
+                        assert stats["errors"] == 0, stats
+                        shared[server.name].append(stats["rps"])
+                    print(f"side by side, round {turn}: " + ", ".join(
+                        f"{name} {rps[-1]:.0f} req/s" for name, rps in shared.items()), flush=True)
         finally:
             for server in fleet:
                 if server.process is not None:
                     server.process.terminate()
                     server.process.wait(60)
     sink.shutdown()
-    off = rates[fleet[0].name]
-    print(f"\n| c={args.concurrency} | req/s (median) | ÷ off (median of rounds) | per round |"
-          "\n| --- | ---: | ---: | --- |")
-    for server in fleet:
-        ratios = [rate / base for rate, base in zip(rates[server.name], off, strict=True)]
-        print(f"| {server.name} | {np.median(rates[server.name]):,.0f} | "
-              f"{np.median(ratios):.3f} | {', '.join(f'{r:.2f}' for r in ratios)} |")
+    for title, measured in (("each alone", rates), ("side by side", shared)):
+        print(f"\n{title}:\n| c={args.concurrency} | req/s (median) | ÷ off (median of "
+              "rounds) | per round |\n| --- | ---: | ---: | --- |")
+        off = measured[fleet[0].name]
+        for server in fleet:
+            ratios = [rate / base for rate, base in zip(measured[server.name], off,
+                                                        strict=True)]
+            print(f"| {server.name} | {np.median(measured[server.name]):,.0f} | "
+                  f"{np.median(ratios):.3f} | {', '.join(f'{r:.2f}' for r in ratios)} |")
     print(f"\nThe sink received {sink.exports:,} exports, {sink.bytes / 1e6:,.1f} MB.")
     print(f"With tracing off, a request spends {off_path_us():.1f} µs in the tracing hooks.")
     return 0
