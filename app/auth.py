@@ -53,12 +53,15 @@ OPEN_ENDPOINTS = frozenset({
     "operations.health", "operations.ready", "open_inference.live", "open_inference.ready",
     "pages.index", "pages.model", "static", "operations.openapi",
 })
+# The statistics (app/statistics.py) are /metrics' numbers in Triton's shape: the same
+# scope, or a predict token would read what /metrics keeps for admin.
 ADMIN_ENDPOINTS = frozenset({"open_inference.repository_index",
-                             "operations.prometheus_metrics"})
+                             "open_inference.statistics", "operations.prometheus_metrics"})
 # The same for gRPC methods (app/api/grpc_common.py), by name: the server probes as the
-# REST ones, the repository index for admin. grpc.health.v1 is its own service, open.
+# REST ones, the repository index and statistics for admin. grpc.health.v1 is its own
+# service, open.
 OPEN_RPCS = frozenset({"ServerLive", "ServerReady"})
-ADMIN_RPCS = frozenset({"RepositoryIndex"})
+ADMIN_RPCS = frozenset({"RepositoryIndex", "ModelStatistics"})
 
 
 class TokenFileError(ValueError):

@@ -178,4 +178,5 @@ def test_each_operation_documents_the_scope_the_secured_server_enforces(secured)
     assert sorted(p for (_, p), s in scopes.items() if s is None) == [
         "/health", "/openapi.json", "/ready", "/v2/health/live", "/v2/health/ready"]
     assert sorted(p for (_, p), s in scopes.items() if s == "admin") == [
-        "/metrics", "/v2/repository/index"]
+        "/metrics", "/v2/models/stats", "/v2/models/{name}/stats",
+        "/v2/models/{name}/versions/{version}/stats", "/v2/repository/index"]

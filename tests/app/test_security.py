@@ -107,9 +107,12 @@ def test_without_a_token_each_protocol_answers_401_with_a_bearer_challenge(secur
 
 def test_a_token_without_the_scope_gets_403(secured):
     for path, token, scope in (("/metrics", PREDICT_TOKEN, "admin"),
+                               ("/v2/models/stats", PREDICT_TOKEN, "admin"),
+                               ("/v2/models/mnist_cnn/versions/1/stats", PREDICT_TOKEN,
+                                "admin"),
                                ("/predict", ADMIN_TOKEN, "predict"),
                                ("/v2/models/mnist_cnn/infer", ADMIN_TOKEN, "predict")):
-        method = "GET" if path == "/metrics" else "POST"
+        method = "GET" if path.endswith(("/metrics", "/stats")) else "POST"
         response = requests.request(method, secured.url + path, json=ZEROS,
                                     headers=bearer(token), timeout=30)
         assert response.status_code == 403, (path, response.text)
@@ -129,8 +132,9 @@ def test_the_right_token_gets_its_answer(secured):
     for path in ("/models", "/v1/models/mnist_cnn/metadata", "/v2/models/mnist_cnn"):
         assert requests.get(secured.url + path, headers=bearer(PREDICT_TOKEN),
                             timeout=30).status_code == 200, path
-    assert requests.get(f"{secured.url}/metrics", headers=bearer(ADMIN_TOKEN),
-                        timeout=30).status_code == 200
+    for path in ("/metrics", "/v2/models/mnist_cnn/stats"):
+        assert requests.get(secured.url + path, headers=bearer(ADMIN_TOKEN),
+                            timeout=30).status_code == 200, path
     assert requests.post(f"{secured.url}/v2/repository/index", headers=bearer(ADMIN_TOKEN),
                          timeout=30).status_code == 200
 
@@ -163,6 +167,10 @@ def test_grpc_calls_need_the_same_tokens_and_scopes_as_rest(secured):
         assert code(stub.RepositoryIndex, index, PREDICT_TOKEN) == (
             grpc.StatusCode.PERMISSION_DENIED)
         assert code(stub.RepositoryIndex, index, ADMIN_TOKEN) == grpc.StatusCode.OK
+        stats = pb.ModelStatisticsRequest(name="mnist_cnn")
+        assert code(stub.ModelStatistics, stats, PREDICT_TOKEN) == (
+            grpc.StatusCode.PERMISSION_DENIED)
+        assert code(stub.ModelStatistics, stats, ADMIN_TOKEN) == grpc.StatusCode.OK
 
 
 def test_probes_and_pages_stay_open(secured):
