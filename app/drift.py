@@ -18,7 +18,11 @@ set again after each twentieth of a window. Below 0.1 the inputs are stable, 0.1
 moderate shift, 0.25 and above a significant one (the alert's threshold). With several
 versions of a model loaded the gauge shows the largest index among them; across
 workers, the largest among the live ones. A version with no reference (an export older
-than the reference) is not tracked and exports nothing.
+than the reference) is not tracked and exports nothing. Once no version the model
+serves holds enough images (the versions that had them retired; the new one still
+filling its window, or without a reference), the worker sets its gauge back to 0 on
+the model's next requests: an index, and its alert, never outlive the versions it
+measured.
 """
 
 from __future__ import annotations
@@ -147,6 +151,7 @@ class DriftMonitor:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0  # images waiting in the queue
         self._thread: threading.Thread | None = None
+        self._shown: set[str] = set()  # models whose gauge this worker has set
 
     def window(self, model: LoadedModel) -> Window | None:
         """The version's window, made on its first request; None when it has no
@@ -164,6 +169,8 @@ class DriftMonitor:
         Past QUEUE_MAX_IMAGES waiting (the thread behind), they are left out: the
         window is a sample of the traffic, and a smaller one is no worse."""
         if self.window(model) is None:
+            if model.name in self._shown:  # its index may be a retired version's
+                self._queue.put((model, None, None))
             return
         with self._lock:
             if self._queued + len(images) > QUEUE_MAX_IMAGES:
@@ -182,9 +189,15 @@ class DriftMonitor:
             while not self._queue.empty():
                 waiting.append(self._queue.get())
             with self._lock:
-                self._queued -= sum(len(images) for _, images, _ in waiting)
+                self._queued -= sum(len(images) for _, images, _ in waiting
+                                    if images is not None)
             for model in dict.fromkeys(model for model, _, _ in waiting):
-                mine = [(images, answers) for m, images, answers in waiting if m is model]
+                mine = [(images, answers) for m, images, answers in waiting
+                        if m is model and images is not None]
+                if not mine:  # a version without a reference (``submit``)
+                    with self._lock:
+                        self._show(model.name)
+                    continue
                 try:
                     self.observe(model, np.concatenate([i for i, _ in mine]),
                                  np.concatenate([a for _, a in mine]))
@@ -202,11 +215,23 @@ class DriftMonitor:
         bins = window.reference.bins(images, probabilities.argmax(axis=1))
         with self._lock:
             window.add(bins)
-            if window.filled < self.min_samples or window.pending < self.every:
+            if window.pending < self.every or (window.filled < self.min_samples
+                                               and model.name not in self._shown):
                 return
             window.pending = 0
-            for name, value in self._largest(model.name).items():
-                self.gauge.labels(model.name, name).set(value)
+            self._show(model.name)
+
+    def _show(self, name: str) -> None:
+        """Set the model's gauge from its serving versions (under the lock); back to 0
+        when none holds enough images and this worker had set it."""
+        largest = self._largest(name)
+        if largest:
+            self._shown.add(name)
+        elif name in self._shown:
+            self._shown.discard(name)
+            largest = dict.fromkeys(NAMES, 0.0)
+        for statistic, value in largest.items():
+            self.gauge.labels(name, statistic).set(value)
 
     def _largest(self, name: str) -> dict[str, float]:
         """Per statistic, the largest index among the model's serving versions whose

@@ -104,6 +104,40 @@ def test_the_index_is_exported_once_the_window_holds_the_minimum(mnist, referenc
     assert all(value >= 0 for value in gauge_values(metrics, "digits").values())
 
 
+def only_ones(mnist, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real test digits, all of them 1s, and their one-hot answers: a drifted stream."""
+    ones = mnist.y_test == 1
+    return to_model_input(mnist.x_test[ones][:count]), np.eye(10)[np.ones(count, int)]
+
+
+def test_an_index_goes_back_to_zero_when_its_version_retires_for_one_still_filling(
+        mnist, reference, tmp_path):
+    metrics = Metrics()
+    monitor = DriftMonitor(metrics.drift_psi, size=400, min_samples=200)
+    old = LoadedModel("digits", 1, tmp_path, {"drift_reference": reference}, None)
+    monitor.observe(old, *only_ones(mnist, 400))
+    assert gauge_values(metrics, "digits")[DIGIT] > 0.25
+    old.retire()
+    new = LoadedModel("digits", 2, tmp_path, {"drift_reference": reference}, None)
+    monitor.observe(new, *only_ones(mnist, 60))  # more than a twentieth, under 200
+    assert gauge_values(metrics, "digits") == dict.fromkeys(NAMES, 0.0)
+
+
+def test_a_version_without_a_reference_takes_its_predecessors_index_back_to_zero(
+        mnist, reference, tmp_path):
+    metrics = Metrics()
+    monitor = DriftMonitor(metrics.drift_psi, size=400, min_samples=200)
+    old = LoadedModel("digits", 1, tmp_path, {"drift_reference": reference}, None)
+    monitor.submit(old, *only_ones(mnist, 400))  # through the drift thread, as served
+    wait_until(lambda: (gauge_values(metrics, "digits")[DIGIT] or 0) > 0.25,
+               "the old version's index")
+    old.retire()
+    unreferenced = LoadedModel("digits", 2, tmp_path, {"summary": {}}, None)
+    monitor.submit(unreferenced, *only_ones(mnist, 10))
+    wait_until(lambda: gauge_values(metrics, "digits") == dict.fromkeys(NAMES, 0.0),
+               "the index back to 0")
+
+
 def test_a_version_without_a_reference_is_not_tracked(mnist, tmp_path):
     metrics = Metrics()
     monitor = DriftMonitor(metrics.drift_psi, size=400, min_samples=1)
