@@ -104,12 +104,20 @@ if [ -n "${HTTP_REDIRECT_PORT:-}" ]; then
              "TLS_KEY_FILE, and a port other than PORT ($PORT)" >&2
         exit 1; }
     origin="${PUBLIC_URL:-}"
-    case "${origin#https://}" in
-        "$origin"|''|*[!]A-Za-z0-9.:[-]*)
-            echo "start.sh: PUBLIC_URL must be https://host or https://host:port (no path)" \
-                 "for HTTP_REDIRECT_PORT, got '$origin'" >&2
-            exit 1 ;;
+    authority="${origin#https://}"
+    port="${authority##*]}"  # what follows an IPv6 literal's bracket, else all of it
+    case "$port" in *:*) port="${port##*:}" ;; *) port=443 ;; esac
+    # A host name, or an IPv6 literal in brackets, then at most one :port of 1-65535;
+    # no path, no user, nothing nginx would read as more than the URL.
+    case "$authority" in
+        "$origin"|*[!]A-Za-z0-9.:[-]*) authority="" ;;
     esac
+    printf '%s' "$authority" | grep -Eqx \
+        '([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[1-9][0-9]{0,4})?' \
+        && [ "$port" -le 65535 ] 2>/dev/null || {
+        echo "start.sh: PUBLIC_URL must be https://host or https://host:port (no path)" \
+             "for HTTP_REDIRECT_PORT, got '$origin'" >&2
+        exit 1; }
     # shellcheck disable=SC2016  # nginx's $request_uri: the path and query as sent
     REDIRECT_SERVER="server {
         listen $HTTP_REDIRECT_PORT;

@@ -99,7 +99,11 @@ def test_plain_http_is_redirected_to_public_url_whatever_host_the_client_names(
     ({"PUBLIC_URL": "http://localhost", "TLS": "on"}, "PUBLIC_URL must be https://host"),
     ({"PUBLIC_URL": "https://localhost/x;", "TLS": "on"}, "PUBLIC_URL must be https://host"),
     ({"TLS": "on"}, "PUBLIC_URL must be https://host"),
-], ids=["without-tls", "http", "with-path", "no-public-url"])
+    *(({"PUBLIC_URL": url, "TLS": "on"}, "PUBLIC_URL must be https://host")
+      for url in ("https://:", "https://:443", "https://localhost:", "https://localhost:0",
+                  "https://localhost:70000", "https://a:1:2", "https://-x", "https://[::1")),
+], ids=["without-tls", "http", "with-path", "no-public-url", "no-host", "port-only",
+        "empty-port", "port-0", "port-too-big", "two-ports", "leading-dash", "open-bracket"])
 def test_a_redirect_without_tls_or_a_public_https_url_stops_nginx_from_starting(
         settings, message, certificate, tmp_path):
     cert, key = certificate
