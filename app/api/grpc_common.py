@@ -5,8 +5,10 @@ metrics), the request's deadline, the error map, the metrics and the JSON access
 calls the very functions the REST views call (``store()``, ``limits()``,
 ``run_model``); a typed ApiError becomes its status code (``app.errors.grpc_code``)
 and anything else INTERNAL, logged once with its traceback, without internals.
-``add_servicer`` registers the methods so that even bytes that are no message reach
-``rpc`` (as an ``Unreadable``) and are answered INVALID_ARGUMENT.
+``add_servicer`` registers the methods so that a request reaches ``rpc`` as its bytes
+(``Unparsed``), parsed only once its token is checked, as a REST body is read only for
+an authorized request; bytes that are no message become an ``Unreadable``, answered
+INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ class Unreadable:
         return self.size
 
 
+class Unparsed:
+    """A request's bytes as gRPC received them, and how to parse them (``parse``, after
+    the token check): a caller without a valid token costs no parsing."""
+
+    def __init__(self, data: bytes, reader: Callable[[bytes], Any]):
+        self.data, self.reader = data, reader
+
+    def ByteSize(self) -> int:
+        return len(self.data)
+
+    def parse(self) -> Any:
+        return self.reader(self.data)
+
+
 def lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     """A request deserializer that never raises: bytes that do not parse (malformed
     protobuf, a string field that is not UTF-8) become an ``Unreadable``."""
@@ -68,7 +84,7 @@ def lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 def add_servicer(server: grpc.Server, servicer: Servicer, service: ServiceDescriptor) -> None:
     """Register the unary methods ``servicer``'s class defines (the rest stay
-    UNIMPLEMENTED), each reading its request with ``lenient``."""
+    UNIMPLEMENTED), each request handed over ``Unparsed``, to be read with ``lenient``."""
     handlers = {}
     for method in service.methods:
         if method.client_streaming or method.server_streaming or \
@@ -77,7 +93,8 @@ def add_servicer(server: grpc.Server, servicer: Servicer, service: ServiceDescri
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name), request_deserializer=lenient(request.FromString),
+            getattr(servicer, method.name),
+            request_deserializer=functools.partial(Unparsed, reader=lenient(request.FromString)),
             response_serializer=response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name,
                                                                           handlers),))
@@ -113,10 +130,12 @@ def rpc(service: str) -> Callable:
                 g.deadline = _deadline(context, started)
                 g.rpc = (service, method.__name__, context)  # for app/tracing.py
                 try:
+                    authorize(self.app, method.__name__, context)
+                    if isinstance(request, Unparsed):
+                        request = request.parse()
                     if isinstance(request, Unreadable):
                         raise InvalidInput(f"the request is no valid {method.__name__} "
                                            f"message: {request.error}")
-                    authorize(self.app, method.__name__, context)
                     response = method(self, request, context)
                 except ApiError as err:
                     code, message = grpc_code(err), err.message

@@ -167,6 +167,11 @@ def test_grpc_calls_need_the_same_tokens_and_scopes_as_rest(secured):
         assert code(stub.RepositoryIndex, index, PREDICT_TOKEN) == (
             grpc.StatusCode.PERMISSION_DENIED)
         assert code(stub.RepositoryIndex, index, ADMIN_TOKEN) == grpc.StatusCode.OK
+        # Bytes that are no message: refused for the token before anything is parsed.
+        garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        assert code(garbage, b"\xff" * 64) == grpc.StatusCode.UNAUTHENTICATED
+        assert code(garbage, b"\xff" * 64, ADMIN_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
+        assert code(garbage, b"\xff" * 64, PREDICT_TOKEN) == grpc.StatusCode.INVALID_ARGUMENT
         stats = pb.ModelStatisticsRequest(name="mnist_cnn")
         assert code(stub.ModelStatistics, stats, PREDICT_TOKEN) == (
             grpc.StatusCode.PERMISSION_DENIED)
