@@ -170,16 +170,20 @@ class DriftMonitor:
         window is a sample of the traffic, and a smaller one is no worse."""
         if self.window(model) is None:
             if model.name in self._shown:  # its index may be a retired version's
-                self._queue.put((model, None, None))
+                self._put(model, None, None)
             return
         with self._lock:
             if self._queued + len(images) > QUEUE_MAX_IMAGES:
                 return
             self._queued += len(images)
+        self._put(model, images, probabilities)
+
+    def _put(self, *item: object) -> None:
+        with self._lock:
             if self._thread is None:  # started in the worker, after gunicorn's fork
                 self._thread = threading.Thread(target=self._run, name="drift", daemon=True)
                 self._thread.start()
-        self._queue.put((model, images, probabilities))
+        self._queue.put(item)
 
     def _run(self) -> None:
         """Take whatever has queued and add it, one batch per version: under load a
