@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import end_process, free_port, wait_until
 from tests.deploy.slow_clients import digit_png, start_proxy, stop_proxy
 from tests.deploy.test_proxy import start_nginx
 
@@ -112,7 +112,10 @@ def test_a_redirect_without_tls_or_a_public_https_url_stops_nginx_from_starting(
     if "TLS" in settings:
         env.update(TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key))
     nginx = start_nginx(tmp_path, **env)
-    assert nginx.wait(timeout=30) == 1
+    try:
+        assert nginx.wait(timeout=30) == 1
+    finally:  # an nginx that did start must not outlive the test
+        end_process(nginx)
     assert message in (tmp_path / "nginx.log").read_text()
 
 
