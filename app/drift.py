@@ -179,10 +179,12 @@ class DriftMonitor:
         self._put(model, images, probabilities)
 
     def _put(self, *item: object) -> None:
-        with self._lock:
-            if self._thread is None:  # started in the worker, after gunicorn's fork
-                self._thread = threading.Thread(target=self._run, name="drift", daemon=True)
-                self._thread.start()
+        if self._thread is None:  # checked again under the lock; once per worker
+            with self._lock:
+                if self._thread is None:  # started in the worker, after gunicorn's fork
+                    self._thread = threading.Thread(target=self._run, name="drift",
+                                                    daemon=True)
+                    self._thread.start()
         self._queue.put(item)
 
     def _run(self) -> None:
