@@ -74,8 +74,9 @@ def create_app(config: Config | None = None) -> Flask:
     store.init_app(app)
     app.extensions["shadow"] = ShadowRunner(metrics)
     payload_log.init_app(app, config, metrics)
-    app.extensions["drift"] = DriftMonitor(metrics.drift_psi, config.drift_window,
-                                           config.drift_min_samples)
+    drift = DriftMonitor(metrics.drift_psi, config.drift_window, config.drift_min_samples)
+    app.extensions["drift"] = drift
+    store.on_retire.append(drift.forget)
     store.load()  # what MODELS_DIR holds now; then a thread follows its changes
 
     errors.register(app)

@@ -20,9 +20,9 @@ versions of a model loaded the gauge shows the largest index among them; across
 workers, the largest among the live ones. A version with no reference (an export older
 than the reference) is not tracked and exports nothing. Once no version the model
 serves holds enough images (the versions that had them retired; the new one still
-filling its window, or without a reference), the worker sets its gauge back to 0 on
-the model's next requests: an index, and its alert, never outlive the versions it
-measured.
+filling its window, or without a reference, or no version at all), the worker sets its
+gauge back to 0 when a version retires and on the model's next requests: an index, and
+its alert, never outlive the versions it measured.
 """
 
 from __future__ import annotations
@@ -169,14 +169,21 @@ class DriftMonitor:
         Past QUEUE_MAX_IMAGES waiting (the thread behind), they are left out: the
         window is a sample of the traffic, and a smaller one is no worse."""
         if self.window(model) is None:
-            if model.name in self._shown:  # its index may be a retired version's
-                self._put(model, None, None)
+            self.forget(model.name)  # its index may be a retired version's
             return
         with self._lock:
             if self._queued + len(images) > QUEUE_MAX_IMAGES:
                 return
             self._queued += len(images)
         self._put(model, images, probabilities)
+
+    def forget(self, name: str) -> None:
+        """A version of ``name`` retired, or one without a reference served: the drift
+        thread sets the gauge again from what the model still serves (0 when nothing
+        holds enough images). Called by the model store for every retired version, so
+        that a removed model's index does not wait for requests that never come."""
+        if name in self._shown:
+            self._put(name, None, None)
 
     def _put(self, *item: object) -> None:
         if self._thread is None:  # checked again under the lock; once per worker
@@ -197,19 +204,18 @@ class DriftMonitor:
             with self._lock:
                 self._queued -= sum(len(images) for _, images, _ in waiting
                                     if images is not None)
-            for model in dict.fromkeys(model for model, _, _ in waiting):
-                mine = [(images, answers) for m, images, answers in waiting
-                        if m is model and images is not None]
-                if not mine:  # a version without a reference (``submit``)
-                    with self._lock:
-                        self._show(model.name)
-                    continue
+            for key in dict.fromkeys(key for key, _, _ in waiting):
                 try:
-                    self.observe(model, np.concatenate([i for i, _ in mine]),
+                    if isinstance(key, str):  # a model's name, from ``forget``
+                        with self._lock:
+                            self._show(key)
+                        continue
+                    mine = [(images, answers) for m, images, answers in waiting if m is key]
+                    self.observe(key, np.concatenate([i for i, _ in mine]),
                                  np.concatenate([a for _, a in mine]))
-                except Exception:  # the thread must outlive any one batch
-                    log.exception("drift window of %s version %d failed", model.name,
-                                  model.version)
+                except Exception:  # the thread must outlive any one batch or reset
+                    log.exception("drift index of %s failed", key if isinstance(key, str)
+                                  else f"{key.name} version {key.version}")
 
     def observe(self, model: LoadedModel, images: np.ndarray, probabilities: np.ndarray
                 ) -> None:
@@ -221,8 +227,11 @@ class DriftMonitor:
         bins = window.reference.bins(images, probabilities.argmax(axis=1))
         with self._lock:
             window.add(bins)
-            if window.pending < self.every or (window.filled < self.min_samples
-                                               and model.name not in self._shown):
+            filling = window.filled < self.min_samples
+            if filling and model.name in self._shown:  # a retired version's index
+                self._show(model.name)  # until this window fills, or another one shows
+                return
+            if filling or window.pending < self.every:
                 return
             window.pending = 0
             self._show(model.name)

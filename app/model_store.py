@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -145,6 +146,8 @@ class ModelStore:
         self._loaded = threading.Event()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        # Told the name of each model a version of which retired (DriftMonitor.forget).
+        self.on_retire: list[Callable[[str], None]] = []
 
     def init_app(self, app) -> None:
         app.extensions["model_store"] = self
@@ -357,9 +360,11 @@ class ModelStore:
         if set(chosen) != set(old):
             log.info("%s now serves version(s) %s", name,
                      ", ".join(map(str, sorted(chosen))) or "none")
-        for version, model in old.items():
-            if chosen.get(version) is not model:
-                model.retire()
+        retired = [model for version, model in old.items() if chosen.get(version) is not model]
+        for model in retired:
+            model.retire()
+        for listener in self.on_retire if retired else ():
+            listener(name)
 
     def _note_odd(self, snapshot: Snapshot) -> None:
         """Log each folder that is no model or version once; forget versions gone."""

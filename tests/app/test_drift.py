@@ -8,12 +8,14 @@ import io
 import json
 import math
 import shutil
+import threading
 
 import numpy as np
 import pytest
 import requests
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
+from prometheus_client import Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Config, ConfigError
@@ -138,6 +140,52 @@ def test_a_version_without_a_reference_takes_its_predecessors_index_back_to_zero
                "the index back to 0")
 
 
+def test_a_retired_versions_index_goes_to_zero_on_its_successors_first_images(
+        mnist, reference, tmp_path):
+    metrics = Metrics()
+    monitor = DriftMonitor(metrics.drift_psi, size=400, min_samples=200)
+    old = LoadedModel("digits", 1, tmp_path, {"drift_reference": reference}, None)
+    monitor.observe(old, *only_ones(mnist, 400))
+    assert gauge_values(metrics, "digits")[DIGIT] > 0.25
+    old.retire()
+    new = LoadedModel("digits", 2, tmp_path, {"drift_reference": reference}, None)
+    monitor.observe(new, *only_ones(mnist, 1))  # less than a twentieth of a window
+    assert gauge_values(metrics, "digits") == dict.fromkeys(NAMES, 0.0)
+
+
+class ResetFailsOnce:
+    """The drift gauge, whose first reset to 0 raises as a multiprocess gauge's file
+    write may (a full disk)."""
+
+    def __init__(self, gauge: Gauge):
+        self.gauge, self.failed = gauge, threading.Event()
+
+    def labels(self, *labels: str) -> ResetFailsOnce:
+        self.child = self.gauge.labels(*labels)
+        return self
+
+    def set(self, value: float) -> None:
+        if value == 0 and not self.failed.is_set():
+            self.failed.set()
+            raise OSError(28, "No space left on device")
+        self.child.set(value)
+
+
+def test_the_drift_thread_outlives_a_reset_that_fails(mnist, reference, tmp_path):
+    metrics = Metrics()
+    gauge = ResetFailsOnce(metrics.drift_psi)
+    monitor = DriftMonitor(gauge, size=400, min_samples=200)
+    old = LoadedModel("digits", 1, tmp_path, {"drift_reference": reference}, None)
+    monitor.observe(old, *only_ones(mnist, 400))
+    old.retire()
+    monitor.forget("digits")  # the reset, on the drift thread: its gauge write fails
+    assert gauge.failed.wait(30)
+    other = LoadedModel("other", 1, tmp_path, {"drift_reference": reference}, None)
+    monitor.submit(other, *only_ones(mnist, 400))
+    wait_until(lambda: (gauge_values(metrics, "other")[DIGIT] or 0) > 0.25,
+               "another model's index, after the failed reset")
+
+
 def test_a_version_without_a_reference_is_not_tracked(mnist, tmp_path):
     metrics = Metrics()
     monitor = DriftMonitor(metrics.drift_psi, size=400, min_samples=1)
@@ -174,10 +222,12 @@ def test_drift_off_takes_any_minimum():
 
 @pytest.fixture(scope="module")
 def drift_server(served_models, tmp_path_factory):
-    """gunicorn serving the trained CNN as ``mnist_cnn`` and, as ``legacy``, the same
-    export with its reference removed (an export from before references existed)."""
+    """gunicorn serving the trained CNN as ``mnist_cnn`` and ``removed`` (a test removes
+    it) and, as ``legacy``, the same export with its reference removed (an export from
+    before references existed)."""
     models = tmp_path_factory.mktemp("drift_models")
     shutil.copytree(served_models / "mnist_cnn" / "1", models / "mnist_cnn" / "1")
+    shutil.copytree(served_models / "mnist_cnn" / "1", models / "removed" / "1")
     legacy = shutil.copytree(served_models / "mnist_cnn" / "1", models / "legacy" / "1")
     metadata = json.loads((legacy / "metadata.json").read_text())
     del metadata["drift_reference"]
@@ -277,6 +327,15 @@ def test_thick_strokes_push_ink_and_intensity_past_the_alert(drift_server, mnist
 def test_only_ones_push_the_digit_and_box_size_past_the_alert(drift_server, mnist):
     index = stream(drift_server, mnist.x_test[mnist.y_test == 1][:WINDOW])
     assert index["digit"] >= SIGNIFICANT and index["bbox_size"] >= SIGNIFICANT
+
+
+def test_a_removed_models_index_goes_back_to_zero_with_no_request_for_it(drift_server,
+                                                                         mnist):
+    server, models = drift_server
+    stream(drift_server, mnist.x_test[mnist.y_test == 1][:WINDOW], model="removed")
+    shutil.rmtree(models / "removed")  # its only version retires: no request comes again
+    wait_until(lambda: scraped(server.url, "removed") == dict.fromkeys(NAMES, 0.0),
+               "the removed model's index back to 0", timeout=60)
 
 
 def test_a_version_without_a_reference_answers_and_exports_no_index(drift_server, mnist):
