@@ -142,6 +142,16 @@ def _digest_of_entry(token: str) -> bytes | None:
     return None
 
 
+def only_one(authorization: list[str]) -> str | None:
+    """The request's one Authorization value (REST header or gRPC metadata), None without
+    one. Several are refused whatever they hold: which one a proxy or a library picks
+    differs, so no answer may depend on their order."""
+    if len(authorization) > 1:
+        raise Unauthenticated("send one Authorization header, not several", REALM,
+                              "invalid_request")
+    return authorization[0] if authorization else None
+
+
 def check(table: TokenTable, authorization: str | None, scope: str) -> frozenset[str]:
     """The caller's scopes when ``authorization`` ("Bearer <token>") grants ``scope``.
 
@@ -248,8 +258,5 @@ def init_app(app, path: str) -> None:
             return
         scope = required_scope(request.endpoint)
         if scope is not None:
-            authorization = request.headers.getlist("Authorization")
-            if len(authorization) > 1:
-                raise Unauthenticated("send one Authorization header, not several", REALM,
-                                      "invalid_request")
-            check(tokens.current(), authorization[0] if authorization else None, scope)
+            check(tokens.current(), only_one(request.headers.getlist("Authorization")),
+                  scope)

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 
 from app import tracing
 from app.api.common import metrics, settings
-from app.auth import check, rpc_scope
+from app.auth import check, only_one, rpc_scope
 from app.batching import Deadline
 from app.errors import ApiError, InvalidInput, grpc_code
 from app.logs import access_log, request_id_from
@@ -171,7 +171,9 @@ def authorize(app: Flask, method: str, context: grpc.ServicerContext) -> None:
     tokens = app.extensions.get("auth")
     scope = rpc_scope(method)
     if tokens is not None and scope is not None:
-        check(tokens.current(), _metadata(context, "authorization"), scope)
+        check(tokens.current(), only_one([value for name, value in
+                                          context.invocation_metadata() or ()
+                                          if name == "authorization"]), scope)
 
 
 def _record(service: str, method: str, code: grpc.StatusCode, started: float, request: Any,

@@ -176,6 +176,13 @@ def test_grpc_calls_need_the_same_tokens_and_scopes_as_rest(secured):
         assert code(stub.ModelStatistics, stats, PREDICT_TOKEN) == (
             grpc.StatusCode.PERMISSION_DENIED)
         assert code(stub.ModelStatistics, stats, ADMIN_TOKEN) == grpc.StatusCode.OK
+        # Two `authorization` values are refused whatever they hold, in either order.
+        for tokens in ((ADMIN_TOKEN, "x" * 20), (PREDICT_TOKEN, ADMIN_TOKEN)):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelStatistics(stats, timeout=30, metadata=[
+                    ("authorization", f"Bearer {token}") for token in tokens])
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "one Authorization" in refused.value.details()
 
 
 def test_probes_and_pages_stay_open(secured):
