@@ -263,6 +263,22 @@ def test_metrics_through_nginx_answer_only_the_host_itself_by_default(proxy):
     assert get(proxy.url, "/health", source="127.0.0.2")[0] == 200  # only /metrics
 
 
+STATS_PATHS = ["/v2/models/stats", "/v2/models/mnist_cnn/stats",
+               "/v2/models/mnist_cnn/versions/1/stats", "//v2//models/mnist_cnn/stats",
+               "/v2/models/mnist_cnn/%73tats", "/v2/models/mnist_cnn/stats?x=1"]
+
+
+@pytest.mark.parametrize("path", STATS_PATHS)
+def test_statistics_through_nginx_answer_only_metrics_allow_as_metrics_do(proxy, path):
+    status, _, body = get(proxy.url, path)
+    assert status == 200 and b"model_stats" in body, body
+    status, headers, body = get(proxy.url, path, source="127.0.0.2")
+    assert status == 403, (path, body)
+    assert headers["Content-Type"] == "application/json"
+    assert "may not read" in json.loads(body)["error"]  # the protocol's error shape
+    assert get(proxy.url, "/v2/models/mnist_cnn", source="127.0.0.2")[0] == 200
+
+
 def start_nginx(tmp_path: Path, **env: str) -> subprocess.Popen:
     """deploy/nginx/start.sh alone, in front of a port where nothing listens."""
     environment = {**os.environ, "PORT": str(free_port()), "NGINX_PREFIX": str(tmp_path),
