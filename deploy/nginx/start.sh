@@ -6,8 +6,8 @@
 #   NGINX_PREFIX        nginx's folder for the rendered config, pid and temporary files
 #                       (default: a new temporary folder)
 #   METRICS_ALLOW       addresses or CIDR ranges, space-separated, that may read /metrics
-#                       through nginx (default "127.0.0.1 ::1", the host itself; empty:
-#                       none); anything else is refused with a 403
+#                       and /v2/models/.../stats through nginx (default "127.0.0.1 ::1",
+#                       the host itself; empty: none); anything else is refused with a 403
 #   RATE_LIMIT_RPS      requests per second each client may send (its bearer token, else
 #                       its address); more are answered 429 with Retry-After; empty: no limit
 #   RATE_LIMIT_BURST    requests over that rate a client may send at once (default: RPS)
@@ -107,13 +107,21 @@ if [ -n "${HTTP_REDIRECT_PORT:-}" ]; then
     authority="${origin#https://}"
     port="${authority##*]}"  # what follows an IPv6 literal's bracket, else all of it
     case "$port" in *:*) port="${port##*:}" ;; *) port=443 ;; esac
-    # A host name, or an IPv6 literal in brackets, then at most one :port of 1-65535;
-    # no path, no user, nothing nginx would read as more than the URL.
+    # A host name (labels of 1-63 letters, digits and inner dashes, the last one not a
+    # number), an IPv4 address, or an IPv6 literal in brackets (RFC 4291's forms), then
+    # at most one :port of 1-65535; no path, no user, nothing nginx would read as more.
     case "$authority" in
         "$origin"|*[!]A-Za-z0-9.:[-]*) authority="" ;;
     esac
-    printf '%s' "$authority" | grep -Eqx \
-        '([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[1-9][0-9]{0,4})?' \
+    label='[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?'
+    name="($label\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
+    octet='(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])'
+    ipv4="$octet(\.$octet){3}"
+    h='[0-9A-Fa-f]{1,4}'
+    ipv6="($h:){7}$h|($h:){1,7}:|($h:){1,6}:$h|($h:){1,5}(:$h){1,2}|($h:){1,4}(:$h){1,3}"
+    ipv6="$ipv6|($h:){1,3}(:$h){1,4}|($h:){1,2}(:$h){1,5}|$h:(:$h){1,6}|:((:$h){1,7}|:)"
+    ipv6="$ipv6|($h:){6}$ipv4|($h:){0,5}:$ipv4|::($h:){0,4}$ipv4"
+    printf '%s' "$authority" | grep -Eqx "($name|$ipv4|\[($ipv6)\])(:[1-9][0-9]{0,4})?" \
         && [ "$port" -le 65535 ] 2>/dev/null || {
         echo "start.sh: PUBLIC_URL must be https://host or https://host:port (no path)" \
              "for HTTP_REDIRECT_PORT, got '$origin'" >&2

@@ -101,9 +101,13 @@ def test_plain_http_is_redirected_to_public_url_whatever_host_the_client_names(
     ({"TLS": "on"}, "PUBLIC_URL must be https://host"),
     *(({"PUBLIC_URL": url, "TLS": "on"}, "PUBLIC_URL must be https://host")
       for url in ("https://:", "https://:443", "https://localhost:", "https://localhost:0",
-                  "https://localhost:70000", "https://a:1:2", "https://-x", "https://[::1")),
+                  "https://localhost:70000", "https://a:1:2", "https://-x", "https://[::1",
+                  "https://[1.2.3.4]", "https://[::1::2]", "https://[12345::1]", "https://[:]",
+                  "https://1.2.3.999", "https://host.123", "https://a..b", "https://x-.y")),
 ], ids=["without-tls", "http", "with-path", "no-public-url", "no-host", "port-only",
-        "empty-port", "port-0", "port-too-big", "two-ports", "leading-dash", "open-bracket"])
+        "empty-port", "port-0", "port-too-big", "two-ports", "leading-dash", "open-bracket",
+        "ipv4-in-brackets", "two-double-colons", "long-group", "colon-only", "octet-999",
+        "numeric-last-label", "empty-label", "label-ending-in-dash"])
 def test_a_redirect_without_tls_or_a_public_https_url_stops_nginx_from_starting(
         settings, message, certificate, tmp_path):
     cert, key = certificate
@@ -117,6 +121,22 @@ def test_a_redirect_without_tls_or_a_public_https_url_stops_nginx_from_starting(
     finally:  # an nginx that did start must not outlive the test
         end_process(nginx)
     assert message in (tmp_path / "nginx.log").read_text()
+
+
+@pytest.mark.parametrize("url", [
+    "https://example.com.", "https://xn--bcher-kva.example:8443", "https://192.0.2.1",
+    "https://[2001:db8::1]:8443", "https://[::ffff:192.0.2.1]", "https://[1:2:3:4:5:6:7:8]"])
+def test_a_public_url_of_any_host_form_is_the_redirects_target(url, certificate, tmp_path):
+    cert, key = certificate
+    nginx = start_nginx(tmp_path, HTTP_REDIRECT_PORT=str(free_port()), PUBLIC_URL=url,
+                        TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key))
+    try:
+        wait_until(lambda: (tmp_path / "nginx.pid").exists() or nginx.poll() is not None,
+                   "nginx to start or stop")
+        assert nginx.poll() is None, (tmp_path / "nginx.log").read_text()
+        assert f"return 308 {url}$request_uri;" in (tmp_path / "nginx.conf").read_text()
+    finally:
+        end_process(nginx)
 
 
 def flood(url: str, token: str, cert: Path, body: Path, count: int, rate: int, folder: Path
