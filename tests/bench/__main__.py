@@ -90,9 +90,26 @@ def worker_rss_mb(master: int) -> list[float]:
     return sizes
 
 
+def tree_cpu_s(master: int) -> float:
+    """CPU seconds (user and system) a gunicorn master and its live children have used,
+    from /proc: taken before and after a load, the CPU the server spent on it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid, parent = int(stat.parent.name), int(fields[1])  # fields from the state on
+        if master in (pid, parent):
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def wrk(url: str, body: Path, content_type: str, connections: int, seconds: float,
         path: str = "/predict", headers: dict[str, str] | None = None) -> dict:
-    """One wrk run; returns requests/s, p50/p99 in ms and error count."""
+    """One wrk run; returns requests/s, the requests answered, p50/p99 in ms and the
+    error count."""
     extra = "\n".join(f"{name}: {value}" for name, value in (headers or {}).items())
     result = subprocess.run(
         ["wrk", "-t", str(min(2, connections)), "-c", str(connections),
@@ -104,8 +121,8 @@ def wrk(url: str, body: Path, content_type: str, connections: int, seconds: floa
     line = next(x for x in result.stdout.splitlines() if x.startswith("BENCH "))
     stats = json.loads(line[len("BENCH "):])
     return {"rps": stats["requests"] / (stats["duration_us"] / 1e6),
-            "p50_ms": stats["p50_us"] / 1000, "p99_ms": stats["p99_us"] / 1000,
-            "errors": stats["errors"]}
+            "requests": stats["requests"], "p50_ms": stats["p50_us"] / 1000,
+            "p99_ms": stats["p99_us"] / 1000, "errors": stats["errors"]}
 
 
 def compute_limit(version_dir: Path, seconds: float = 3.0) -> dict[str, float]:

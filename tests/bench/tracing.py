@@ -8,13 +8,12 @@ started side by side: tracing off; exporting every request's spans
 accepts and discards them, as a collector on another host would. wrk drives each in
 turn with one real 28×28 PNG on /predict (the cheapest request, so the worst case for
 a fixed cost per request) at c=32, the order rotating by round so that the host's drift
-hits all alike; prints each round, the medians and each one's ratio to off in the same
-round, and how many export calls and bytes the sink received (tracing did run); then
-the same servers loaded side by side (each with its own wrk at c=32, all at once): the
-host's CPU shared among them, each one's throughput follows its CPU per request, so
-that ratio is tracing's CPU cost, apart from the latency it adds to one server alone;
-then the time a request spends in the tracing hooks when tracing is off, timed in
-process. BENCHMARKS.md, "Tracing".
+hits all alike. Each run also reads the CPU the server's processes spent per request
+(/proc): the cost itself, which throughput follows on a host whose cores are the limit.
+Prints each round, the medians and each one's ratio to off in the same round (of
+throughput, and of CPU per request), how many export calls and bytes the sink received
+(tracing did run), and the time a request spends in the tracing hooks when tracing is
+off, timed in process. BENCHMARKS.md, "Tracing".
 """
 
 from __future__ import annotations
@@ -24,12 +23,11 @@ import http.server
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from tests.bench.__main__ import ROOT, Server, bodies, start, wrk
+from tests.bench.__main__ import ROOT, Server, bodies, start, tree_cpu_s, wrk
 
 
 class Sink(http.server.ThreadingHTTPServer):
@@ -91,6 +89,34 @@ def off_path_us(repeat: int = 200_000) -> float:
     return (best[0] - best[1]) * 1e6
 
 
+def load(server: Server, png: Path, concurrency: int, seconds: float) -> dict:
+    """One wrk run against ``server``, with the CPU its processes spent per request
+    (``cpu_us``): the cost itself, which its throughput follows once the host's cores
+    are the limit."""
+    before = tree_cpu_s(server.process.pid)
+    stats = wrk(server.url, png, "image/png", concurrency, seconds)
+    stats["cpu_us"] = (tree_cpu_s(server.process.pid) - before) / stats["requests"] * 1e6
+    assert stats["errors"] == 0, stats
+    return stats
+
+
+def table(fleet: list[Server], measured: dict[str, list[dict]]) -> None:
+    """Medians and same-round ratios to the first server (tracing off), of throughput
+    and of CPU per request (off's CPU ÷ the server's: the share of off's throughput the
+    CPU allows it)."""
+    print("\n| server | req/s (median) | ÷ off (median of rounds) | per round "
+          "| CPU µs/request (median) | off's CPU ÷ its CPU |\n"
+          "| --- | ---: | ---: | --- | ---: | ---: |")
+    off = measured[fleet[0].name]
+    for server in fleet:
+        runs = measured[server.name]
+        ratios = [run["rps"] / base["rps"] for run, base in zip(runs, off, strict=True)]
+        cpu = [base["cpu_us"] / run["cpu_us"] for run, base in zip(runs, off, strict=True)]
+        print(f"| {server.name} | {np.median([run['rps'] for run in runs]):,.0f} | "
+              f"{np.median(ratios):.3f} | {', '.join(f'{r:.2f}' for r in ratios)} | "
+              f"{np.median([run['cpu_us'] for run in runs]):,.0f} | {np.median(cpu):.3f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
@@ -112,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
              Server(f"on, {args.ratio:.0%}", gunicorn, {
                  **common, **endpoint, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                  "OTEL_TRACES_SAMPLER_ARG": str(args.ratio)})]
-    rates: dict[str, list[float]] = {server.name: [] for server in fleet}
-    shared: dict[str, list[float]] = {server.name: [] for server in fleet}
+    measured: dict[str, list[dict]] = {server.name: [] for server in fleet}
     with tempfile.TemporaryDirectory(prefix="bench-tracing-") as scratch:
         version = max((args.models_dir / "mnist_cnn").iterdir(), key=lambda p: int(p.name))
         png = bodies(Path(scratch), version)["png"]
@@ -122,36 +147,18 @@ def main(argv: list[str] | None = None) -> int:
                 start(server, Path(scratch))
             for turn in range(args.rounds):
                 for server in fleet[turn % 3:] + fleet[:turn % 3]:
-                    stats = wrk(server.url, png, "image/png", args.concurrency, args.seconds)
-                    assert stats["errors"] == 0, stats
-                    rates[server.name].append(stats["rps"])
+                    stats = load(server, png, args.concurrency, args.seconds)
+                    measured[server.name].append(stats)
                     print(f"round {turn} {server.name:18} {stats['rps']:7.1f} req/s  "
-                          f"p50 {stats['p50_ms']:6.1f} ms  p99 {stats['p99_ms']:6.1f} ms",
-                          flush=True)
-            with ThreadPoolExecutor(len(fleet)) as pool:
-                for turn in range(args.rounds):
-                    runs = pool.map(lambda server: wrk(server.url, png, "image/png",
-                                                       args.concurrency, args.seconds), fleet)
-                    for server, stats in zip(fleet, runs, strict=True):
-                        assert stats["errors"] == 0, stats
-                        shared[server.name].append(stats["rps"])
-                    print(f"side by side, round {turn}: " + ", ".join(
-                        f"{name} {rps[-1]:.0f} req/s" for name, rps in shared.items()), flush=True)
+                          f"p50 {stats['p50_ms']:6.1f} ms  p99 {stats['p99_ms']:6.1f} ms  "
+                          f"{stats['cpu_us']:6.0f} µs CPU/request", flush=True)
         finally:
             for server in fleet:
                 if server.process is not None:
                     server.process.terminate()
                     server.process.wait(60)
     sink.shutdown()
-    for title, measured in (("each alone", rates), ("side by side", shared)):
-        print(f"\n{title}:\n| c={args.concurrency} | req/s (median) | ÷ off (median of "
-              "rounds) | per round |\n| --- | ---: | ---: | --- |")
-        off = measured[fleet[0].name]
-        for server in fleet:
-            ratios = [rate / base for rate, base in zip(measured[server.name], off,
-                                                        strict=True)]
-            print(f"| {server.name} | {np.median(measured[server.name]):,.0f} | "
-                  f"{np.median(ratios):.3f} | {', '.join(f'{r:.2f}' for r in ratios)} |")
+    table(fleet, measured)
     print(f"\nThe sink received {sink.exports:,} exports, {sink.bytes / 1e6:,.1f} MB.")
     print(f"With tracing off, a request spends {off_path_us():.1f} µs in the tracing hooks.")
     return 0
