@@ -182,7 +182,9 @@ class DriftMonitor:
         thread sets the gauge again from what the model still serves (0 when nothing
         holds enough images). Called by the model store for every retired version, so
         that a removed model's index does not wait for requests that never come."""
-        if name in self._shown:
+        with self._lock:  # _show marks a name under it: no reset slips between
+            shown = name in self._shown
+        if shown:
             self._put(name, None, None)
 
     def _put(self, *item: object) -> None:
@@ -243,8 +245,9 @@ class DriftMonitor:
         if largest:
             self._shown.add(name)
         elif name in self._shown:
-            self._shown.discard(name)
-            largest = dict.fromkeys(NAMES, 0.0)
+            for statistic in NAMES:
+                self.gauge.labels(name, statistic).set(0.0)
+            self._shown.discard(name)  # once written: a reset that failed is tried again
         for statistic, value in largest.items():
             self.gauge.labels(name, statistic).set(value)
 

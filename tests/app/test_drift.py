@@ -159,7 +159,15 @@ class ResetFailsOnce:
         self.child.set(value)
 
 
-def test_the_drift_thread_outlives_a_reset_that_fails(mnist, reference, tmp_path):
+def drained(monitor: DriftMonitor, metrics: Metrics, mnist, reference, tmp_path) -> None:
+    """Everything queued before has been handled: a marker model's index shows."""
+    marker = LoadedModel("marker", 1, tmp_path, {"drift_reference": reference}, None)
+    monitor.submit(marker, *only_ones(mnist, 400))
+    wait_until(lambda: gauge_values(metrics, "marker")[DIGIT] is not None, "the marker")
+
+
+def test_a_reset_that_fails_leaves_the_thread_running_and_is_done_on_the_next_retirement(
+        mnist, reference, tmp_path):
     metrics = Metrics()
     gauge = ResetFailsOnce(metrics.drift_psi)
     monitor = DriftMonitor(gauge, size=400, min_samples=200)
@@ -168,10 +176,36 @@ def test_the_drift_thread_outlives_a_reset_that_fails(mnist, reference, tmp_path
     old.retire()
     monitor.forget("digits")  # the reset, on the drift thread: its gauge write fails
     assert gauge.failed.wait(30)
-    other = LoadedModel("other", 1, tmp_path, {"drift_reference": reference}, None)
-    monitor.submit(other, *only_ones(mnist, 400))
-    wait_until(lambda: (gauge_values(metrics, "other")[DIGIT] or 0) > 0.25,
-               "another model's index, after the failed reset")
+    drained(monitor, metrics, mnist, reference, tmp_path)  # the thread still runs
+    assert gauge_values(metrics, "digits")[DIGIT] > 0.25
+    monitor.forget("digits")  # another version retires
+    drained(monitor, metrics, mnist, reference, tmp_path)
+    assert gauge_values(metrics, "digits") == dict.fromkeys(NAMES, 0.0)
+
+
+def test_a_version_retiring_while_its_index_is_being_shown_still_resets_it(
+        mnist, reference, tmp_path):
+    """The retirement lands between the drift thread computing the old version's index
+    and marking it shown: its reset must not be skipped as "nothing shown yet"."""
+    metrics = Metrics()
+    monitor = DriftMonitor(metrics.drift_psi, size=400, min_samples=200)
+    old = LoadedModel("digits", 1, tmp_path, {"drift_reference": reference}, None)
+    largest = monitor._largest
+
+    def retiring_meanwhile(name: str) -> dict[str, float]:
+        index = largest(name)
+        if name == "digits" and not old.retired:
+            old.retire()  # as ModelStore._swap does, then it tells the listeners
+            told = threading.Thread(target=monitor.forget, args=("digits",))
+            told.start()
+            told.join(timeout=1)  # returns at once unless forget waits for this _show
+        return index
+
+    monitor._largest = retiring_meanwhile
+    monitor.submit(old, *only_ones(mnist, 400))
+    drained(monitor, metrics, mnist, reference, tmp_path)
+    wait_until(lambda: gauge_values(metrics, "digits") == dict.fromkeys(NAMES, 0.0),
+               "the retired version's index back to 0")
 
 
 def test_a_version_without_a_reference_is_not_tracked(mnist, tmp_path):
