@@ -114,14 +114,24 @@ if [ -n "${HTTP_REDIRECT_PORT:-}" ]; then
         "$origin"|*[!]A-Za-z0-9.:[-]*) authority="" ;;
     esac
     label='[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?'
-    name="($label\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
     octet='(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])'
     ipv4="$octet(\.$octet){3}"
     h='[0-9A-Fa-f]{1,4}'
     ipv6="($h:){7}$h|($h:){1,7}:|($h:){1,6}:$h|($h:){1,5}(:$h){1,2}|($h:){1,4}(:$h){1,3}"
     ipv6="$ipv6|($h:){1,3}(:$h){1,4}|($h:){1,2}(:$h){1,5}|$h:(:$h){1,6}|:((:$h){1,7}|:)"
-    ipv6="$ipv6|($h:){6}$ipv4|($h:){0,5}:$ipv4|::($h:){0,4}$ipv4"
-    printf '%s' "$authority" | grep -Eqx "($name|$ipv4|\[($ipv6)\])(:[1-9][0-9]{0,4})?" \
+    ipv6="$ipv6|($h:){6}$ipv4|::($h:){0,5}$ipv4|$h::($h:){0,4}$ipv4"
+    ipv6="$ipv6|($h:){0,1}$h::($h:){0,3}$ipv4|($h:){0,2}$h::($h:){0,2}$ipv4"
+    ipv6="$ipv6|($h:){0,3}$h::($h:){0,1}$ipv4|($h:){0,4}$h::$ipv4"
+    host="${authority%:*}"
+    case "$authority" in
+        \[*) ;;  # an IPv6 literal: judged whole below
+        *) # a name ending in a number is an address to a browser: a valid IPv4 or refused
+           if printf '%s' "$host" | grep -Eq '(^|\.)([0-9]+|0[xX][0-9A-Fa-f]*)\.?$' &&
+              ! printf '%s' "$host" | grep -Eqx "$ipv4"; then
+               authority=""
+           fi ;;
+    esac
+    printf '%s' "$authority" | grep -Eqx "(($label\.)*$label\.?|\[($ipv6)\])(:[1-9][0-9]{0,4})?" \
         && [ "$port" -le 65535 ] 2>/dev/null || {
         echo "start.sh: PUBLIC_URL must be https://host or https://host:port (no path)" \
              "for HTTP_REDIRECT_PORT, got '$origin'" >&2

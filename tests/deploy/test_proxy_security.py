@@ -103,11 +103,13 @@ def test_plain_http_is_redirected_to_public_url_whatever_host_the_client_names(
       for url in ("https://:", "https://:443", "https://localhost:", "https://localhost:0",
                   "https://localhost:70000", "https://a:1:2", "https://-x", "https://[::1",
                   "https://[1.2.3.4]", "https://[::1::2]", "https://[12345::1]", "https://[:]",
-                  "https://1.2.3.999", "https://host.123", "https://a..b", "https://x-.y")),
+                  "https://1.2.3.999", "https://host.123", "https://a..b", "https://x-.y",
+                  "https://[:192.0.2.1]", "https://a.0x1f")),
 ], ids=["without-tls", "http", "with-path", "no-public-url", "no-host", "port-only",
         "empty-port", "port-0", "port-too-big", "two-ports", "leading-dash", "open-bracket",
         "ipv4-in-brackets", "two-double-colons", "long-group", "colon-only", "octet-999",
-        "numeric-last-label", "empty-label", "label-ending-in-dash"])
+        "numeric-last-label", "empty-label", "label-ending-in-dash", "one-colon-ipv4",
+        "hex-last-label"])
 def test_a_redirect_without_tls_or_a_public_https_url_stops_nginx_from_starting(
         settings, message, certificate, tmp_path):
     cert, key = certificate
@@ -125,7 +127,9 @@ def test_a_redirect_without_tls_or_a_public_https_url_stops_nginx_from_starting(
 
 @pytest.mark.parametrize("url", [
     "https://example.com.", "https://xn--bcher-kva.example:8443", "https://192.0.2.1",
-    "https://[2001:db8::1]:8443", "https://[::ffff:192.0.2.1]", "https://[1:2:3:4:5:6:7:8]"])
+    "https://[2001:db8::1]:8443", "https://[::ffff:192.0.2.1]", "https://[1:2:3:4:5:6:7:8]",
+    "https://[64:ff9b::a:192.0.2.1]", "https://[fe80::1:2:3:4:192.0.2.1]", "https://9gag.example",
+    "https://a.9gag"])
 def test_a_public_url_of_any_host_form_is_the_redirects_target(url, certificate, tmp_path):
     cert, key = certificate
     nginx = start_nginx(tmp_path, HTTP_REDIRECT_PORT=str(free_port()), PUBLIC_URL=url,
