@@ -1,5 +1,6 @@
 """A short smoke run of `make bench`'s harness: every server starts, wrk drives each,
-and the table lands in the output file. (The full benchmark is `make bench`.)"""
+and the table lands in the output file (the full benchmark is `make bench`); and the CPU
+reading of a server the tracing bench takes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import subprocess
 import sys
 
+from tests.bench.__main__ import tree_cpu_s
 from tests.conftest import ROOT
 
 
@@ -63,3 +65,35 @@ def test_the_swap_bench_reads_each_workers_memory_over_swaps(fit_run):
     assert [row[0] for row in rows[2:]] == ["| 0", "| 1", "| 2"]
     assert all("(+0)" in cell for cell in rows[2][1:])  # growth counts from cycle 0
     assert re.search(r"litert: \d+ collections after swaps, median [\d.]+ ms", printed)
+
+
+SPENDS_AND_ENDS = r"""
+import os, sys, time
+print("ready", flush=True)
+sys.stdin.readline()
+child = os.fork()
+if child == 0:  # a worker spending 0.3 s of CPU, then ending (as one gunicorn replaces)
+    started = time.process_time()
+    while time.process_time() - started < 0.3:
+        pass
+    os._exit(0)
+os.waitpid(child, 0)
+print("reaped", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_servers_cpu_counts_the_workers_that_ended_during_the_load():
+    master = subprocess.Popen([sys.executable, "-c", SPENDS_AND_ENDS], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert master.stdout.readline() == "ready\n"
+        before = tree_cpu_s(master.pid)
+        master.stdin.write("go\n")
+        master.stdin.flush()
+        assert master.stdout.readline() == "reaped\n"
+        assert tree_cpu_s(master.pid) - before >= 0.25
+    finally:
+        master.stdin.close()
+        master.wait(timeout=30)
+        master.stdout.close()

@@ -91,8 +91,9 @@ def worker_rss_mb(master: int) -> list[float]:
 
 
 def tree_cpu_s(master: int) -> float:
-    """CPU seconds (user and system) a gunicorn master and its live children have used,
-    from /proc: taken before and after a load, the CPU the server spent on it."""
+    """CPU seconds (user and system) a gunicorn master and its children have used, the
+    live ones and those it has reaped, from /proc: taken before and after a load, the
+    CPU the server spent on it."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -102,7 +103,9 @@ def tree_cpu_s(master: int) -> float:
             continue
         pid, parent = int(stat.parent.name), int(fields[1])  # fields from the state on
         if master in (pid, parent):
-            total += (int(fields[11]) + int(fields[12])) / tick
+            total += (int(fields[11]) + int(fields[12])) / tick  # its own
+        if pid == master:  # and its children's that have ended (a replaced worker)
+            total += (int(fields[13]) + int(fields[14])) / tick
     return total
 
 
