@@ -5,6 +5,7 @@ window, and a real server whose index stays low for real digits and crosses the 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import shutil
@@ -159,11 +160,16 @@ class ResetFailsOnce:
         self.child.set(value)
 
 
+MARKERS = itertools.count()
+
+
 def drained(monitor: DriftMonitor, metrics: Metrics, mnist, reference, tmp_path) -> None:
-    """Everything queued before has been handled: a marker model's index shows."""
-    marker = LoadedModel("marker", 1, tmp_path, {"drift_reference": reference}, None)
+    """Everything queued before has been handled: a new marker model's index shows (a
+    new one each call: an earlier marker's index shows already)."""
+    name = f"marker-{next(MARKERS)}"
+    marker = LoadedModel(name, 1, tmp_path, {"drift_reference": reference}, None)
     monitor.submit(marker, *only_ones(mnist, 400))
-    wait_until(lambda: gauge_values(metrics, "marker")[DIGIT] is not None, "the marker")
+    wait_until(lambda: gauge_values(metrics, name)[DIGIT] is not None, f"the {name} index")
 
 
 def test_a_reset_that_fails_leaves_the_thread_running_and_is_done_on_the_next_retirement(
